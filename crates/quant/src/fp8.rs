@@ -1,0 +1,100 @@
+//! FP8 E4M3 ("fn": no infinities, max ±448) decoding and DeepSeek block-scaled dequantization.
+
+use std::ops::Range;
+
+/// Decode one E4M3FN byte exactly (every E4M3 value is representable in f32).
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((b >> 3) & 0x0f) as i32;
+    let man = (b & 0x07) as f32;
+    if exp == 0x0f && (b & 0x07) == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+/// All 256 decoded values, for table lookup in the dequantization loops.
+pub fn e4m3_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    for (i, v) in t.iter_mut().enumerate() {
+        *v = e4m3_to_f32(i as u8);
+    }
+    t
+}
+
+/// Block-scaled FP8 weight as stored: `data` is `[rows, cols]` row-major, `scale_inv` is
+/// `[ceil(rows/block[0]), ceil(cols/block[1])]` row-major.
+pub struct Fp8Block<'a> {
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+    pub scale_inv: &'a [f32],
+    pub block: [usize; 2],
+}
+
+impl Fp8Block<'_> {
+    pub fn scale_dims(rows: usize, cols: usize, block: [usize; 2]) -> [usize; 2] {
+        [rows.div_ceil(block[0]), cols.div_ceil(block[1])]
+    }
+
+    /// `W[r, c] = f32(q[r, c]) × scale_inv[r / bo, c / bi]` over a row and column range, in f32.
+    pub fn dequantize(&self, rows: Range<usize>, cols: Range<usize>) -> Vec<f32> {
+        let table = e4m3_table();
+        let [bo, bi] = self.block;
+        let scale_cols = self.cols.div_ceil(bi);
+        let mut out = Vec::with_capacity(rows.len() * cols.len());
+        for r in rows {
+            let row = &self.data[r * self.cols..(r + 1) * self.cols];
+            let srow = &self.scale_inv[(r / bo) * scale_cols..(r / bo + 1) * scale_cols];
+            out.extend(cols.clone().map(|c| table[row[c] as usize] * srow[c / bi]));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_known_values() {
+        assert_eq!(e4m3_to_f32(0x00), 0.0);
+        assert_eq!(e4m3_to_f32(0x38), 1.0); // exp 7, mantissa 0
+        assert_eq!(e4m3_to_f32(0xb8), -1.0);
+        assert_eq!(e4m3_to_f32(0x7e), 448.0); // max finite
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // smallest subnormal
+        assert_eq!(e4m3_to_f32(0x08), 2f32.powi(-6)); // smallest normal
+        assert_eq!(e4m3_to_f32(0x3c), 1.5);
+        assert!(e4m3_to_f32(0x7f).is_nan() && e4m3_to_f32(0xff).is_nan());
+    }
+
+    #[test]
+    fn matches_half_crate_f8_conversion_via_f32_grid() {
+        // every finite E4M3 value is a multiple of 2^-9 and at most 448
+        for b in 0..=255u8 {
+            let v = e4m3_to_f32(b);
+            if v.is_nan() {
+                continue;
+            }
+            assert!(v.abs() <= 448.0);
+            assert_eq!((v * 512.0).fract(), 0.0, "byte {b:#x} -> {v}");
+        }
+    }
+
+    #[test]
+    fn partial_edge_blocks_use_their_own_scale() {
+        // 3x5 weight, block [2, 2] -> scales [2, 3]; every byte 1.0
+        let data = vec![0x38u8; 15];
+        let scale: Vec<f32> = (0..6).map(|i| (i + 1) as f32).collect();
+        let w = Fp8Block { data: &data, rows: 3, cols: 5, scale_inv: &scale, block: [2, 2] };
+        let full = w.dequantize(0..3, 0..5);
+        assert_eq!(&full[0..5], &[1.0, 1.0, 2.0, 2.0, 3.0]);
+        assert_eq!(&full[10..15], &[4.0, 4.0, 5.0, 5.0, 6.0]);
+        // a slice sees the same values as the full matrix
+        assert_eq!(w.dequantize(1..3, 3..5), vec![2.0, 3.0, 5.0, 6.0]);
+    }
+}
