@@ -1,0 +1,64 @@
+//! One decoder block: `h += MLA(norm(h)); h += FFN(norm(h))`, FFN dense or MoE by config.
+
+use candle_core::{DType, Tensor};
+use moeserve_core::{error::Context, DeepSeekConfig, Result};
+use moeserve_quant::Weights;
+
+use crate::batch::ForwardBatch;
+use crate::cache::LatentKv;
+use crate::mla::Mla;
+use crate::mlp::Mlp;
+use crate::moe::Moe;
+use crate::norm::RmsNorm;
+use crate::rope::RopeTables;
+
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Mla,
+    post_norm: RmsNorm,
+    pub ffn: Ffn,
+}
+
+impl DecoderLayer {
+    /// `w` points at `model.layers.L`; `router_dtype` only matters for MoE blocks.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, moe: bool, router_dtype: DType) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(DecoderLayer {
+            input_norm: RmsNorm::load(&w.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+            attn: Mla::load(&w.pp("self_attn"), cfg)?,
+            post_norm: RmsNorm::load(&w.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+            ffn: if moe {
+                Ffn::Moe(Moe::load(&w.pp("mlp"), cfg, router_dtype)?)
+            } else {
+                Ffn::Dense(Mlp::load(&w.pp("mlp"), d, cfg.intermediate_size)?)
+            },
+        })
+    }
+
+    /// `cache_layer` is this block's layer index inside the caches it is given.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        batch: &ForwardBatch,
+        rope: &RopeTables,
+        kv: &mut [&mut dyn LatentKv],
+        cache_layer: usize,
+    ) -> Result<Tensor> {
+        let ctx = || format!("layer {cache_layer} residual");
+        let a = self.attn.forward(&self.input_norm.forward(h)?, batch, rope, kv, cache_layer)?;
+        let h = (h + a).ctx(ctx)?;
+        let x = self.post_norm.forward(&h)?;
+        let f = match &self.ffn {
+            Ffn::Dense(m) => m.forward(&x)?,
+            Ffn::Moe(m) => m.forward(&x)?,
+        };
+        (h + f).ctx(ctx)
+    }
+}

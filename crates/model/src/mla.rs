@@ -1,0 +1,183 @@
+//! Multi-head Latent Attention over the latent cache.
+//!
+//! Per token the cache holds `c_kv` (kv_lora_rank, normalized) and `k_pe` (rope dim, rotated).
+//! `kv_b_proj` is split once at load into `W_UK [H, P, L]` and `W_UV^T [H, L, V]`:
+//! - naive form (long prefill): decompress `k_nope = W_UK c_kv`, `v = W_UV c_kv` per head;
+//! - absorbed form (decode): `q_lat = W_UKᵀ q_nope`, attend over `c_kv` directly, then `W_UV`.
+//! Both are exact algebra and differ only by rounding.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moeserve_core::{error::Context, DeepSeekConfig, Error, Result};
+use moeserve_quant::{Linear, Weights};
+
+use crate::batch::ForwardBatch;
+use crate::cache::LatentKv;
+use crate::norm::RmsNorm;
+use crate::rope::RopeTables;
+
+#[derive(Debug, Clone)]
+enum QProj {
+    /// q_a_proj -> q_a_layernorm -> q_b_proj (V3, V2 with q_lora_rank)
+    LowRank { a: Arc<dyn Linear>, norm: RmsNorm, b: Arc<dyn Linear> },
+    /// q_proj (V2-Lite: q_lora_rank null)
+    Full(Arc<dyn Linear>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Mla {
+    q: QProj,
+    kv_a: Arc<dyn Linear>,
+    kv_a_norm: RmsNorm,
+    /// [H, P, L]
+    w_uk: Tensor,
+    /// [H, L, V]
+    w_uv_t: Tensor,
+    o_proj: Arc<dyn Linear>,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    latent: usize,
+    scale: f64,
+}
+
+impl Mla {
+    /// `w` points at `model.layers.L.self_attn`.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig) -> Result<Self> {
+        let (h, d) = (cfg.num_attention_heads, cfg.hidden_size);
+        let (nope, rope, v, latent) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let eps = cfg.rms_norm_eps;
+        let q = match cfg.q_lora_rank {
+            Some(r) => QProj::LowRank {
+                a: w.linear("q_a_proj", d, r)?,
+                norm: RmsNorm::load(&w.pp("q_a_layernorm"), r, eps)?,
+                b: w.linear("q_b_proj", r, h * (nope + rope))?,
+            },
+            None => QProj::Full(w.linear("q_proj", d, h * (nope + rope))?),
+        };
+        // split kv_b_proj [H*(P+V), L] (dequantized first) into the absorbed factors
+        let kv_b = w.linear("kv_b_proj", latent, h * (nope + v))?;
+        let ctx = || w.name("kv_b_proj");
+        let kvb = kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx)?;
+        let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
+        let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
+        Ok(Mla {
+            q,
+            kv_a: w.linear("kv_a_proj_with_mqa", d, latent + rope)?,
+            kv_a_norm: RmsNorm::load(&w.pp("kv_a_layernorm"), latent, eps)?,
+            w_uk,
+            w_uv_t,
+            o_proj: w.linear("o_proj", h * v, d)?,
+            heads: h,
+            nope,
+            rope,
+            v,
+            latent,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// `x: [n, hidden]` (normed) for all chunks of `batch`; writes this layer's cache rows.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        batch: &ForwardBatch,
+        rope: &RopeTables,
+        kv: &mut [&mut dyn LatentKv],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let ctx = || format!("mla layer {layer}");
+        let n = x.dims()[0];
+        let q = match &self.q {
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+            QProj::Full(p) => p.forward(x)?,
+        };
+        let q = q.reshape((n, self.heads, self.nope + self.rope)).ctx(ctx)?; // [n, H, P+R]
+        let q_nope = q.narrow(2, 0, self.nope).ctx(ctx)?; // [n, H, P]
+        let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope).ctx(ctx)?)?; // [n, H, R]
+
+        let a = self.kv_a.forward(x)?; // [n, L+R]
+        let c_kv = self.kv_a_norm.forward(&a.narrow(1, 0, self.latent).ctx(ctx)?)?; // [n, L]
+        let k_pe = rope.apply(&a.narrow(1, self.latent, self.rope).ctx(ctx)?.unsqueeze(1).ctx(ctx)?)?; // [n, 1, R]
+        let rows = Tensor::cat(&[&c_kv, &k_pe.squeeze(1).ctx(ctx)?], 1).ctx(ctx)?; // [n, L+R]
+
+        let mut outs = Vec::with_capacity(batch.chunks.len());
+        let mut offset = 0;
+        for (chunk, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
+            let s = chunk.len;
+            cache.write(layer, chunk.start_pos, &rows.narrow(0, offset, s).ctx(ctx)?)?;
+            let entries = cache.read(layer, chunk.start_pos + s)?; // [T, L+R]
+            let qn = q_nope.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, P]
+            let qp = q_pe.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, R]
+            let o = if batch.use_absorbed(chunk) {
+                self.attend_absorbed(&qn, &qp, &entries, chunk.start_pos)?
+            } else {
+                self.attend_naive(&qn, &qp, &entries, chunk.start_pos)?
+            }; // [H, S, V]
+            outs.push(o.transpose(0, 1).ctx(ctx)?.reshape((s, self.heads * self.v)).ctx(ctx)?);
+            offset += s;
+        }
+        if offset != n {
+            return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 0).ctx(ctx)?)
+    }
+
+    fn split_entries(&self, entries: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ctx = || "mla cache split".to_string();
+        let c_kv = entries.narrow(1, 0, self.latent).ctx(ctx)?.contiguous().ctx(ctx)?; // [T, L]
+        let k_pe = entries.narrow(1, self.latent, self.rope).ctx(ctx)?.contiguous().ctx(ctx)?; // [T, R]
+        Ok((c_kv, k_pe))
+    }
+
+    /// Weight-absorbed attention: MQA with one (L+R)-dim key and an L-dim value over the cache.
+    fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
+        let ctx = || "mla absorbed".to_string();
+        let (c_kv, k_pe) = self.split_entries(entries)?;
+        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
+        let scores = (q_lat.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?
+            + q_pe.broadcast_matmul(&k_pe.t().ctx(ctx)?).ctx(ctx)?)
+        .ctx(ctx)?; // [H, S, T]
+        let p = self.softmax(&scores, start)?;
+        let o_lat = p.broadcast_matmul(&c_kv).ctx(ctx)?; // [H, S, L]
+        o_lat.matmul(&self.w_uv_t).ctx(ctx) // [H, S, V]
+    }
+
+    /// Naive attention: decompress per-head keys and values from the latent rows.
+    fn attend_naive(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
+        let ctx = || "mla naive".to_string();
+        let (c_kv, k_pe) = self.split_entries(entries)?;
+        let t = c_kv.dims()[0];
+        let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?; // [H, P, T]
+        let v = c_kv.broadcast_matmul(&self.w_uv_t).ctx(ctx)?; // [H, T, V]
+        let k_pe = k_pe.t().ctx(ctx)?.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, self.rope, t)).ctx(ctx)?; // [H, R, T]
+        let k_t = Tensor::cat(&[&k_nope, &k_pe], 1).ctx(ctx)?; // [H, P+R, T]
+        let q = Tensor::cat(&[q_nope, q_pe], 2).ctx(ctx)?; // [H, S, P+R]
+        let scores = q.matmul(&k_t).ctx(ctx)?; // [H, S, T]
+        let p = self.softmax(&scores, start)?;
+        p.matmul(&v).ctx(ctx) // [H, S, V]
+    }
+
+    /// `scale · scores` + causal mask, softmax in f32, back to the compute dtype.
+    fn softmax(&self, scores: &Tensor, start: usize) -> Result<Tensor> {
+        let ctx = || "mla softmax".to_string();
+        let dtype = scores.dtype();
+        let (_, s, t) = scores.dims3().ctx(ctx)?;
+        let mut x = (scores.to_dtype(DType::F32).ctx(ctx)? * self.scale).ctx(ctx)?;
+        if s > 1 || t != start + s {
+            x = x.broadcast_add(&causal_mask(s, t, start, scores.device())?).ctx(ctx)?;
+        }
+        candle_nn::ops::softmax_last_dim(&x).ctx(ctx)?.to_dtype(dtype).ctx(ctx)
+    }
+}
+
+/// `[S, T]`: query i (position start + i) sees keys `0..=start + i`.
+fn causal_mask(s: usize, t: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (s, t), device).ctx(|| "causal mask".into())
+}
+

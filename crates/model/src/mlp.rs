@@ -1,0 +1,31 @@
+//! SwiGLU MLP: dense layers, routed experts and shared experts.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use moeserve_core::{error::Context, Result};
+use moeserve_quant::{Linear, Weights};
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate: Arc<dyn Linear>,
+    up: Arc<dyn Linear>,
+    down: Arc<dyn Linear>,
+}
+
+impl Mlp {
+    pub fn load(w: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate: w.linear("gate_proj", hidden, intermediate)?,
+            up: w.linear("up_proj", hidden, intermediate)?,
+            down: w.linear("down_proj", intermediate, hidden)?,
+        })
+    }
+
+    /// `x: [n, hidden]` -> `down(silu(gate x) ⊙ up x)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?).ctx(|| "silu".into())?;
+        let h = (g * self.up.forward(x)?).ctx(|| "swiglu".into())?;
+        self.down.forward(&h)
+    }
+}

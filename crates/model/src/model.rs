@@ -1,0 +1,185 @@
+//! The whole DeepSeek V2/V3 model: embedding, decoder blocks, final norm, lm_head, MTP head.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moeserve_core::{error::Context, DeepSeekConfig, Error, KvLayout, Result};
+use moeserve_quant::{Checkpoint, Linear, Weights};
+
+use crate::batch::ForwardBatch;
+use crate::cache::{ContiguousLatentCache, LatentKv};
+use crate::layer::DecoderLayer;
+use crate::mtp::Mtp;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype: F32 or BF16 on CPU.
+    pub dtype: DType,
+    pub device: Device,
+    /// Load the MTP module when the checkpoint has one.
+    pub load_mtp: bool,
+    /// Router precision; F32 always in practice (see `RouterConfig::dtype`).
+    pub router_dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, load_mtp: true, router_dtype: DType::F32 }
+    }
+}
+
+#[derive(Debug)]
+pub struct DeepSeekModel {
+    pub cfg: DeepSeekConfig,
+    /// [vocab, hidden]
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Arc<dyn Linear>,
+    rope: Rope,
+    mtp: Option<Mtp>,
+    dtype: DType,
+    device: Device,
+}
+
+impl DeepSeekModel {
+    /// Load `config.json` and the checkpoint in `dir`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = DeepSeekConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let model = Self::from_checkpoint(cfg, ckpt.clone(), opts);
+        ckpt.finish_progress();
+        model
+    }
+
+    pub fn from_checkpoint(cfg: DeepSeekConfig, ckpt: Arc<Checkpoint>, opts: &LoadOptions) -> Result<Self> {
+        if !matches!(opts.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::Input(format!("unsupported compute dtype {:?} (f32, bf16, f16)", opts.dtype)));
+        }
+        let block = cfg.quantization_config.as_ref().and_then(|q| q.weight_block_size);
+        let root = Weights::new(ckpt, opts.dtype, opts.device.clone(), block);
+        let m = root.pp("model");
+        let (v, d) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = m.tensor("embed_tokens.weight", &[v, d])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, cfg.is_moe_layer(i), opts.router_dtype))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), d, cfg.rms_norm_eps)?;
+        let lm_head: Arc<dyn Linear> = if cfg.tie_word_embeddings {
+            Arc::new(moeserve_quant::DenseLinear::new("model.embed_tokens.weight", embed.clone()))
+        } else {
+            root.linear("lm_head", d, v)?
+        };
+        let mtp_prefix = m.pp("layers").pp(cfg.mtp_layer_index());
+        let mtp = if opts.load_mtp && cfg.has_mtp() && mtp_prefix.contains("eh_proj.weight") {
+            Some(Mtp::load(&mtp_prefix, &cfg, opts.router_dtype)?)
+        } else {
+            None
+        };
+        Ok(DeepSeekModel {
+            rope: Rope::new(&cfg),
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            mtp,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn mtp(&self) -> Option<&Mtp> {
+        self.mtp.as_ref()
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.cfg.kv_layout()
+    }
+
+    /// A fresh contiguous cache for one sequence of the main model.
+    pub fn new_cache(&self) -> ContiguousLatentCache {
+        ContiguousLatentCache::new(self.kv_layout(), self.dtype, self.device.clone())
+    }
+
+    /// `[n, hidden]` embeddings of `tokens`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(Error::Input(format!("token id {bad} out of range (vocab_size {})", self.cfg.vocab_size)));
+        }
+        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device).ctx(|| "token ids".into())?;
+        self.embed.index_select(&ids, 0).ctx(|| "embedding".into())
+    }
+
+    pub(crate) fn check_batch(&self, batch: &ForwardBatch, kv: &[&mut dyn LatentKv]) -> Result<()> {
+        if batch.chunks.len() != kv.len() {
+            return Err(Error::Input(format!("{} chunks but {} caches", batch.chunks.len(), kv.len())));
+        }
+        let total: usize = batch.chunks.iter().map(|c| c.len).sum();
+        if total != batch.tokens.len() || batch.chunks.iter().any(|c| c.len == 0) {
+            return Err(Error::Input(format!("chunks cover {total} tokens, batch has {} (empty chunks are not allowed)", batch.tokens.len())));
+        }
+        for (c, cache) in batch.chunks.iter().zip(kv) {
+            if cache.seq_len() != c.start_pos {
+                return Err(Error::Cache(format!("chunk starts at {} but the cache holds {} tokens", c.start_pos, cache.seq_len())));
+            }
+            if c.start_pos + c.len > self.cfg.max_position_embeddings {
+                return Err(Error::Input(format!(
+                    "position {} exceeds max_position_embeddings {}",
+                    c.start_pos + c.len,
+                    self.cfg.max_position_embeddings
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the decoder over `batch`; returns the post-final-norm hidden states `[n, hidden]`
+    /// (the lm_head input, and the MTP module's hidden input). Caches advance by each chunk.
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut [&mut dyn LatentKv]) -> Result<Tensor> {
+        self.check_batch(batch, kv)?;
+        let rope = self.rope.tables(&batch.positions(), &self.device)?;
+        let mut h = self.embed(&batch.tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, batch, &rope, kv, i)?;
+        }
+        for (c, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
+            cache.set_seq_len(c.start_pos + c.len)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// Float32 logits `[n, vocab]` from post-norm hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32).ctx(|| "logits".into())
+    }
+
+    /// Parameters held by the loaded model's linear layers and embeddings (for reports).
+    pub fn describe(&self) -> String {
+        format!(
+            "{} layers ({} MoE), hidden {}, {} heads, vocab {}, lm_head {}, mtp {}",
+            self.layers.len(),
+            (0..self.layers.len()).filter(|&i| self.cfg.is_moe_layer(i)).count(),
+            self.cfg.hidden_size,
+            self.cfg.num_attention_heads,
+            self.cfg.vocab_size,
+            self.lm_head.format(),
+            if self.mtp.is_some() { "yes" } else { "no" }
+        )
+    }
+}

@@ -1,0 +1,76 @@
+//! The MTP (next-n) module stored as `model.layers.{num_hidden_layers}`: for row i it combines
+//! the embedding of token t_{i+1} with the main model's post-norm hidden h_i and predicts t_{i+2}.
+//!
+//! `x = eh_proj([enorm(emb(t_{i+1})), hnorm(h_i)])` (embedding first), then a full MoE decoder
+//! block with its own one-layer latent cache at rope position i, then `shared_head.norm` and
+//! `shared_head.head`. The embedding is the main model's (the checkpoint's layer copy is identical).
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use moeserve_core::{error::Context, DeepSeekConfig, Error, KvLayout, Result};
+use moeserve_quant::{Linear, Weights};
+
+use crate::batch::ForwardBatch;
+use crate::cache::{ContiguousLatentCache, LatentKv};
+use crate::layer::DecoderLayer;
+use crate::model::DeepSeekModel;
+use crate::norm::RmsNorm;
+
+#[derive(Debug)]
+pub struct Mtp {
+    enorm: RmsNorm,
+    hnorm: RmsNorm,
+    eh_proj: Arc<dyn Linear>,
+    block: DecoderLayer,
+    head_norm: RmsNorm,
+    head: Arc<dyn Linear>,
+}
+
+impl Mtp {
+    /// `w` points at `model.layers.{num_hidden_layers}`.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, router_dtype: DType) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Mtp {
+            enorm: RmsNorm::load(&w.pp("enorm"), d, eps)?,
+            hnorm: RmsNorm::load(&w.pp("hnorm"), d, eps)?,
+            eh_proj: w.linear("eh_proj", 2 * d, d)?,
+            block: DecoderLayer::load(w, cfg, cfg.n_routed_experts.is_some(), router_dtype)?,
+            head_norm: RmsNorm::load(&w.pp("shared_head").pp("norm"), d, eps)?,
+            head: w.pp("shared_head").linear("head", d, cfg.vocab_size)?,
+        })
+    }
+
+    /// The MTP layer keeps its own single-layer latent cache.
+    pub fn kv_layout(cfg: &DeepSeekConfig) -> KvLayout {
+        KvLayout { num_layers: 1, ..cfg.kv_layout() }
+    }
+
+    pub fn new_cache(model: &DeepSeekModel) -> ContiguousLatentCache {
+        ContiguousLatentCache::new(Self::kv_layout(&model.cfg), model.dtype(), model.device().clone())
+    }
+
+    /// `batch.tokens` are the next tokens t_{i+1}; `hidden: [n, hidden]` the main model's
+    /// post-norm hidden h_i at the same positions. Returns the block output `[n, hidden]`.
+    pub fn forward(&self, model: &DeepSeekModel, batch: &ForwardBatch, hidden: &Tensor, kv: &mut [&mut dyn LatentKv]) -> Result<Tensor> {
+        model.check_batch(batch, kv)?;
+        if hidden.dims() != [batch.tokens.len(), model.cfg.hidden_size] {
+            return Err(Error::Input(format!("mtp hidden {:?} for {} tokens", hidden.dims(), batch.tokens.len())));
+        }
+        let ctx = || "mtp input".to_string();
+        let e = self.enorm.forward(&model.embed(&batch.tokens)?)?;
+        let h = self.hnorm.forward(&hidden.to_dtype(model.dtype()).ctx(ctx)?)?;
+        let x = self.eh_proj.forward(&Tensor::cat(&[&e, &h], 1).ctx(ctx)?)?;
+        let rope = model.rope().tables(&batch.positions(), model.device())?;
+        let y = self.block.forward(&x, batch, &rope, kv, 0)?;
+        for (c, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
+            cache.set_seq_len(c.start_pos + c.len)?;
+        }
+        Ok(y)
+    }
+
+    /// Float32 draft logits `[n, vocab]` from the block output.
+    pub fn logits(&self, y: &Tensor) -> Result<Tensor> {
+        self.head.forward(&self.head_norm.forward(y)?)?.to_dtype(DType::F32).ctx(|| "mtp logits".into())
+    }
+}
