@@ -4,6 +4,7 @@
 //! The model is immutable: all per-sequence state lives in `LatentKv` caches passed in.
 
 pub mod batch;
+pub mod fp8_encode;
 pub mod cache;
 pub mod layer;
 pub mod mla;
