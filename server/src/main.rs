@@ -1,1 +1,42 @@
-fn main(){}
+//! `moeserve`: DeepSeek-V3/R1-class MoE inference.
+
+mod bench;
+mod cli_generate;
+mod cli_logits;
+mod cli_synth;
+mod source;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "moeserve", version, about = "Inference server for DeepSeek-V3/R1-class Mixture-of-Experts models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text (streamed to stdout) or token ids from a prompt.
+    Generate(cli_generate::Args),
+    /// Write float32 logits (and MTP logits) of a token sequence to a safetensors file.
+    Logits(cli_logits::Args),
+    /// Write a random-weight checkpoint in the official DeepSeek layout.
+    Synth(cli_synth::Args),
+    /// Measure prefill and decode throughput and peak memory.
+    Bench(bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => cli_generate::run(a),
+        Command::Logits(a) => cli_logits::run(a),
+        Command::Synth(a) => cli_synth::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

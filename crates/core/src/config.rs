@@ -183,11 +183,16 @@ impl DeepSeekConfig {
 
     /// Parse `config.json` text; `origin` names the file in errors.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config { path: origin.into(), field: "<json>".into(), msg: e.to_string() })?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::Config { path: origin.into(), field: "<root>".into(), msg: "not a JSON object".into() })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: origin.into(),
+            field: "<json>".into(),
+            msg: e.to_string(),
+        })?;
+        let obj = value.as_object().ok_or_else(|| Error::Config {
+            path: origin.into(),
+            field: "<root>".into(),
+            msg: "not a JSON object".into(),
+        })?;
         Self::from_fields(&Fields { path: origin, obj })
     }
 
@@ -196,10 +201,7 @@ impl DeepSeekConfig {
             Some("deepseek_v3") => ModelType::DeepseekV3,
             Some("deepseek_v2") => ModelType::DeepseekV2,
             Some(other) => {
-                return Err(f.err(
-                    "model_type",
-                    format!("unsupported model type `{other}` (supported: deepseek_v3, deepseek_v2)"),
-                ))
+                return Err(f.err("model_type", format!("unsupported model type `{other}` (supported: deepseek_v3, deepseek_v2)")))
             }
             None => return Err(f.err("model_type", "missing (required)")),
         };
@@ -217,10 +219,7 @@ impl DeepSeekConfig {
             "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
             "noaux_tc" => TopkMethod::NoauxTc,
             other => {
-                return Err(f.err(
-                    "topk_method",
-                    format!("unknown `{other}` (expected greedy, group_limited_greedy or noaux_tc)"),
-                ))
+                return Err(f.err("topk_method", format!("unknown `{other}` (expected greedy, group_limited_greedy or noaux_tc)")))
             }
         };
         let scoring_func = match f.str_opt("scoring_func")?.unwrap_or(if v3 { "sigmoid" } else { "softmax" }) {
@@ -461,10 +460,8 @@ fn parse_rope_scaling(f: &Fields) -> Result<RopeScaling> {
 }
 
 fn parse_quant(f: &Fields) -> Result<QuantizationConfig> {
-    let quant_method = f
-        .str_opt("quant_method")?
-        .ok_or_else(|| f.err("quantization_config.quant_method", "missing"))?
-        .to_string();
+    let quant_method =
+        f.str_opt("quant_method")?.ok_or_else(|| f.err("quantization_config.quant_method", "missing"))?.to_string();
     let fmt = f.str_opt("fmt")?.map(str::to_string);
     if quant_method != "fp8" {
         return Err(f.err("quantization_config.quant_method", format!("unsupported `{quant_method}` (supported: fp8)")));
@@ -479,7 +476,9 @@ fn parse_quant(f: &Fields) -> Result<QuantizationConfig> {
         Some(Value::Array(a)) if a.len() == 2 => {
             let dims: Vec<usize> = a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
             if dims.len() != 2 || dims.contains(&0) {
-                return Err(f.err("quantization_config.weight_block_size", format!("expected two positive integers, found {a:?}")));
+                return Err(
+                    f.err("quantization_config.weight_block_size", format!("expected two positive integers, found {a:?}"))
+                );
             }
             Some([dims[0], dims[1]])
         }

@@ -4,8 +4,6 @@ pub mod config;
 pub mod error;
 pub mod kv;
 
-pub use config::{
-    DeepSeekConfig, ModelType, QuantizationConfig, RopeScaling, ScoringFunc, TopkMethod,
-};
+pub use config::{DeepSeekConfig, ModelType, QuantizationConfig, RopeScaling, ScoringFunc, TopkMethod};
 pub use error::{Error, Result};
 pub use kv::KvLayout;

@@ -43,7 +43,11 @@ fn last_logits(model: &DeepSeekModel, hidden: &Tensor) -> Result<Vec<f32>> {
 }
 
 /// Generate up to `max_tokens` tokens; `on_token` sees each one as soon as it is sampled.
-pub fn generate(model: &DeepSeekModel, req: &GenerateRequest, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<GenerateStats> {
+pub fn generate(
+    model: &DeepSeekModel,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenerateStats> {
     if req.prompt.is_empty() {
         return Err(Error::Input("empty prompt".into()));
     }
@@ -58,8 +62,13 @@ pub fn generate(model: &DeepSeekModel, req: &GenerateRequest, mut on_token: impl
     }
     let mut sampler = Sampler::new(req.sampling.clone());
     let mut cache = model.new_cache();
-    let mut stats =
-        GenerateStats { prompt_tokens: req.prompt.len(), generated: 0, prefill: Duration::ZERO, decode: Duration::ZERO, finish: FinishReason::Length };
+    let mut stats = GenerateStats {
+        prompt_tokens: req.prompt.len(),
+        generated: 0,
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+        finish: FinishReason::Length,
+    };
     let t0 = Instant::now();
     let mut batch = ForwardBatch::single(&req.prompt, 0);
     while stats.generated < req.max_tokens {

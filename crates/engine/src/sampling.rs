@@ -57,12 +57,8 @@ impl Sampler {
         }
         let t = self.params.temperature;
         let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, ((l - m) / t).exp()))
-            .collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, ((l - m) / t).exp())).collect();
         if cand.is_empty() {
             return argmax(logits);
         }

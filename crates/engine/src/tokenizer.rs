@@ -48,7 +48,8 @@ impl Tokenizer {
     }
 
     pub fn from_bytes(tokenizer_json: &[u8], tokenizer_config: Option<&[u8]>) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|e| Error::Tokenizer(format!("tokenizer.json: {e}")))?;
         let cfg: Value = match tokenizer_config {
             Some(b) => serde_json::from_slice(b).map_err(|e| Error::Tokenizer(format!("tokenizer_config.json: {e}")))?,
             None => Value::Null,
@@ -86,6 +87,11 @@ impl Tokenizer {
     /// Render `messages` (OpenAI-style JSON objects) with the model's chat template.
     pub fn apply_chat_template(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         let chat = self.chat.as_ref().ok_or_else(|| Error::Tokenizer("tokenizer_config.json has no chat_template".into()))?;
-        chat.render(messages, add_generation_prompt, self.bos_token.as_deref().unwrap_or(""), self.eos_token.as_deref().unwrap_or(""))
+        chat.render(
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref().unwrap_or(""),
+            self.eos_token.as_deref().unwrap_or(""),
+        )
     }
 }

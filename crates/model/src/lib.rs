@@ -4,8 +4,8 @@
 //! The model is immutable: all per-sequence state lives in `LatentKv` caches passed in.
 
 pub mod batch;
-pub mod fp8_encode;
 pub mod cache;
+pub mod fp8_encode;
 pub mod layer;
 pub mod mla;
 pub mod mlp;

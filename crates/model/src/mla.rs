@@ -175,9 +175,6 @@ impl Mla {
 
 /// `[S, T]`: query i (position start + i) sees keys `0..=start + i`.
 fn causal_mask(s: usize, t: usize, start: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..t).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> = (0..s).flat_map(|i| (0..t).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Tensor::from_vec(mask, (s, t), device).ctx(|| "causal mask".into())
 }
-

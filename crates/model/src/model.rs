@@ -132,11 +132,18 @@ impl DeepSeekModel {
         }
         let total: usize = batch.chunks.iter().map(|c| c.len).sum();
         if total != batch.tokens.len() || batch.chunks.iter().any(|c| c.len == 0) {
-            return Err(Error::Input(format!("chunks cover {total} tokens, batch has {} (empty chunks are not allowed)", batch.tokens.len())));
+            return Err(Error::Input(format!(
+                "chunks cover {total} tokens, batch has {} (empty chunks are not allowed)",
+                batch.tokens.len()
+            )));
         }
         for (c, cache) in batch.chunks.iter().zip(kv) {
             if cache.seq_len() != c.start_pos {
-                return Err(Error::Cache(format!("chunk starts at {} but the cache holds {} tokens", c.start_pos, cache.seq_len())));
+                return Err(Error::Cache(format!(
+                    "chunk starts at {} but the cache holds {} tokens",
+                    c.start_pos,
+                    cache.seq_len()
+                )));
             }
             if c.start_pos + c.len > self.cfg.max_position_embeddings {
                 return Err(Error::Input(format!(

@@ -52,7 +52,13 @@ impl Mtp {
 
     /// `batch.tokens` are the next tokens t_{i+1}; `hidden: [n, hidden]` the main model's
     /// post-norm hidden h_i at the same positions. Returns the block output `[n, hidden]`.
-    pub fn forward(&self, model: &DeepSeekModel, batch: &ForwardBatch, hidden: &Tensor, kv: &mut [&mut dyn LatentKv]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        model: &DeepSeekModel,
+        batch: &ForwardBatch,
+        hidden: &Tensor,
+        kv: &mut [&mut dyn LatentKv],
+    ) -> Result<Tensor> {
         model.check_batch(batch, kv)?;
         if hidden.dims() != [batch.tokens.len(), model.cfg.hidden_size] {
             return Err(Error::Input(format!("mtp hidden {:?} for {} tokens", hidden.dims(), batch.tokens.len())));

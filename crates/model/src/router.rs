@@ -107,7 +107,8 @@ impl Router {
             TopkMethod::Greedy => scores.clone(),
             TopkMethod::GroupLimitedGreedy => {
                 // group score = its best expert; other groups' scores become 0 (as HF / DeepSeek-V2)
-                let gs: Vec<f32> = scores.chunks(per_group).map(|g| g.iter().cloned().fold(f32::NEG_INFINITY, f32::max)).collect();
+                let gs: Vec<f32> =
+                    scores.chunks(per_group).map(|g| g.iter().cloned().fold(f32::NEG_INFINITY, f32::max)).collect();
                 let keep = top_indices(&gs, c.topk_group);
                 mask_groups(&scores, &keep, per_group, 0.0)
             }
@@ -117,10 +118,7 @@ impl Router {
                     None => scores.clone(),
                 };
                 // group score = sum of its two best biased scores; other groups masked with -inf
-                let gs: Vec<f32> = biased
-                    .chunks(per_group)
-                    .map(|g| top_indices(g, 2).iter().map(|&i| g[i]).sum())
-                    .collect();
+                let gs: Vec<f32> = biased.chunks(per_group).map(|g| top_indices(g, 2).iter().map(|&i| g[i]).sum()).collect();
                 let keep = top_indices(&gs, c.topk_group);
                 mask_groups(&biased, &keep, per_group, f32::NEG_INFINITY)
             }

@@ -142,7 +142,12 @@ fn tensor_specs(cfg: &DeepSeekConfig, fp8: Option<[usize; 2]>) -> Vec<Spec> {
         match fp8 {
             Some(b) if FP8_SUFFIXES.iter().any(|s| name.ends_with(s)) => {
                 let scale = vec![out.div_ceil(b[0]), inp.div_ceil(b[1])];
-                specs.push(Spec { name: format!("{name}_scale_inv"), shape: scale, init: Init::Normal(std), stored: Stored::Scale });
+                specs.push(Spec {
+                    name: format!("{name}_scale_inv"),
+                    shape: scale,
+                    init: Init::Normal(std),
+                    stored: Stored::Scale,
+                });
                 specs.push(Spec { name, shape: vec![out, inp], init: Init::Normal(std), stored: Stored::Fp8 });
             }
             _ => specs.push(Spec { name, shape: vec![out, inp], init: Init::Normal(std), stored: Stored::Bf16 }),
@@ -152,7 +157,12 @@ fn tensor_specs(cfg: &DeepSeekConfig, fp8: Option<[usize; 2]>) -> Vec<Spec> {
         specs.push(Spec { name, shape: vec![n], init: Init::Norm, stored: Stored::Bf16 })
     };
     let head_std = 2.0 / (d as f32).sqrt();
-    specs.push(Spec { name: "model.embed_tokens.weight".into(), shape: vec![v, d], init: Init::Normal(1.0), stored: Stored::Bf16 });
+    specs.push(Spec {
+        name: "model.embed_tokens.weight".into(),
+        shape: vec![v, d],
+        init: Init::Normal(1.0),
+        stored: Stored::Bf16,
+    });
     let qk = cfg.qk_head_dim();
     let layers = cfg.num_hidden_layers + usize::from(cfg.has_mtp());
     for l in 0..layers {
@@ -160,10 +170,25 @@ fn tensor_specs(cfg: &DeepSeekConfig, fp8: Option<[usize; 2]>) -> Vec<Spec> {
         if l == cfg.num_hidden_layers {
             norm(&mut specs, format!("{p}enorm.weight"), d);
             norm(&mut specs, format!("{p}hnorm.weight"), d);
-            specs.push(Spec { name: format!("{p}eh_proj.weight"), shape: vec![d, 2 * d], init: Init::Normal(1.0 / (2.0 * d as f32).sqrt()), stored: Stored::Bf16 });
-            specs.push(Spec { name: format!("{p}embed_tokens.weight"), shape: vec![v, d], init: Init::Normal(1.0), stored: Stored::Bf16 });
+            specs.push(Spec {
+                name: format!("{p}eh_proj.weight"),
+                shape: vec![d, 2 * d],
+                init: Init::Normal(1.0 / (2.0 * d as f32).sqrt()),
+                stored: Stored::Bf16,
+            });
+            specs.push(Spec {
+                name: format!("{p}embed_tokens.weight"),
+                shape: vec![v, d],
+                init: Init::Normal(1.0),
+                stored: Stored::Bf16,
+            });
             norm(&mut specs, format!("{p}shared_head.norm.weight"), d);
-            specs.push(Spec { name: format!("{p}shared_head.head.weight"), shape: vec![v, d], init: Init::Normal(head_std), stored: Stored::Bf16 });
+            specs.push(Spec {
+                name: format!("{p}shared_head.head.weight"),
+                shape: vec![v, d],
+                init: Init::Normal(head_std),
+                stored: Stored::Bf16,
+            });
         }
         norm(&mut specs, format!("{p}input_layernorm.weight"), d);
         norm(&mut specs, format!("{p}post_attention_layernorm.weight"), d);
@@ -183,9 +208,19 @@ fn tensor_specs(cfg: &DeepSeekConfig, fp8: Option<[usize; 2]>) -> Vec<Spec> {
         let m = format!("{p}mlp.");
         if l >= cfg.num_hidden_layers || cfg.is_moe_layer(l) {
             let (e, i) = (cfg.n_routed_experts.unwrap_or(0), cfg.moe_intermediate_size);
-            specs.push(Spec { name: format!("{m}gate.weight"), shape: vec![e, d], init: Init::Normal(head_std), stored: Stored::Bf16 });
+            specs.push(Spec {
+                name: format!("{m}gate.weight"),
+                shape: vec![e, d],
+                init: Init::Normal(head_std),
+                stored: Stored::Bf16,
+            });
             if cfg.topk_method == moeserve_core::TopkMethod::NoauxTc {
-                specs.push(Spec { name: format!("{m}gate.e_score_correction_bias"), shape: vec![e], init: Init::Bias, stored: Stored::F32 });
+                specs.push(Spec {
+                    name: format!("{m}gate.e_score_correction_bias"),
+                    shape: vec![e],
+                    init: Init::Bias,
+                    stored: Stored::F32,
+                });
             }
             for x in 0..e {
                 lin(&mut specs, format!("{m}experts.{x}.gate_proj.weight"), i, d);
@@ -258,9 +293,7 @@ fn quantize_fp8(w: &[f32], rows: usize, cols: usize, block: [usize; 2]) -> (Vec<
         }
     }
     scales.iter_mut().for_each(|s| *s = s.max(1e-12) / 448.0);
-    let q = (0..rows * cols)
-        .map(|i| encode_e4m3(w[i] / scales[(i / cols / block[0]) * sc + (i % cols) / block[1]]))
-        .collect();
+    let q = (0..rows * cols).map(|i| encode_e4m3(w[i] / scales[(i / cols / block[0]) * sc + (i % cols) / block[1]])).collect();
     (q, scales)
 }
 

@@ -148,7 +148,12 @@ fn mtp_logits_match_reference() {
             let batch = ForwardBatch::single(&ids[1..], 0);
             let y = mtp.forward(&model, &batch, &hidden.narrow(0, 0, t - 1).unwrap(), &mut [&mut cache]).unwrap();
             let logits: Vec<Vec<f32>> = mtp.logits(&y).unwrap().to_vec2().unwrap();
-            let err = topk_error(&logits, &r.ids_2(&format!("{case}.mtp_topk_ids")), &r.f32_2(&format!("{case}.mtp_topk_logits")), None);
+            let err = topk_error(
+                &logits,
+                &r.ids_2(&format!("{case}.mtp_topk_ids")),
+                &r.f32_2(&format!("{case}.mtp_topk_logits")),
+                None,
+            );
             assert!(err < 1e-3, "{dir} {case}: MTP max abs error {err}");
             let last = r.f32_1(&format!("{case}.mtp_logits_last"));
             let e: f32 = logits[t - 2].iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -205,7 +210,10 @@ fn batched_sequences_equal_separate_runs() {
     let (mut ca, mut cb) = (model.new_cache(), model.new_cache());
     let batch = ForwardBatch {
         tokens: a.iter().chain(&b).copied().collect(),
-        chunks: vec![moeserve_model::SeqChunk { start_pos: 0, len: a.len() }, moeserve_model::SeqChunk { start_pos: 0, len: b.len() }],
+        chunks: vec![
+            moeserve_model::SeqChunk { start_pos: 0, len: a.len() },
+            moeserve_model::SeqChunk { start_pos: 0, len: b.len() },
+        ],
         attn: AttnMode::Auto,
     };
     let h = model.forward(&batch, &mut [&mut ca, &mut cb]).unwrap();
@@ -233,11 +241,8 @@ fn bf16_compute_is_within_two_percent() {
             assert!(e < 2e-2, "{dir} {case}: bf16 relative error {e}");
             // top-1 agreement with the reference on most positions
             let top = r.ids_2(&format!("{case}.topk_ids"));
-            let agree = logits
-                .iter()
-                .zip(&top)
-                .filter(|(row, t)| moeserve_model::router::top_indices(row, 1)[0] as u32 == t[0])
-                .count();
+            let agree =
+                logits.iter().zip(&top).filter(|(row, t)| moeserve_model::router::top_indices(row, 1)[0] as u32 == t[0]).count();
             assert!(agree * 10 >= ids.len() * 8, "{dir} {case}: top-1 agreement {agree}/{}", ids.len());
         }
     }
@@ -249,7 +254,8 @@ fn bf16_router_fails_where_the_f32_router_passes() {
     // experts get picked. Everything else stays f32, so the only difference is the router.
     let dir = "tiny-v3";
     let r = Reference::load(dir);
-    let bf16_router = DeepSeekModel::load(&fixture(dir), &LoadOptions { router_dtype: DType::BF16, ..Default::default() }).unwrap();
+    let bf16_router =
+        DeepSeekModel::load(&fixture(dir), &LoadOptions { router_dtype: DType::BF16, ..Default::default() }).unwrap();
     let f32_router = load(dir, DType::F32);
     let mut worst_bf16 = 0f32;
     for case in CASES {

@@ -124,7 +124,11 @@ impl Checkpoint {
 
     fn locate(&self, name: &str) -> Result<(&Shard, &TensorMeta)> {
         let shard = self.index.get(name).map(|&i| &self.shards[i]).ok_or_else(|| {
-            let hint = if self.shards.len() > 1 { format!(" (searched {} shards via {INDEX_FILE})", self.shards.len()) } else { String::new() };
+            let hint = if self.shards.len() > 1 {
+                format!(" (searched {} shards via {INDEX_FILE})", self.shards.len())
+            } else {
+                String::new()
+            };
             Error::MissingTensor { dir: self.dir.clone(), tensor: name.to_string(), hint }
         })?;
         Ok((shard, &shard.tensors[name]))
@@ -161,14 +165,32 @@ impl Checkpoint {
 
     /// Read a (slice of a) block-scaled FP8 weight, dequantized exactly in f32
     /// (`f32(q) × scale_inv[block]`), then cast once to `dtype`.
-    pub fn load_fp8(&self, name: &str, scale_name: &str, block: [usize; 2], slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load_fp8(
+        &self,
+        name: &str,
+        scale_name: &str,
+        block: [usize; 2],
+        slice: &Slice,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (shard, meta) = self.locate(name)?;
         if meta.dtype != Dtype::F8_E4M3 {
-            return Err(Error::Tensor { file: shard.path.clone(), tensor: name.into(), msg: format!("expected F8_E4M3, found {:?}", meta.dtype) });
+            return Err(Error::Tensor {
+                file: shard.path.clone(),
+                tensor: name.into(),
+                msg: format!("expected F8_E4M3, found {:?}", meta.dtype),
+            });
         }
         let [rows, cols] = match meta.shape[..] {
             [r, c] => [r, c],
-            _ => return Err(Error::Tensor { file: shard.path.clone(), tensor: name.into(), msg: format!("FP8 weight must be 2-D, found {:?}", meta.shape) }),
+            _ => {
+                return Err(Error::Tensor {
+                    file: shard.path.clone(),
+                    tensor: name.into(),
+                    msg: format!("FP8 weight must be 2-D, found {:?}", meta.shape),
+                })
+            }
         };
         let want = Fp8Block::scale_dims(rows, cols, block);
         let scale = self.load(scale_name, &Slice::full(), DType::F32, &Device::Cpu)?;
@@ -192,7 +214,14 @@ impl Checkpoint {
     }
 
     /// Bytes of the requested slice (row-major) and its shape.
-    fn raw_slice(&self, shard: &Shard, name: &str, meta: &TensorMeta, slice: &Slice, elem: usize) -> Result<(Vec<u8>, Vec<usize>)> {
+    fn raw_slice(
+        &self,
+        shard: &Shard,
+        name: &str,
+        meta: &TensorMeta,
+        slice: &Slice,
+        elem: usize,
+    ) -> Result<(Vec<u8>, Vec<usize>)> {
         let data = &shard.mmap[meta.bytes.clone()];
         self.progress.add(data.len() as u64, &file_name(&shard.path));
         let (r, c) = slice_ranges(shard, name, &meta.shape, slice)?;
@@ -307,6 +336,9 @@ fn truncation_error(path: &Path, buf: &[u8]) -> Error {
             tensor,
             msg: format!("file is truncated: tensor data ends at byte {end} but only {available} data bytes are present"),
         },
-        None => Error::CheckpointFile { file: path.to_path_buf(), msg: "file size does not match its header (truncated or padded)".into() },
+        None => Error::CheckpointFile {
+            file: path.to_path_buf(),
+            msg: "file size does not match its header (truncated or padded)".into(),
+        },
     }
 }

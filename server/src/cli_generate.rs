@@ -1,0 +1,130 @@
+//! `moeserve generate`: stream generated text to stdout, or print the generated ids as JSON.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args as ClapArgs, ValueEnum};
+use moeserve_engine::{generate, GenerateRequest, SamplingParams, StreamDecoder};
+use serde_json::{json, Value};
+
+use crate::source::{self, ModelArgs};
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Decoded text, streamed as it is generated.
+    Text,
+    /// One JSON array of the generated token ids.
+    Ids,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text (BOS is prepended).
+    #[arg(long, conflicts_with = "input_ids")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used verbatim (e.g. 0,12,7).
+    #[arg(long)]
+    pub input_ids: Option<String>,
+    /// Treat --prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy). Default: generation_config.json, else 0.6.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass. Default: generation_config.json, else 0.95.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past the end-of-sentence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: Output,
+}
+
+/// Sampling defaults from the model's generation_config.json (R1: 0.6 / 0.95).
+fn generation_defaults(dir: &std::path::Path) -> (f32, f32) {
+    let v: Value = std::fs::read_to_string(dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let get = |k: &str, d: f32| v.get(k).and_then(Value::as_f64).map_or(d, |x| x as f32);
+    (get("temperature", 0.6), get("top_p", 0.95))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let loaded = source::load(&args.model, false)?;
+    let (model, tok) = (&loaded.model, loaded.tokenizer.as_ref());
+    let prompt: Vec<u32> = match (&args.prompt, &args.input_ids) {
+        (_, Some(ids)) => source::parse_ids(ids)?,
+        (Some(text), None) => {
+            let tok = tok.context("this model has no tokenizer.json: pass --input-ids instead of --prompt")?;
+            if args.chat {
+                let rendered = tok.apply_chat_template(&[json!({"role": "user", "content": text})], true)?;
+                tok.encode(&rendered)?
+            } else {
+                let mut ids: Vec<u32> = model.cfg.bos_token_id.into_iter().collect();
+                ids.extend(tok.encode(text)?);
+                ids
+            }
+        }
+        (None, None) => bail!("give --prompt TEXT or --input-ids 0,12,7"),
+    };
+    if args.output == Output::Text && tok.is_none() {
+        bail!("this model has no tokenizer.json: use --output ids");
+    }
+    let (t_default, p_default) = generation_defaults(&loaded.dir);
+    let req = GenerateRequest {
+        prompt,
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature.unwrap_or(t_default),
+            top_p: args.top_p.unwrap_or(p_default),
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        stop_tokens: if args.ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() },
+    };
+    let mut ids = Vec::new();
+    let mut dec = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let stats = generate(model, &req, |id| {
+        ids.push(id);
+        if let (Output::Text, Some(tok)) = (args.output, tok) {
+            if let Some(piece) = dec.push(tok, id)? {
+                // a closed pipe ends the stream quietly
+                let _ = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush());
+            }
+        }
+        Ok(())
+    })?;
+    match (args.output, tok) {
+        (Output::Text, Some(tok)) => {
+            if let Some(rest) = dec.flush(tok)? {
+                let _ = stdout.write_all(rest.as_bytes());
+            }
+            let _ = writeln!(stdout);
+        }
+        _ => {
+            let _ = writeln!(stdout, "{}", serde_json::to_string(&ids)?);
+        }
+    }
+    let decode_tps = if stats.generated > 1 { (stats.generated - 1) as f64 / stats.decode.as_secs_f64() } else { 0.0 };
+    eprintln!(
+        "[{} prompt tokens, {} generated ({:?}); prefill {:.1} ms, decode {:.1} tok/s]",
+        stats.prompt_tokens,
+        stats.generated,
+        stats.finish,
+        stats.prefill.as_secs_f64() * 1e3,
+        decode_tps
+    );
+    Ok(())
+}
