@@ -287,7 +287,7 @@ impl DeepSeekConfig {
     }
 
     fn validate(&self, f: &Fields) -> Result<()> {
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(f.err("qk_rope_head_dim", "must be even (rope rotates pairs)"));
         }
         if self.moe_layer_freq == 0 {
@@ -317,10 +317,10 @@ impl DeepSeekConfig {
                 return Err(f.err("n_group", "noaux_tc needs at least 2 experts per group"));
             }
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(f.err("rms_norm_eps", "must be > 0"));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(f.err("rope_theta", "must be > 0"));
         }
         Ok(())
@@ -331,7 +331,7 @@ impl DeepSeekConfig {
     }
 
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.n_routed_experts.is_some() && layer >= self.first_k_dense_replace && layer % self.moe_layer_freq == 0
+        self.n_routed_experts.is_some() && layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     pub fn has_mtp(&self) -> bool {
@@ -444,7 +444,7 @@ fn parse_rope_scaling(f: &Fields) -> Result<RopeScaling> {
         return Err(f.err("rope_scaling.type", format!("unsupported rope scaling `{kind}` (only yarn)")));
     }
     let factor = f.f64_or("factor", f64::NAN)?;
-    if !(factor >= 1.0) {
+    if factor.is_nan() || factor < 1.0 {
         return Err(f.err("rope_scaling.factor", "missing or < 1"));
     }
     Ok(RopeScaling {

@@ -4,6 +4,7 @@
 //! `kv_b_proj` is split once at load into `W_UK [H, P, L]` and `W_UV^T [H, L, V]`:
 //! - naive form (long prefill): decompress `k_nope = W_UK c_kv`, `v = W_UV c_kv` per head;
 //! - absorbed form (decode): `q_lat = W_UKᵀ q_nope`, attend over `c_kv` directly, then `W_UV`.
+//!
 //! Both are exact algebra and differ only by rounding.
 
 use std::sync::Arc;

@@ -43,6 +43,13 @@ fn rewrite_shard(dir: &Path, tensor: &str, edit: impl FnOnce(&mut HashMap<String
     shard
 }
 
+fn drop_from_index(dir: &Path, tensor: &str) {
+    let p = dir.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    index["weight_map"].as_object_mut().unwrap().remove(tensor);
+    std::fs::write(&p, index.to_string()).unwrap();
+}
+
 const KV_B: &str = "model.layers.1.self_attn.kv_b_proj.weight";
 
 #[test]
@@ -52,10 +59,7 @@ fn missing_tensor_is_named() {
         t.remove(KV_B);
     });
     // also drop it from the index so only the missing tensor itself is at fault
-    let p = dir.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    index["weight_map"].as_object_mut().unwrap().remove(KV_B);
-    std::fs::write(&p, index.to_string()).unwrap();
+    drop_from_index(dir.path(), KV_B);
     let e = load_err(dir.path());
     assert!(e.contains(KV_B) && e.contains("not found"), "{e}");
 }
@@ -108,10 +112,7 @@ fn fp8_weight_without_scale_is_named() {
     let shard = rewrite_shard(dir.path(), &scale, |t| {
         t.remove(&scale);
     });
-    let p = dir.path().join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    index["weight_map"].as_object_mut().unwrap().remove(&scale);
-    std::fs::write(&p, index.to_string()).unwrap();
+    drop_from_index(dir.path(), &scale);
     let e = load_err(dir.path());
     assert!(e.contains(&scale), "{e} (shard {shard})");
 }

@@ -64,6 +64,13 @@ impl LoadProgress {
         s.finished = true;
         if let Some(b) = s.bar.take() {
             b.finish_and_clear();
+        } else if s.last_decile != u64::MAX {
+            eprintln!(
+                "loading: done, read {:.2} GB of {:.2} GB in {} shard(s)",
+                s.done as f64 / 1e9,
+                self.total_bytes as f64 / 1e9,
+                self.shards
+            );
         }
     }
 }
