@@ -167,7 +167,7 @@ impl Mla {
         let dtype = scores.dtype();
         let (_, s, t) = scores.dims3().ctx(ctx)?;
         let mut x = (scores.to_dtype(DType::F32).ctx(ctx)? * self.scale).ctx(ctx)?;
-        if s > 1 || t != start + s {
+        if s > 1 {
             x = x.broadcast_add(&causal_mask(s, t, start, scores.device())?).ctx(ctx)?;
         }
         candle_nn::ops::softmax_last_dim(&x).ctx(ctx)?.to_dtype(dtype).ctx(ctx)

@@ -176,7 +176,7 @@ impl DeepSeekModel {
         self.lm_head.forward(hidden)?.to_dtype(DType::F32).ctx(|| "logits".into())
     }
 
-    /// Parameters held by the loaded model's linear layers and embeddings (for reports).
+    /// One-line summary of the loaded model (for logs and reports).
     pub fn describe(&self) -> String {
         format!(
             "{} layers ({} MoE), hidden {}, {} heads, vocab {}, lm_head {}, mtp {}",

@@ -77,6 +77,7 @@ fn check_logits_f32(dir: &str, attn: AttnMode) {
             &r.f32_2(&format!("{case}.topk_logits")),
             Some(&r.f32_1(&format!("{case}.logsumexp"))),
         );
+        eprintln!("{dir} {case} {attn:?}: max abs error over top-16 + logsumexp {err:.2e}");
         assert!(err < 1e-3, "{dir} {case} {attn:?}: max abs error {err}");
         let last = r.f32_1(&format!("{case}.logits_last"));
         let e: f32 = logits[ids.len() - 1].iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -154,6 +155,7 @@ fn mtp_logits_match_reference() {
                 &r.f32_2(&format!("{case}.mtp_topk_logits")),
                 None,
             );
+            eprintln!("{dir} {case}: MTP max abs error {err:.2e}");
             assert!(err < 1e-3, "{dir} {case}: MTP max abs error {err}");
             let last = r.f32_1(&format!("{case}.mtp_logits_last"));
             let e: f32 = logits[t - 2].iter().zip(&last).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
@@ -179,6 +181,7 @@ fn token_by_token_decode_equals_full_forward() {
             rows.extend(model.logits(&h).unwrap().to_vec2::<f32>().unwrap());
         }
         let e = max_abs_diff(&rows, &full);
+        eprintln!("{dir}: token-by-token decode vs full forward max abs diff {e:.2e}");
         assert!(e < 1e-4, "{dir}: decode vs full max abs diff {e}");
     }
 }
@@ -238,6 +241,7 @@ fn bf16_compute_is_within_two_percent() {
             let ids = r.ids(&format!("{case}.input_ids"));
             let (_, logits) = full_forward(&model, &ids, AttnMode::Auto);
             let e = rel_err(&logits[ids.len() - 1], &r.f32_1(&format!("{case}.logits_last")));
+            eprintln!("{dir} {case}: bf16 relative error {e:.4}");
             assert!(e < 2e-2, "{dir} {case}: bf16 relative error {e}");
             // top-1 agreement with the reference on most positions
             let top = r.ids_2(&format!("{case}.topk_ids"));
@@ -266,5 +270,40 @@ fn bf16_router_fails_where_the_f32_router_passes() {
         let (_, bad) = full_forward(&bf16_router, &ids, AttnMode::Auto);
         worst_bf16 = worst_bf16.max(topk_error(&bad, &args.0, &args.1, None));
     }
+    eprintln!("bf16 router: max error {worst_bf16:.3}");
     assert!(worst_bf16 > 1e-2, "a bf16 router should miss the reference, max error was only {worst_bf16}");
+}
+
+/// Rewrite a fixture as one `model.safetensors` (no index) with every float tensor in `dtype`.
+fn single_file_copy(dir: &str, dtype: DType) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    let mut all = HashMap::new();
+    for entry in std::fs::read_dir(fixture(dir)).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.starts_with("model-") {
+            for (k, t) in candle_core::safetensors::load(&p, &Device::Cpu).unwrap() {
+                let t = if t.dtype() == DType::BF16 { t.to_dtype(dtype).unwrap() } else { t };
+                all.insert(k, t);
+            }
+        } else if name == "config.json" {
+            std::fs::copy(&p, out.path().join(&name)).unwrap();
+        }
+    }
+    candle_core::safetensors::save(&all, out.path().join("model.safetensors")).unwrap();
+    out
+}
+
+#[test]
+fn single_file_f32_and_f16_checkpoints_load() {
+    let r = Reference::load("tiny-v3");
+    let ids = r.ids("case1.input_ids");
+    let reference = r.f32_1("case1.logits_last");
+    for (dtype, tol) in [(DType::F32, 1e-3), (DType::F16, 2e-2)] {
+        let dir = single_file_copy("tiny-v3", dtype);
+        let model = DeepSeekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+        let (_, logits) = full_forward(&model, &ids, AttnMode::Auto);
+        let e = rel_err(&logits[ids.len() - 1], &reference);
+        assert!(e < tol, "{dtype:?} checkpoint: relative error {e}");
+    }
 }
