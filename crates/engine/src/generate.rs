@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use moeserve_core::{error::Context, Error, Result};
 use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv};
 
+use crate::request::FinishReason;
 use crate::sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, Clone)]
@@ -16,12 +17,6 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation stops after emitting one of these (usually EOS); empty: never.
     pub stop_tokens: Vec<u32>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Stop,
-    Length,
 }
 
 #[derive(Debug, Clone)]

@@ -3,11 +3,19 @@
 
 pub mod chat;
 pub mod detok;
+pub mod engine;
 pub mod generate;
+pub mod kv;
+pub mod metrics;
+pub mod request;
 pub mod sampling;
+pub mod scheduler;
+pub mod stop;
 pub mod tokenizer;
 
 pub use detok::StreamDecoder;
+pub use engine::{Engine, EngineConfig, EngineHandle, RequestStream};
 pub use generate::{generate, GenerateRequest, GenerateStats};
+pub use request::{Event, FinishReason, Request, SubmitError, Usage};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;

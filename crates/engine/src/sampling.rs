@@ -1,4 +1,8 @@
-//! Token sampling: greedy, temperature, top-k, top-p; seeded for reproducibility.
+//! Token sampling: logit bias, repetition / presence / frequency penalties, temperature, top-k,
+//! top-p, min-p; a per-sequence seeded generator, so a seeded request samples the same tokens
+//! whatever else shares its batch. Log-probabilities are reported from the raw model logits.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,19 +14,37 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 means no top-k limit.
     pub top_k: usize,
+    /// Drop tokens with probability below `min_p × p_max` (0 = off).
+    pub min_p: f32,
+    /// HF-style: logits of tokens seen in prompt or output are divided (if > 0) or multiplied by it.
+    pub repetition_penalty: f32,
+    /// OpenAI-style, over generated tokens: `- presence · [count > 0] - frequency · count`.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: Option<u64>,
 }
 
 impl Default for SamplingParams {
     /// DeepSeek-R1's recommended settings.
     fn default() -> Self {
-        SamplingParams { temperature: 0.6, top_p: 0.95, top_k: 0, seed: None }
+        SamplingParams {
+            temperature: 0.6,
+            top_p: 0.95,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
+        SamplingParams { temperature: 0.0, top_p: 1.0, ..Default::default() }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -32,8 +54,34 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if self.logit_bias.iter().any(|(_, b)| !b.is_finite()) {
+            return Err("logit_bias values must be finite".into());
+        }
         Ok(())
     }
+
+    fn uses_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
+}
+
+/// The sampled token's log-probability and the most likely alternatives (raw model distribution).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Sampler {
@@ -50,41 +98,108 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Pick the next token from one row of float32 logits.
+    /// Pick the next token from one row of float32 logits (no history: no penalties apply).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 || self.params.top_k == 1 {
-            return argmax(logits);
+        self.sample_with_history(logits, &[], &[])
+    }
+
+    /// Pick the next token; `prompt` and `output` feed the penalties.
+    pub fn sample_with_history(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> u32 {
+        let p = &self.params;
+        let mut l = logits.to_vec();
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x += b;
+            }
         }
-        let t = self.params.temperature;
-        let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, ((l - m) / t).exp())).collect();
+        if p.uses_penalties() {
+            apply_penalties(&mut l, p, prompt, output);
+        }
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(&l);
+        }
+        let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut cand: Vec<(u32, f32)> = l
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.is_finite())
+            .map(|(i, &x)| (i as u32, ((x - m) / p.temperature).exp()))
+            .collect();
         if cand.is_empty() {
             return argmax(logits);
         }
         cand.sort_unstable_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
         }
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        if self.params.top_p < 1.0 {
-            // keep the smallest prefix whose mass reaches top_p (always at least one token)
+        if p.min_p > 0.0 {
+            let floor = cand[0].1 * p.min_p;
+            cand.retain(|c| c.1 >= floor);
+        }
+        if p.top_p < 1.0 {
+            // the smallest prefix whose mass reaches top_p (always at least one token)
+            let total: f32 = cand.iter().map(|c| c.1).sum();
             let mut acc = 0.0;
             let cut = cand.iter().position(|c| {
                 acc += c.1 / total;
-                acc >= self.params.top_p
+                acc >= p.top_p
             });
             cand.truncate(cut.map_or(cand.len(), |i| i + 1));
         }
         let mass: f32 = cand.iter().map(|c| c.1).sum();
         let mut u = self.rng.gen::<f32>() * mass;
-        for &(id, p) in &cand {
-            if u < p {
+        for &(id, w) in &cand {
+            if u < w {
                 return id;
             }
-            u -= p;
+            u -= w;
         }
         cand[cand.len() - 1].0
+    }
+}
+
+fn apply_penalties(l: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen: Vec<u32> = prompt.iter().chain(output).copied().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+}
+
+/// Log-probability of `token` under softmax(logits), and the `top` most likely tokens.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let pos = best.partition_point(|b| b.1 >= x);
+                best.insert(pos, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |x| x - lse),
+        top: best.into_iter().map(|(i, x)| (i, x - lse)).collect(),
     }
 }
 
@@ -99,37 +214,4 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn greedy_takes_the_argmax() {
-        let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
-    }
-
-    #[test]
-    fn top_p_excludes_the_tail_and_seeds_reproduce() {
-        // probabilities ~ 0.64, 0.24, 0.09, 0.03 at T = 1
-        let logits = [3.0, 2.0, 1.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, seed: Some(7) };
-        let mut s = Sampler::new(p.clone());
-        let draws: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
-        assert!(draws.iter().all(|&d| d < 2), "top-p 0.8 keeps only the first two tokens");
-        let ones = draws.iter().filter(|&&d| d == 1).count() as f32 / 2000.0;
-        assert!((ones - 0.27).abs() < 0.04, "renormalized share of token 1 was {ones}");
-        let mut again = Sampler::new(p);
-        assert_eq!((0..2000).map(|_| again.sample(&logits)).collect::<Vec<_>>(), draws);
-    }
-
-    #[test]
-    fn top_k_and_temperature() {
-        let logits = [1.0, 0.9, 0.8, -10.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_p: 1.0, top_k: 2, seed: Some(1) });
-        let draws: Vec<u32> = (0..500).map(|_| s.sample(&logits)).collect();
-        assert!(draws.iter().all(|&d| d < 2));
-        assert!(draws.contains(&0) && draws.contains(&1));
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-    }
-}
+mod tests;

@@ -1,0 +1,523 @@
+//! The engine thread: owns the model, the paged cache and the scheduler; requests arrive over a
+//! bounded channel and their events leave over per-request channels. Dropping a request's
+//! stream aborts it and frees its pages.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use moeserve_core::{error::Context, Result};
+use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, SeqChunk};
+use tokio::sync::mpsc;
+
+use crate::detok::StreamDecoder;
+use crate::kv::{BlockTable, PagePool, PagedSeq};
+use crate::metrics::Metrics;
+use crate::request::{Event, FinishReason, Request, SubmitError, Usage};
+use crate::sampling::{logprobs, Sampler};
+use crate::scheduler::{Plan, Scheduler, SchedulerConfig, Seq};
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV page.
+    pub page_size: usize,
+    /// Bytes of latent KV cache to allocate.
+    pub kv_cache_bytes: usize,
+    /// Tokens computed per step across all sequences (chunked prefill shares it with decode).
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+    /// Waiting sequences beyond this are rejected as overloaded.
+    pub max_waiting: usize,
+    pub prefix_caching: bool,
+    pub max_n: usize,
+    pub max_logprobs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            page_size: 16,
+            kv_cache_bytes: 1 << 30,
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            prefix_caching: true,
+            max_n: 16,
+            max_logprobs: 20,
+        }
+    }
+}
+
+enum Command {
+    Submit { id: u64, req: Arc<Request>, events: mpsc::Sender<Event> },
+    Abort(u64),
+    Shutdown,
+}
+
+/// Limits the handle checks before a request is queued.
+#[derive(Debug, Clone)]
+struct Limits {
+    vocab: usize,
+    max_positions: usize,
+    capacity_tokens: usize,
+    eos: Vec<u32>,
+    has_tokenizer: bool,
+}
+
+pub struct EngineHandle {
+    tx: SyncSender<Command>,
+    metrics: Arc<Mutex<Metrics>>,
+    queued: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    cfg: EngineConfig,
+    limits: Limits,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Events of one request; dropping it aborts the request.
+pub struct RequestStream {
+    pub id: u64,
+    rx: mpsc::Receiver<Event>,
+    tx: SyncSender<Command>,
+}
+
+impl RequestStream {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// For synchronous callers (CLI, tests); must not be called inside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // the engine also notices the closed channel on its next send
+        let _ = self.tx.try_send(Command::Abort(self.id));
+    }
+}
+
+impl EngineHandle {
+    pub fn submit(&self, req: Request) -> std::result::Result<RequestStream, SubmitError> {
+        self.validate(&req)?;
+        let n = req.n;
+        if self.queued.load(Ordering::SeqCst) + n > self.cfg.max_waiting {
+            self.metrics.lock().map(|mut m| m.requests_rejected += 1).ok();
+            return Err(SubmitError::Overloaded(format!("{} requests waiting", self.queued.load(Ordering::SeqCst))));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        // every choice sends at most max_tokens tokens plus one finish event
+        let (etx, erx) = mpsc::channel(n * (req.max_tokens + 1) + 1);
+        self.queued.fetch_add(n, Ordering::SeqCst);
+        match self.tx.try_send(Command::Submit { id, req: Arc::new(req), events: etx }) {
+            Ok(()) => Ok(RequestStream { id, rx: erx, tx: self.tx.clone() }),
+            Err(e) => {
+                self.queued.fetch_sub(n, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Overloaded("engine command queue full".into()),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    fn validate(&self, r: &Request) -> std::result::Result<(), SubmitError> {
+        let l = &self.limits;
+        let bad = |m: String| Err(SubmitError::Invalid(m));
+        if r.prompt.is_empty() {
+            return bad("prompt is empty".into());
+        }
+        if let Some(t) = r.prompt.iter().find(|&&t| t as usize >= l.vocab) {
+            return bad(format!("token id {t} out of range (vocab size {})", l.vocab));
+        }
+        if r.max_tokens == 0 {
+            return bad("max_tokens must be >= 1".into());
+        }
+        if r.n == 0 || r.n > self.cfg.max_n {
+            return bad(format!("n must be in 1..={}", self.cfg.max_n));
+        }
+        let total = r.prompt.len() + r.max_tokens;
+        if total > l.max_positions {
+            return bad(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {} tokens",
+                r.prompt.len(),
+                r.max_tokens,
+                l.max_positions
+            ));
+        }
+        if total > l.capacity_tokens {
+            return bad(format!("prompt + max_tokens ({total}) exceeds the KV cache capacity of {} tokens", l.capacity_tokens));
+        }
+        r.sampling.validate().map_err(SubmitError::Invalid)?;
+        if r.logprobs.is_some_and(|k| k > self.cfg.max_logprobs) {
+            return bad(format!("top_logprobs must be <= {}", self.cfg.max_logprobs));
+        }
+        if !r.stop.is_empty() && !l.has_tokenizer {
+            return bad("stop strings need a model with a tokenizer".into());
+        }
+        if r.stop.len() > 16 || r.stop.iter().any(|s| s.len() > 256) {
+            return bad("at most 16 stop strings of at most 256 bytes".into());
+        }
+        if r.sampling.logit_bias.len() > 1024 || r.sampling.logit_bias.iter().any(|(t, _)| *t as usize >= l.vocab) {
+            return bad("logit_bias: at most 1024 entries with token ids inside the vocabulary".into());
+        }
+        Ok(())
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The model's EOS ids (what `ignore_eos` turns off).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.limits.eos
+    }
+
+    /// Abort everything and join the engine thread.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Ok(mut t) = self.thread.lock() {
+            if let Some(h) = t.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub struct Engine {
+    model: DeepSeekModel,
+    tokenizer: Option<Arc<Tokenizer>>,
+    sched: Scheduler,
+    rx: Receiver<Command>,
+    metrics: Arc<Mutex<Metrics>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    /// Start the engine thread; the model and tokenizer move into it.
+    pub fn start(model: DeepSeekModel, tokenizer: Option<Tokenizer>, cfg: EngineConfig) -> Result<EngineHandle> {
+        let layout = model.kv_layout();
+        let pages = PagePool::pages_for_budget(layout, cfg.page_size, model.dtype(), cfg.kv_cache_bytes);
+        if pages == 0 {
+            return Err(moeserve_core::Error::Cache(format!(
+                "kv cache budget of {} bytes holds no page of {} tokens",
+                cfg.kv_cache_bytes, cfg.page_size
+            )));
+        }
+        let pool = PagePool::new(layout, cfg.page_size, pages, model.dtype(), model.device())?;
+        let limits = Limits {
+            vocab: model.cfg.vocab_size,
+            max_positions: model.cfg.max_position_embeddings,
+            capacity_tokens: pages * cfg.page_size,
+            eos: model.cfg.eos_token_ids.clone(),
+            has_tokenizer: tokenizer.is_some(),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(cfg.max_waiting.max(1) * 2);
+        let metrics = Arc::new(Mutex::new(Metrics { kv_pages_total: pages, kv_pages_free: pages, ..Default::default() }));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sched_cfg = SchedulerConfig {
+            max_batch_tokens: cfg.max_batch_tokens.max(1),
+            max_running: cfg.max_running.max(1),
+            prefix_caching: cfg.prefix_caching,
+        };
+        let mut engine = Engine {
+            model,
+            tokenizer: tokenizer.map(Arc::new),
+            sched: Scheduler::new(sched_cfg, pool),
+            rx,
+            metrics: metrics.clone(),
+            queued: queued.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("moeserve-engine".into())
+            .spawn(move || engine.run())
+            .map_err(|e| moeserve_core::Error::Input(format!("spawning the engine thread: {e}")))?;
+        Ok(EngineHandle { tx, metrics, queued, next_id: AtomicU64::new(1), cfg, limits, thread: Mutex::new(Some(thread)) })
+    }
+
+    fn run(&mut self) {
+        loop {
+            // block when idle, otherwise take whatever has arrived
+            let first = if self.sched.is_idle() {
+                match self.rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            let mut cmds: VecDeque<Command> = first.into_iter().collect();
+            loop {
+                match self.rx.try_recv() {
+                    Ok(c) => cmds.push_back(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if cmds.is_empty() && self.sched.is_idle() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            for c in cmds {
+                match c {
+                    Command::Submit { id, req, events } => self.admit(id, req, events),
+                    Command::Abort(id) => self.abort(|s| s.req_id == id),
+                    Command::Shutdown => {
+                        self.abort(|_| true);
+                        return;
+                    }
+                }
+            }
+            self.abort(|s| s.events.is_closed());
+            let plan = self.sched.schedule();
+            if plan.is_empty() {
+                self.update_metrics();
+                continue;
+            }
+            self.step(&plan);
+            self.update_metrics();
+        }
+    }
+
+    fn admit(&mut self, id: u64, req: Arc<Request>, events: mpsc::Sender<Event>) {
+        let mut stop_ids = req.stop_token_ids.clone();
+        if !req.ignore_eos {
+            stop_ids.extend(&self.model.cfg.eos_token_ids);
+        }
+        let stop_ids = Arc::new(stop_ids);
+        let now = Instant::now();
+        for index in 0..req.n {
+            let mut sampling = req.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(index as u64));
+            self.sched.waiting.push_back(Seq {
+                req_id: id,
+                index,
+                req: req.clone(),
+                output: Vec::new(),
+                sampler: Sampler::new(sampling),
+                table: BlockTable::default(),
+                cached_prompt_tokens: 0,
+                detok: StreamDecoder::new(),
+                stop: StopMatcher::new(req.stop.clone()),
+                stop_ids: stop_ids.clone(),
+                events: events.clone(),
+                arrival: now,
+                last_token: None,
+                queued: true,
+            });
+        }
+        if let Ok(mut m) = self.metrics.lock() {
+            m.prompt_tokens += req.prompt.len() as u64;
+        }
+    }
+
+    /// Finish every sequence matching `pred` with reason Abort.
+    fn abort(&mut self, pred: impl Fn(&Seq) -> bool) {
+        let mut aborted = 0;
+        let waiting = std::mem::take(&mut self.sched.waiting);
+        for mut s in waiting {
+            if pred(&s) {
+                s.table.release(&mut self.sched.pool);
+                unqueue(&self.queued, &mut s);
+                finish(s, FinishReason::Abort, String::new());
+                aborted += 1;
+            } else {
+                self.sched.waiting.push_back(s);
+            }
+        }
+        let mut i = 0;
+        while i < self.sched.running.len() {
+            if pred(&self.sched.running[i]) {
+                let s = self.sched.remove_running(i);
+                finish(s, FinishReason::Abort, String::new());
+                aborted += 1;
+            } else {
+                i += 1;
+            }
+        }
+        if aborted > 0 {
+            if let Ok(mut m) = self.metrics.lock() {
+                m.requests_aborted += aborted;
+            }
+        }
+    }
+
+    fn step(&mut self, plan: &Plan) {
+        let started = Instant::now();
+        for &(i, _) in plan {
+            unqueue(&self.queued, &mut self.sched.running[i]);
+        }
+        match self.forward(plan) {
+            Ok(rows) => self.sample_and_emit(plan, rows),
+            Err(e) => {
+                // fail the sequences of this step; others keep running
+                let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    let s = self.sched.remove_running(i);
+                    let _ = s.events.try_send(Event::Error(format!("forward failed: {e}")));
+                }
+            }
+        }
+        if let Ok(mut m) = self.metrics.lock() {
+            m.steps += 1;
+            m.busy_seconds += started.elapsed().as_secs_f64();
+        }
+    }
+
+    /// Run the model over the plan; returns the f32 logits of the rows that need sampling, as
+    /// (running index, logits) in plan order.
+    fn forward(&mut self, plan: &Plan) -> Result<Vec<(usize, Vec<f32>)>> {
+        let mut batch = ForwardBatch::default();
+        let mut sample_rows = Vec::new();
+        for &(i, n) in plan {
+            let s = &self.sched.running[i];
+            let start = s.table.len;
+            batch.tokens.extend(s.tokens(start..start + n));
+            batch.chunks.push(SeqChunk { start_pos: start, len: n });
+            if start + n == s.total_len() {
+                sample_rows.push((i, batch.tokens.len() - 1));
+            }
+        }
+        let pool = &self.sched.pool;
+        let mut planned = plan.iter().map(|p| p.0).peekable();
+        let mut views: Vec<PagedSeq> = Vec::with_capacity(plan.len());
+        for (i, s) in self.sched.running.iter_mut().enumerate() {
+            if planned.peek() == Some(&i) {
+                planned.next();
+                views.push(PagedSeq { pool, table: &mut s.table });
+            }
+        }
+        let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v as &mut dyn LatentKv).collect();
+        let hidden = self.model.forward(&batch, &mut kv)?;
+        drop(kv);
+        drop(views);
+        if sample_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let idx: Vec<u32> = sample_rows.iter().map(|r| r.1 as u32).collect();
+        let idx = Tensor::from_vec(idx, sample_rows.len(), hidden.device()).ctx(|| "sample rows".into())?;
+        let rows = hidden.index_select(&idx, 0).ctx(|| "sample rows".into())?;
+        let logits: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2().ctx(|| "logits".into())?;
+        Ok(sample_rows.into_iter().map(|r| r.0).zip(logits).collect())
+    }
+
+    fn sample_and_emit(&mut self, plan: &Plan, rows: Vec<(usize, Vec<f32>)>) {
+        let now = Instant::now();
+        let mut done: Vec<(usize, FinishReason, String)> = Vec::new();
+        for &(i, _) in plan {
+            self.sched.register_full_pages(i);
+        }
+        for (i, logits) in rows {
+            let s = &mut self.sched.running[i];
+            let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
+            let lp = s.req.logprobs.map(|k| logprobs(&logits, token, k));
+            s.output.push(token);
+            if let Ok(mut m) = self.metrics.lock() {
+                m.generated_tokens += 1;
+                match s.last_token {
+                    None => m.time_to_first_token.observe(now - s.arrival),
+                    Some(t) => m.inter_token_latency.observe(now - t),
+                }
+            }
+            s.last_token = Some(now);
+            let is_stop_token = s.stop_ids.contains(&token);
+            let mut stopped_by_string = false;
+            let text = match (&self.tokenizer, is_stop_token) {
+                (Some(tok), false) => match s.detok.push(tok, token) {
+                    Ok(Some(delta)) => match s.stop.push(&delta) {
+                        StopOutcome::Continue(t) => t,
+                        StopOutcome::Stopped(t) => {
+                            stopped_by_string = true;
+                            t
+                        }
+                    },
+                    Ok(None) => String::new(),
+                    Err(e) => {
+                        let _ = s.events.try_send(Event::Error(e.to_string()));
+                        String::new()
+                    }
+                },
+                _ => String::new(),
+            };
+            let _ = s.events.try_send(Event::Token { index: s.index, token, text, logprob: lp });
+            if stopped_by_string || is_stop_token {
+                done.push((i, FinishReason::Stop, String::new()));
+            } else if s.output.len() >= s.req.max_tokens {
+                // release what is still held back (partial characters, stop-string prefixes)
+                let mut tail = String::new();
+                if let Some(tok) = &self.tokenizer {
+                    if let Ok(Some(rest)) = s.detok.flush(tok) {
+                        tail.push_str(&rest);
+                    }
+                }
+                let tail = match s.stop.push(&tail) {
+                    StopOutcome::Continue(t) => t + &s.stop.flush(),
+                    StopOutcome::Stopped(t) => t,
+                };
+                done.push((i, FinishReason::Length, tail));
+            }
+        }
+        done.sort_by(|a, b| b.0.cmp(&a.0));
+        let finished = done.len() as u64;
+        for (i, reason, text) in done {
+            let s = self.sched.remove_running(i);
+            finish(s, reason, text);
+        }
+        if finished > 0 {
+            if let Ok(mut m) = self.metrics.lock() {
+                m.requests_finished += finished;
+            }
+        }
+    }
+
+    fn update_metrics(&self) {
+        let st = self.sched.pool.stats();
+        if let Ok(mut m) = self.metrics.lock() {
+            m.waiting = self.sched.waiting.len();
+            m.running = self.sched.running.len();
+            m.kv_pages_total = st.total_pages;
+            m.kv_pages_free = st.free_pages;
+            m.kv_pages_cached = st.cached_pages;
+            m.kv_pages_used = st.used_pages;
+            m.preemptions = self.sched.preemptions;
+            m.prefix_query_tokens = self.sched.prefix_query_tokens;
+            m.prefix_hit_tokens = self.sched.prefix_hit_tokens;
+        }
+    }
+}
+
+/// A sequence stops counting against `max_waiting` once it first runs (or ends).
+fn unqueue(queued: &AtomicUsize, s: &mut Seq) {
+    if std::mem::take(&mut s.queued) {
+        queued.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn finish(s: Seq, reason: FinishReason, text: String) {
+    let usage = Usage {
+        prompt_tokens: s.req.prompt.len(),
+        completion_tokens: s.output.len(),
+        cached_prompt_tokens: s.cached_prompt_tokens,
+    };
+    let _ = s.events.try_send(Event::Finished { index: s.index, reason, text, usage });
+}

@@ -1,0 +1,225 @@
+//! Paged latent KV cache with prefix caching.
+//!
+//! One pool tensor per layer holds `num_pages × page_size` latent rows; a sequence owns a block
+//! table (page ids). Full pages are registered under a hash chain of their tokens so a later
+//! request with the same prefix reuses them (refcounted); unreferenced cached pages are evicted
+//! least-recently-used when the free list runs dry.
+
+use std::collections::{HashMap, VecDeque};
+
+use candle_core::{DType, Device, Tensor};
+use moeserve_core::{error::Context, Error, KvLayout, Result};
+use moeserve_model::LatentKv;
+
+pub type PageId = u32;
+
+/// Hash of a full page's tokens chained to the hash of the page before it.
+pub fn page_hash(prev: u64, tokens: &[u32]) -> u64 {
+    // FNV-1a over (prev, tokens): deterministic across runs and platforms
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ prev.rotate_left(17);
+    for &t in tokens {
+        for b in t.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub total_pages: usize,
+    pub free_pages: usize,
+    /// Unreferenced pages kept for prefix reuse (evictable).
+    pub cached_pages: usize,
+    pub used_pages: usize,
+}
+
+pub struct PagePool {
+    layout: KvLayout,
+    page_size: usize,
+    /// per layer: [num_pages * page_size, row_dim]
+    layers: Vec<Tensor>,
+    refcount: Vec<u32>,
+    free: Vec<PageId>,
+    /// hash -> page, and the reverse for eviction
+    by_hash: HashMap<u64, PageId>,
+    hash_of: Vec<Option<u64>>,
+    /// unreferenced pages that still hold a cached prefix, least recently used first
+    lru: VecDeque<PageId>,
+}
+
+impl PagePool {
+    pub fn new(layout: KvLayout, page_size: usize, num_pages: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if page_size == 0 || num_pages == 0 {
+            return Err(Error::Cache(format!("page_size {page_size} and num_pages {num_pages} must be > 0")));
+        }
+        let rows = page_size * num_pages;
+        let layers = (0..layout.num_layers)
+            .map(|_| Tensor::zeros((rows, layout.row_dim()), dtype, device).ctx(|| "kv pool".into()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PagePool {
+            layout,
+            page_size,
+            layers,
+            refcount: vec![0; num_pages],
+            free: (0..num_pages as PageId).rev().collect(),
+            by_hash: HashMap::new(),
+            hash_of: vec![None; num_pages],
+            lru: VecDeque::new(),
+        })
+    }
+
+    /// Pages that fit in `bytes` for this layout and dtype.
+    pub fn pages_for_budget(layout: KvLayout, page_size: usize, dtype: DType, bytes: usize) -> usize {
+        bytes / (layout.bytes_per_token(dtype.size_in_bytes()) * page_size).max(1)
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let total = self.refcount.len();
+        PoolStats {
+            total_pages: total,
+            free_pages: self.free.len(),
+            cached_pages: self.lru.len(),
+            used_pages: total - self.free.len() - self.lru.len(),
+        }
+    }
+
+    /// Pages obtainable right now (free + evictable).
+    pub fn available(&self) -> usize {
+        self.free.len() + self.lru.len()
+    }
+
+    /// A fresh, exclusively owned page (evicting a cached prefix page if needed).
+    pub fn allocate(&mut self) -> Option<PageId> {
+        let page = match self.free.pop() {
+            Some(p) => p,
+            None => {
+                let p = self.lru.pop_front()?;
+                if let Some(h) = self.hash_of[p as usize].take() {
+                    self.by_hash.remove(&h);
+                }
+                p
+            }
+        };
+        self.refcount[page as usize] = 1;
+        Some(page)
+    }
+
+    /// Take a reference on the cached page holding `hash`, if any.
+    pub fn lookup(&mut self, hash: u64) -> Option<PageId> {
+        let page = *self.by_hash.get(&hash)?;
+        if self.refcount[page as usize] == 0 {
+            self.lru.retain(|&p| p != page);
+        }
+        self.refcount[page as usize] += 1;
+        Some(page)
+    }
+
+    /// Register a full page's content hash for prefix reuse (first writer wins).
+    pub fn register(&mut self, page: PageId, hash: u64) {
+        if self.hash_of[page as usize].is_none() && !self.by_hash.contains_key(&hash) {
+            self.by_hash.insert(hash, page);
+            self.hash_of[page as usize] = Some(hash);
+        }
+    }
+
+    pub fn release(&mut self, page: PageId) {
+        let rc = &mut self.refcount[page as usize];
+        debug_assert!(*rc > 0, "double free of page {page}");
+        *rc = rc.saturating_sub(1);
+        if *rc == 0 {
+            if self.hash_of[page as usize].is_some() {
+                self.lru.push_back(page);
+            } else {
+                self.free.push(page);
+            }
+        }
+    }
+
+    /// Pool rows of `positions` for a block table.
+    fn rows(&self, pages: &[PageId], positions: std::ops::Range<usize>) -> Vec<u32> {
+        positions.map(|p| pages[p / self.page_size] * self.page_size as u32 + (p % self.page_size) as u32).collect()
+    }
+}
+
+/// A sequence's pages and committed length.
+#[derive(Debug, Default, Clone)]
+pub struct BlockTable {
+    pub pages: Vec<PageId>,
+    pub len: usize,
+    /// Pages at the front that are registered in the prefix cache.
+    pub hashed_pages: usize,
+    pub last_hash: u64,
+}
+
+impl BlockTable {
+    pub fn capacity(&self, page_size: usize) -> usize {
+        self.pages.len() * page_size
+    }
+
+    pub fn release(&mut self, pool: &mut PagePool) {
+        for p in self.pages.drain(..) {
+            pool.release(p);
+        }
+        *self = BlockTable::default();
+    }
+}
+
+/// `LatentKv` over one sequence's block table (pages must already cover what is written).
+pub struct PagedSeq<'a> {
+    pub pool: &'a PagePool,
+    pub table: &'a mut BlockTable,
+}
+
+impl LatentKv for PagedSeq<'_> {
+    fn seq_len(&self) -> usize {
+        self.table.len
+    }
+
+    fn write(&mut self, layer: usize, start: usize, rows: &Tensor) -> Result<()> {
+        let n = rows.dims()[0];
+        let ps = self.pool.page_size;
+        if start + n > self.table.capacity(ps) {
+            return Err(Error::Cache(format!("write to {} beyond {} allocated slots", start + n, self.table.capacity(ps))));
+        }
+        let buf = self.pool.layers.get(layer).ok_or_else(|| Error::Cache(format!("layer {layer} out of range")))?;
+        let rows = rows.to_dtype(buf.dtype()).ctx(|| "kv rows".into())?;
+        // contiguous runs inside one page
+        let mut p = start;
+        while p < start + n {
+            let run = (ps - p % ps).min(start + n - p);
+            let dst = self.table.pages[p / ps] as usize * ps + p % ps;
+            buf.slice_set(&rows.narrow(0, p - start, run).ctx(|| "kv run".into())?, 0, dst).ctx(|| "kv page write".into())?;
+            p += run;
+        }
+        Ok(())
+    }
+
+    fn read(&self, layer: usize, len: usize) -> Result<Tensor> {
+        if len > self.table.capacity(self.pool.page_size) {
+            return Err(Error::Cache(format!("read of {len} rows beyond the block table")));
+        }
+        let buf = self.pool.layers.get(layer).ok_or_else(|| Error::Cache(format!("layer {layer} out of range")))?;
+        let idx = self.pool.rows(&self.table.pages, 0..len);
+        let idx = Tensor::from_vec(idx, len, buf.device()).ctx(|| "kv gather".into())?;
+        buf.index_select(&idx, 0).ctx(|| "kv gather".into())
+    }
+
+    fn set_seq_len(&mut self, len: usize) -> Result<()> {
+        if len > self.table.capacity(self.pool.page_size) {
+            return Err(Error::Cache(format!("length {len} beyond the block table")));
+        }
+        self.table.len = len;
+        Ok(())
+    }
+}
+
+impl PagePool {
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+}
