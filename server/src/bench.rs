@@ -7,9 +7,10 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args as ClapArgs;
 use moeserve_core::DeepSeekConfig;
-use moeserve_engine::{generate, GenerateRequest, SamplingParams};
+use moeserve_engine::{generate, Engine, Event, GenerateRequest, Request, SamplingParams};
 use rand::{Rng, SeedableRng};
 
+use crate::engine_args::EngineArgs;
 use crate::source::{self, ModelArgs};
 
 #[derive(ClapArgs, Debug)]
@@ -23,6 +24,13 @@ pub struct Args {
     /// Timed runs (after one warm-up); medians are reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Also run the batching engine with this many concurrent requests per level (e.g. 1,4,16,64)
+    /// and print aggregate decode tok/s and time-to-first-token percentiles.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Engine settings for the concurrency runs (the KV budget is capped at what the runs need).
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// Weights read per decoded token: attention, dense MLPs, router + top-k + shared experts,
@@ -126,6 +134,10 @@ pub fn run(args: Args) -> Result<()> {
         decode.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>()
     );
 
+    // before the bandwidth probe, whose buffer would count in the high-water mark
+    if let Some(rss) = peak_rss_bytes() {
+        println!("peak resident memory: {:.2} GB", rss as f64 / 1e9);
+    }
     let elem = model.dtype().size_in_bytes() as u64;
     let active = active_params_per_token(cfg) * elem;
     let bw = bandwidth_probe();
@@ -136,9 +148,6 @@ pub fn run(args: Args) -> Result<()> {
         bw / 1e9,
         tg / roof
     );
-    if let Some(rss) = peak_rss_bytes() {
-        println!("peak resident memory: {:.2} GB", rss as f64 / 1e9);
-    }
     let kv = cfg.kv_layout();
     println!(
         "kv cache per token: latent {} B ({} layers x {} values x {elem} B) vs decompressed per-head K/V {} B ({:.1}x)",
@@ -154,6 +163,95 @@ pub fn run(args: Args) -> Result<()> {
         r1.kv_layout().bytes_per_token(2),
         r1.decompressed_kv_bytes_per_token(2),
         r1.decompressed_kv_bytes_per_token(2) as f64 / r1.kv_layout().bytes_per_token(2) as f64
+    );
+    if !args.concurrency.is_empty() {
+        bench_concurrency(loaded.model, &args, tg)?;
+    }
+    Ok(())
+}
+
+fn random_prompt(cfg: &DeepSeekConfig, len: usize, seed: u64) -> Vec<u32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let vocab = cfg.vocab_size.min(128_000) as u32;
+    std::iter::once(cfg.bos_token_id.unwrap_or(0)).chain((1..len.max(1)).map(|_| rng.gen_range(2..vocab))).collect()
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Concurrency levels through the batching engine; `single` is the single-stream decode tok/s.
+fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: f64) -> Result<()> {
+    let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
+    let per_token = model.kv_layout().bytes_per_token(model.dtype().size_in_bytes());
+    let tokens = max_c * (args.prompt_len + args.gen_len + 16);
+    let cfg = model.cfg.clone();
+    let mut engine_cfg = args.engine.config()?;
+    engine_cfg.kv_cache_bytes = engine_cfg.kv_cache_bytes.min(tokens * per_token);
+    engine_cfg.max_waiting = engine_cfg.max_waiting.max(max_c);
+    println!(
+        "engine: {:.1} MB latent KV cache, {} tokens per step, {} running at most",
+        engine_cfg.kv_cache_bytes as f64 / 1e6,
+        engine_cfg.max_batch_tokens,
+        engine_cfg.max_running
+    );
+    let engine = Engine::start(model, None, engine_cfg)?;
+    for (level, &c) in args.concurrency.iter().enumerate() {
+        let c = c.max(1);
+        let start = Instant::now();
+        let handles: Vec<_> = (0..c)
+            .map(|i| {
+                let req = Request {
+                    sampling: SamplingParams::greedy(),
+                    ignore_eos: true,
+                    ..Request::new(random_prompt(&cfg, args.prompt_len, 1000 * level as u64 + i as u64), args.gen_len)
+                };
+                engine.submit(req)
+            })
+            .collect::<Result<_, _>>()?;
+        let results: Vec<(f64, f64, usize)> = std::thread::scope(|s| {
+            let joins: Vec<_> = handles
+                .into_iter()
+                .map(|mut stream| {
+                    s.spawn(move || {
+                        let (mut first, mut last, mut n) = (None, 0.0, 0);
+                        while let Some(ev) = stream.blocking_next() {
+                            if let Event::Token { .. } = ev {
+                                let t = start.elapsed().as_secs_f64();
+                                first.get_or_insert(t);
+                                last = t;
+                                n += 1;
+                            }
+                        }
+                        (first.unwrap_or(last), last, n)
+                    })
+                })
+                .collect();
+            joins.into_iter().filter_map(|j| j.join().ok()).collect()
+        });
+        let wall = start.elapsed().as_secs_f64();
+        let mut ttft: Vec<f64> = results.iter().map(|r| r.0).collect();
+        ttft.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        // decode phase: from the last first-token to the last token, all requests decoding together
+        let decode_tokens: usize = results.iter().map(|r| r.2.saturating_sub(1)).sum();
+        let decode_span =
+            results.iter().map(|r| r.1).fold(0.0, f64::max) - results.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+        let agg = decode_tokens as f64 / decode_span.max(1e-9);
+        println!(
+            "concurrency {c:>3}: aggregate decode {agg:8.2} tok/s ({:.1}x single stream), output {:.2} tok/s over {wall:.1} s, TTFT p50 {:.3} s p99 {:.3} s",
+            agg / single.max(1e-9),
+            results.iter().map(|r| r.2).sum::<usize>() as f64 / wall,
+            percentile(&ttft, 0.5),
+            percentile(&ttft, 0.99)
+        );
+    }
+    let m = engine.metrics();
+    println!(
+        "engine metrics: {} steps, {} preemptions, busy {:.1} s, {:.1} generated tok/s while busy",
+        m.steps,
+        m.preemptions,
+        m.busy_seconds,
+        m.generation_tokens_per_second()
     );
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use moeserve_engine::{generate, GenerateRequest, SamplingParams, StreamDecoder};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::source::{self, ModelArgs};
 
@@ -39,8 +39,13 @@ pub struct Args {
     #[arg(long)]
     pub top_p: Option<f32>,
     /// Keep only the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Drop tokens below min_p × the top probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Keep generating past the end-of-sentence token.
@@ -48,16 +53,6 @@ pub struct Args {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
-}
-
-/// Sampling defaults from the model's generation_config.json (R1: 0.6 / 0.95).
-fn generation_defaults(dir: &std::path::Path) -> (f32, f32) {
-    let v: Value = std::fs::read_to_string(dir.join("generation_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
-    let get = |k: &str, d: f32| v.get(k).and_then(Value::as_f64).map_or(d, |x| x as f32);
-    (get("temperature", 0.6), get("top_p", 0.95))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -81,15 +76,18 @@ pub fn run(args: Args) -> Result<()> {
     if args.output == Output::Text && tok.is_none() {
         bail!("this model has no tokenizer.json: use --output ids");
     }
-    let (t_default, p_default) = generation_defaults(&loaded.dir);
+    let defaults = SamplingParams::from_generation_config(&loaded.dir);
     let req = GenerateRequest {
         prompt,
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
-            temperature: args.temperature.unwrap_or(t_default),
-            top_p: args.top_p.unwrap_or(p_default),
-            top_k: args.top_k,
+            temperature: args.temperature.unwrap_or(defaults.temperature),
+            top_p: args.top_p.unwrap_or(defaults.top_p),
+            top_k: args.top_k.unwrap_or(defaults.top_k),
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty.unwrap_or(defaults.repetition_penalty),
             seed: args.seed,
+            ..defaults
         },
         stop_tokens: if args.ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() },
     };

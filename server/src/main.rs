@@ -4,6 +4,7 @@ mod bench;
 mod cli_generate;
 mod cli_logits;
 mod cli_synth;
+mod engine_args;
 mod source;
 
 use clap::{Parser, Subcommand};

@@ -47,6 +47,27 @@ impl SamplingParams {
         SamplingParams { temperature: 0.0, top_p: 1.0, ..Default::default() }
     }
 
+    /// Defaults from a model directory's `generation_config.json` (R1: temperature 0.6, top_p
+    /// 0.95); R1's recommendation when the file is absent; greedy when it says `do_sample: false`.
+    pub fn from_generation_config(dir: &std::path::Path) -> Self {
+        let v: serde_json::Value = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let d = SamplingParams::default();
+        if v.get("do_sample").and_then(|x| x.as_bool()) == Some(false) {
+            return SamplingParams::greedy();
+        }
+        let f = |k: &str, default: f32| v.get(k).and_then(|x| x.as_f64()).map_or(default, |x| x as f32);
+        SamplingParams {
+            temperature: f("temperature", d.temperature),
+            top_p: f("top_p", d.top_p),
+            top_k: v.get("top_k").and_then(|x| x.as_u64()).map_or(0, |x| x as usize),
+            repetition_penalty: f("repetition_penalty", 1.0),
+            ..d
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!("temperature must be >= 0, got {}", self.temperature));
