@@ -220,3 +220,35 @@ fn invalid_and_overloaded_requests_are_rejected() {
     let overloaded = Request { n: 3, ..Request::new(vec![0, 1], 4) };
     assert!(matches!(e.submit(overloaded), Err(SubmitError::Overloaded(_))));
 }
+
+/// The built-in tiny preset with the real tokenizer, so text and stop strings can be tested.
+fn engine_with_tokenizer() -> (EngineHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = moeserve_model::synth::preset("tiny").unwrap();
+    moeserve_model::synth::write_checkpoint(&cfg, dir.path(), &Default::default()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(root().join("models/deepseek-v3").join(f), dir.path().join(f)).unwrap();
+    }
+    let model = DeepSeekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let tok = moeserve_engine::Tokenizer::from_dir(dir.path()).unwrap();
+    (Engine::start(model, Some(tok), EngineConfig::default()).unwrap(), dir)
+}
+
+#[test]
+fn streamed_text_and_stop_strings() {
+    let (e, dir) = engine_with_tokenizer();
+    let tok = moeserve_engine::Tokenizer::from_dir(dir.path()).unwrap();
+    let p = tok.encode("The quick brown fox").unwrap();
+    let full = alone(&e, Request { sampling: SamplingParams::greedy(), ignore_eos: true, ..Request::new(p.clone(), 16) });
+    assert_eq!(full.text, tok.decode(&full.tokens).unwrap(), "streamed deltas concatenate to the decoded text");
+    // a stop string from the middle of that text truncates before its first occurrence
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let (a, b) = (chars[chars.len() / 2].0, chars.get(chars.len() / 2 + 2).map_or(full.text.len(), |c| c.0));
+    let stop = full.text[a..b].to_string();
+    let cut = full.text.find(&stop).unwrap();
+    let req = Request { sampling: SamplingParams::greedy(), ignore_eos: true, stop: vec![stop.clone()], ..Request::new(p, 16) };
+    let stopped = alone(&e, req);
+    assert_eq!(stopped.text, full.text[..cut], "stop string {stop:?}");
+    assert_eq!(stopped.finish, Some(FinishReason::Stop));
+    assert!(stopped.tokens.len() <= full.tokens.len());
+}
