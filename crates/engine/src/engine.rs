@@ -15,7 +15,7 @@ use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, SeqChunk};
 use tokio::sync::mpsc;
 
 use crate::detok::StreamDecoder;
-use crate::kv::{BlockTable, PagePool, PagedSeq};
+use crate::kv::{BlockTable, CachePart, PagePool, PagedSeq};
 use crate::metrics::Metrics;
 use crate::request::{Event, FinishReason, Request, SubmitError, Usage};
 use crate::sampling::{logprobs, Sampler};
@@ -214,7 +214,9 @@ pub struct Engine {
 impl Engine {
     /// Start the engine thread; the model and tokenizer move into it.
     pub fn start(model: DeepSeekModel, tokenizer: Option<Tokenizer>, cfg: EngineConfig) -> Result<EngineHandle> {
-        let layout = model.kv_layout();
+        // the MTP layer (when loaded) gets its own layer in the same pages
+        let mut layout = model.kv_layout();
+        layout.num_layers += usize::from(model.mtp().is_some());
         let pages = PagePool::pages_for_budget(layout, cfg.page_size, model.dtype(), cfg.kv_cache_bytes);
         if pages == 0 {
             return Err(moeserve_core::Error::Cache(format!(
@@ -404,7 +406,7 @@ impl Engine {
         for (i, s) in self.sched.running.iter_mut().enumerate() {
             if planned.peek() == Some(&i) {
                 planned.next();
-                views.push(PagedSeq { pool, table: &mut s.table });
+                views.push(PagedSeq { pool, table: &mut s.table, part: CachePart::Main });
             }
         }
         let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v as &mut dyn LatentKv).collect();

@@ -150,7 +150,10 @@ impl PagePool {
 #[derive(Debug, Default, Clone)]
 pub struct BlockTable {
     pub pages: Vec<PageId>,
+    /// Tokens committed in the main model's layers.
     pub len: usize,
+    /// Tokens committed in the MTP layer (it trails the main model by one position).
+    pub mtp_len: usize,
     /// Pages at the front that are registered in the prefix cache.
     pub hashed_pages: usize,
     pub last_hash: u64,
@@ -170,14 +173,38 @@ impl BlockTable {
 }
 
 /// `LatentKv` over one sequence's block table (pages must already cover what is written).
+/// `Main` sees the pool's first `num_hidden_layers` layers; `Mtp` sees the MTP layer as its
+/// layer 0, with its own committed length.
 pub struct PagedSeq<'a> {
     pub pool: &'a PagePool,
     pub table: &'a mut BlockTable,
+    pub part: CachePart,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePart {
+    Main,
+    /// The MTP layer, stored at this pool layer index.
+    Mtp(usize),
+}
+
+impl PagedSeq<'_> {
+    fn pool_layer(&self, layer: usize) -> Result<&Tensor> {
+        let l = match self.part {
+            CachePart::Main => layer,
+            CachePart::Mtp(at) if layer == 0 => at,
+            CachePart::Mtp(_) => return Err(Error::Cache(format!("MTP cache has one layer, asked for {layer}"))),
+        };
+        self.pool.layers.get(l).ok_or_else(|| Error::Cache(format!("layer {l} out of range")))
+    }
 }
 
 impl LatentKv for PagedSeq<'_> {
     fn seq_len(&self) -> usize {
-        self.table.len
+        match self.part {
+            CachePart::Main => self.table.len,
+            CachePart::Mtp(_) => self.table.mtp_len,
+        }
     }
 
     fn write(&mut self, layer: usize, start: usize, rows: &Tensor) -> Result<()> {
@@ -186,7 +213,7 @@ impl LatentKv for PagedSeq<'_> {
         if start + n > self.table.capacity(ps) {
             return Err(Error::Cache(format!("write to {} beyond {} allocated slots", start + n, self.table.capacity(ps))));
         }
-        let buf = self.pool.layers.get(layer).ok_or_else(|| Error::Cache(format!("layer {layer} out of range")))?;
+        let buf = self.pool_layer(layer)?;
         let rows = rows.to_dtype(buf.dtype()).ctx(|| "kv rows".into())?;
         // contiguous runs inside one page
         let mut p = start;
@@ -203,7 +230,7 @@ impl LatentKv for PagedSeq<'_> {
         if len > self.table.capacity(self.pool.page_size) {
             return Err(Error::Cache(format!("read of {len} rows beyond the block table")));
         }
-        let buf = self.pool.layers.get(layer).ok_or_else(|| Error::Cache(format!("layer {layer} out of range")))?;
+        let buf = self.pool_layer(layer)?;
         let idx = self.pool.rows(&self.table.pages, 0..len);
         let idx = Tensor::from_vec(idx, len, buf.device()).ctx(|| "kv gather".into())?;
         buf.index_select(&idx, 0).ctx(|| "kv gather".into())
@@ -213,7 +240,10 @@ impl LatentKv for PagedSeq<'_> {
         if len > self.table.capacity(self.pool.page_size) {
             return Err(Error::Cache(format!("length {len} beyond the block table")));
         }
-        self.table.len = len;
+        match self.part {
+            CachePart::Main => self.table.len = len,
+            CachePart::Mtp(_) => self.table.mtp_len = len,
+        }
         Ok(())
     }
 }
@@ -221,5 +251,58 @@ impl LatentKv for PagedSeq<'_> {
 impl PagePool {
     pub fn layout(&self) -> KvLayout {
         self.layout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(pages: usize) -> PagePool {
+        let layout = KvLayout { num_layers: 3, latent_dim: 3, rope_dim: 1 };
+        PagePool::new(layout, 2, pages, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn writes_and_reads_across_pages_and_the_mtp_layer() {
+        let mut p = pool(4);
+        let mut t = BlockTable::default();
+        // non-contiguous pages on purpose
+        let a = p.allocate().unwrap();
+        let _gap = p.allocate().unwrap();
+        let b = p.allocate().unwrap();
+        t.pages = vec![a, b];
+        let rows = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
+        let mut main = PagedSeq { pool: &p, table: &mut t, part: CachePart::Main };
+        main.write(1, 0, &rows).unwrap();
+        main.set_seq_len(3).unwrap();
+        let back: Vec<Vec<f32>> = main.read(1, 3).unwrap().to_vec2().unwrap();
+        assert_eq!(back, rows.to_vec2::<f32>().unwrap());
+        assert!(main.write(1, 3, &rows.narrow(0, 0, 2).unwrap()).is_err(), "beyond the block table");
+        let mut mtp = PagedSeq { pool: &p, table: &mut t, part: CachePart::Mtp(2) };
+        assert_eq!(mtp.seq_len(), 0);
+        mtp.write(0, 0, &rows.narrow(0, 0, 2).unwrap()).unwrap();
+        mtp.set_seq_len(2).unwrap();
+        assert!(mtp.read(1, 1).is_err());
+        assert_eq!((t.len, t.mtp_len), (3, 2));
+    }
+
+    #[test]
+    fn prefix_pages_are_shared_cached_and_evicted_lru() {
+        let mut p = pool(2);
+        let a = p.allocate().unwrap();
+        p.register(a, 11);
+        assert_eq!(p.lookup(11), Some(a));
+        p.release(a);
+        assert_eq!(p.stats().used_pages, 1, "still referenced once");
+        p.release(a);
+        assert_eq!(p.stats(), PoolStats { total_pages: 2, free_pages: 1, cached_pages: 1, used_pages: 0 });
+        // the free page goes first, then the cached one is evicted and forgotten
+        let b = p.allocate().unwrap();
+        let c = p.allocate().unwrap();
+        assert_eq!(c, a);
+        assert_ne!(b, a);
+        assert_eq!(p.lookup(11), None);
+        assert!(p.allocate().is_none());
     }
 }
