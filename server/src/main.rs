@@ -5,6 +5,7 @@ mod cli_generate;
 mod cli_logits;
 mod cli_synth;
 mod engine_args;
+mod http;
 mod source;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Synth(cli_synth::Args),
     /// Measure prefill and decode throughput and peak memory.
     Bench(bench::Args),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(http::Args),
 }
 
 fn main() {
@@ -35,6 +38,7 @@ fn main() {
         Command::Logits(a) => cli_logits::run(a),
         Command::Synth(a) => cli_synth::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => http::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -213,11 +213,13 @@ pub struct Engine {
 
 impl Engine {
     /// Start the engine thread; the model and tokenizer move into it.
-    pub fn start(model: DeepSeekModel, tokenizer: Option<Tokenizer>, cfg: EngineConfig) -> Result<EngineHandle> {
+    pub fn start(model: DeepSeekModel, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<EngineHandle> {
         // the MTP layer (when loaded) gets its own layer in the same pages
         let mut layout = model.kv_layout();
         layout.num_layers += usize::from(model.mtp().is_some());
-        let pages = PagePool::pages_for_budget(layout, cfg.page_size, model.dtype(), cfg.kv_cache_bytes);
+        // never more than every running sequence at full context could use
+        let useful = (cfg.max_running * model.cfg.max_position_embeddings).div_ceil(cfg.page_size.max(1));
+        let pages = PagePool::pages_for_budget(layout, cfg.page_size, model.dtype(), cfg.kv_cache_bytes).min(useful);
         if pages == 0 {
             return Err(moeserve_core::Error::Cache(format!(
                 "kv cache budget of {} bytes holds no page of {} tokens",
@@ -242,7 +244,7 @@ impl Engine {
         };
         let mut engine = Engine {
             model,
-            tokenizer: tokenizer.map(Arc::new),
+            tokenizer,
             sched: Scheduler::new(sched_cfg, pool),
             rx,
             metrics: metrics.clone(),
@@ -479,7 +481,7 @@ impl Engine {
                 done.push((i, FinishReason::Length, tail));
             }
         }
-        done.sort_by(|a, b| b.0.cmp(&a.0));
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
         let finished = done.len() as u64;
         for (i, reason, text) in done {
             let s = self.sched.remove_running(i);

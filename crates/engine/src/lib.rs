@@ -7,6 +7,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv;
 pub mod metrics;
+pub mod reasoning;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;

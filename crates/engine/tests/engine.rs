@@ -231,7 +231,7 @@ fn engine_with_tokenizer() -> (EngineHandle, tempfile::TempDir) {
     }
     let model = DeepSeekModel::load(dir.path(), &LoadOptions::default()).unwrap();
     let tok = moeserve_engine::Tokenizer::from_dir(dir.path()).unwrap();
-    (Engine::start(model, Some(tok), EngineConfig::default()).unwrap(), dir)
+    (Engine::start(model, Some(std::sync::Arc::new(tok)), EngineConfig::default()).unwrap(), dir)
 }
 
 #[test]

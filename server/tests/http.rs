@@ -1,0 +1,233 @@
+//! `moeserve serve` end to end over raw HTTP: the real binary on a free port.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+struct Server {
+    child: Child,
+    base: String,
+    _cache: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start the binary (built-in tiny model) and wait until /health says ready.
+async fn start(extra: &[&str]) -> Server {
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
+        .args(["serve", "--port", "0", "--kv-cache-memory", "64MiB"])
+        .args(extra)
+        .env("MOESERVE_CACHE", cache.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("server exited").unwrap();
+        if let Some(a) = line.strip_prefix("listening on ") {
+            break a.to_string();
+        }
+    };
+    // keep draining stderr so the server never blocks on it
+    std::thread::spawn(move || for _ in lines {});
+    let server = Server { child, base: addr, _cache: cache };
+    for _ in 0..600 {
+        if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
+            if r.status() == 200 {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server never became healthy");
+}
+
+async fn post(s: &Server, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut r = reqwest::Client::new().post(format!("{}{path}", s.base)).json(&body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn assert_error(status: u16, body: &Value, want: u16, what: &str) {
+    assert_eq!(status, want, "{what}: {body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
+    assert!(body["error"]["type"].is_string(), "{what}: {body}");
+}
+
+fn chat_body(max_tokens: usize) -> Value {
+    json!({"model": "moeserve-builtin-tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": max_tokens, "seed": 3})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_completions_models_and_usage() {
+    let s = start(&[]).await;
+    let models: Value = reqwest::get(format!("{}/v1/models", s.base)).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "moeserve-builtin-tiny");
+
+    let (st, v) = post(&s, "/v1/chat/completions", chat_body(6), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let u = &v["usage"];
+    assert_eq!(u["completion_tokens"], 6);
+    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + 6));
+    assert!(u["prompt_tokens_details"]["cached_tokens"].is_u64() && u["completion_tokens_details"]["reasoning_tokens"].is_u64());
+
+    // the same seed gives the same text; logprobs come back per token
+    let mut b = chat_body(6);
+    b["logprobs"] = json!(true);
+    b["top_logprobs"] = json!(2);
+    let (_, again) = post(&s, "/v1/chat/completions", b, None).await;
+    assert_eq!(again["choices"][0]["message"]["content"], v["choices"][0]["message"]["content"]);
+    let lp = again["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(lp.len(), 6);
+    assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+
+    let (st, c) = post(&s, "/v1/completions", json!({"prompt": "The", "max_tokens": 3, "n": 2, "temperature": 1.0}), None).await;
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(c["usage"]["completion_tokens"], 6);
+
+    let (st, t) = post(&s, "/tokenize", json!({"prompt": "Hello, world!"}), None).await;
+    assert_eq!((st, t["tokens"].clone()), (200, json!([19923, 14, 2058, 3])));
+    let (_, d) = post(&s, "/detokenize", json!({"tokens": [19923, 14, 2058, 3]}), None).await;
+    assert_eq!(d["prompt"], "Hello, world!");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_chat_sends_chunks_usage_and_done() {
+    let s = start(&[]).await;
+    let mut b = chat_body(5);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let text = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .json(&b)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let finish: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(finish[0]["choices"][0]["finish_reason"], "length");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+    // the streamed text equals the non-streamed text for the same seed
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let (_, v) = post(&s, "/v1/chat/completions", chat_body(5), None).await;
+    assert_eq!(v["choices"][0]["message"]["content"], streamed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_openai_json_and_the_server_keeps_serving() {
+    let s = start(&["--api-key", "sk-test", "--max-body-bytes", "4096"]).await;
+    let key = Some("sk-test");
+    let (st, v) = post(&s, "/v1/chat/completions", chat_body(2), None).await;
+    assert_error(st, &v, 401, "missing key");
+    let (st, v) = post(&s, "/v1/chat/completions", chat_body(2), Some("sk-wrong")).await;
+    assert_error(st, &v, 401, "wrong key");
+
+    let raw = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth("sk-test")
+        .header("content-type", "application/json")
+        .body("{\"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 400);
+    assert_error(400, &raw.json().await.unwrap(), 400, "malformed JSON");
+
+    let mut wrong_type = chat_body(2);
+    wrong_type["temperature"] = json!("hot");
+    let (st, v) = post(&s, "/v1/chat/completions", wrong_type, key).await;
+    assert_error(st, &v, 400, "wrong type");
+
+    let mut unknown = chat_body(2);
+    unknown["model"] = json!("gpt-4");
+    let (st, v) = post(&s, "/v1/chat/completions", unknown, key).await;
+    assert_error(st, &v, 404, "unknown model");
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    let (st, v) = post(&s, "/v1/chat/completions", chat_body(100_000), key).await;
+    assert_error(st, &v, 400, "context overflow");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    let big = json!({"messages": [{"role": "user", "content": "x".repeat(10_000)}]});
+    let (st, v) = post(&s, "/v1/chat/completions", big, key).await;
+    assert_error(st, &v, 413, "body too large");
+
+    let (st, v) = post(&s, "/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "hi"}]}), key).await;
+    assert_error(st, &v, 400, "bad role");
+    let (st, v) = post(&s, "/v1/chat/completions", json!({"messages": []}), key).await;
+    assert_error(st, &v, 400, "no messages");
+    let mut sampling = chat_body(2);
+    sampling["top_p"] = json!(0);
+    let (st, v) = post(&s, "/v1/chat/completions", sampling, key).await;
+    assert_error(st, &v, 400, "top_p 0");
+
+    let (st, v) = post(&s, "/v1/chat/completions", chat_body(2), key).await;
+    assert_eq!(st, 200, "still serving: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_aborts_and_frees_pages() {
+    let s = start(&[]).await;
+    let mut b = chat_body(3000);
+    b["stream"] = json!(true);
+    b["ignore_eos"] = json!(true);
+    let mut resp = reqwest::Client::new().post(format!("{}/v1/chat/completions", s.base)).json(&b).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.chunk().await.unwrap().expect("a first chunk");
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b' '))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    // metrics are published after each engine step: wait to see the request running
+    let mut running = 0.0;
+    for _ in 0..200 {
+        let m = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+        running = metric(&m, "moeserve_requests_running");
+        if running == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(running, 1.0);
+    drop(resp);
+    for _ in 0..400 {
+        let m = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+        if metric(&m, "moeserve_requests_running") == 0.0 && metric(&m, "moeserve_kv_pages_used") == 0.0 {
+            assert_eq!(metric(&m, "moeserve_requests_aborted_total"), 1.0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("generation was not cancelled after the client went away");
+}
