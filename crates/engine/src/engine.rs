@@ -342,7 +342,7 @@ impl Engine {
             if pred(&s) {
                 s.table.release(&mut self.sched.pool);
                 unqueue(&self.queued, &mut s);
-                finish(s, FinishReason::Abort, String::new());
+                finish(s, FinishReason::Abort, String::new(), None);
                 aborted += 1;
             } else {
                 self.sched.waiting.push_back(s);
@@ -352,7 +352,7 @@ impl Engine {
         while i < self.sched.running.len() {
             if pred(&self.sched.running[i]) {
                 let s = self.sched.remove_running(i);
-                finish(s, FinishReason::Abort, String::new());
+                finish(s, FinishReason::Abort, String::new(), None);
                 aborted += 1;
             } else {
                 i += 1;
@@ -427,7 +427,7 @@ impl Engine {
 
     fn sample_and_emit(&mut self, plan: &Plan, rows: Vec<(usize, Vec<f32>)>) {
         let now = Instant::now();
-        let mut done: Vec<(usize, FinishReason, String)> = Vec::new();
+        let mut done: Vec<(usize, FinishReason, String, Option<String>)> = Vec::new();
         for &(i, _) in plan {
             self.sched.register_full_pages(i);
         }
@@ -445,14 +445,14 @@ impl Engine {
             }
             s.last_token = Some(now);
             let is_stop_token = s.stop_ids.contains(&token);
-            let mut stopped_by_string = false;
+            let mut stopped_by: Option<String> = None;
             let text = match (&self.tokenizer, is_stop_token) {
                 (Some(tok), false) => match s.detok.push(tok, token) {
                     Ok(Some(delta)) => match s.stop.push(&delta) {
                         StopOutcome::Continue(t) => t,
-                        StopOutcome::Stopped(t) => {
-                            stopped_by_string = true;
-                            t
+                        StopOutcome::Stopped { text, stop } => {
+                            stopped_by = Some(stop);
+                            text
                         }
                     },
                     Ok(None) => String::new(),
@@ -464,8 +464,8 @@ impl Engine {
                 _ => String::new(),
             };
             let _ = s.events.try_send(Event::Token { index: s.index, token, text, logprob: lp });
-            if stopped_by_string || is_stop_token {
-                done.push((i, FinishReason::Stop, String::new()));
+            if stopped_by.is_some() || is_stop_token {
+                done.push((i, FinishReason::Stop, String::new(), stopped_by));
             } else if s.output.len() >= s.req.max_tokens {
                 // release what is still held back (partial characters, stop-string prefixes)
                 let mut tail = String::new();
@@ -474,18 +474,18 @@ impl Engine {
                         tail.push_str(&rest);
                     }
                 }
-                let tail = match s.stop.push(&tail) {
-                    StopOutcome::Continue(t) => t + &s.stop.flush(),
-                    StopOutcome::Stopped(t) => t,
+                let (tail, reason, stop) = match s.stop.push(&tail) {
+                    StopOutcome::Continue(t) => (t + &s.stop.flush(), FinishReason::Length, None),
+                    StopOutcome::Stopped { text, stop } => (text, FinishReason::Stop, Some(stop)),
                 };
-                done.push((i, FinishReason::Length, tail));
+                done.push((i, reason, tail, stop));
             }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         let finished = done.len() as u64;
-        for (i, reason, text) in done {
+        for (i, reason, text, stop) in done {
             let s = self.sched.remove_running(i);
-            finish(s, reason, text);
+            finish(s, reason, text, stop);
         }
         if finished > 0 {
             if let Ok(mut m) = self.metrics.lock() {
@@ -517,11 +517,11 @@ fn unqueue(queued: &AtomicUsize, s: &mut Seq) {
     }
 }
 
-fn finish(s: Seq, reason: FinishReason, text: String) {
+fn finish(s: Seq, reason: FinishReason, text: String, stop: Option<String>) {
     let usage = Usage {
         prompt_tokens: s.req.prompt.len(),
         completion_tokens: s.output.len(),
         cached_prompt_tokens: s.cached_prompt_tokens,
     };
-    let _ = s.events.try_send(Event::Finished { index: s.index, reason, text, usage });
+    let _ = s.events.try_send(Event::Finished { index: s.index, reason, text, usage, stop });
 }

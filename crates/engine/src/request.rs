@@ -56,8 +56,9 @@ pub enum Event {
     /// One generated token of choice `index` and the text it completes (may be empty while a
     /// multi-byte character or a possible stop string is pending).
     Token { index: usize, token: u32, text: String, logprob: Option<TokenLogprob> },
-    /// Choice `index` finished; `text` is any held-back text released at the end.
-    Finished { index: usize, reason: FinishReason, text: String, usage: Usage },
+    /// Choice `index` finished; `text` is any held-back text released at the end, `stop` the
+    /// stop string that ended it (if one did).
+    Finished { index: usize, reason: FinishReason, text: String, usage: Usage, stop: Option<String> },
     /// The request failed inside the engine.
     Error(String),
 }

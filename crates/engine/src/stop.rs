@@ -11,8 +11,8 @@ pub struct StopMatcher {
 pub enum StopOutcome {
     /// Safe to emit; no stop string seen.
     Continue(String),
-    /// A stop string matched: emit this final text and finish.
-    Stopped(String),
+    /// A stop string matched: emit `text` and finish.
+    Stopped { text: String, stop: String },
 }
 
 impl StopMatcher {
@@ -25,10 +25,12 @@ impl StopMatcher {
             return StopOutcome::Continue(delta.to_string());
         }
         self.pending.push_str(delta);
-        if let Some(i) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
-            let out = self.pending[..i].to_string();
+        if let Some((i, stop)) =
+            self.stops.iter().filter_map(|s| self.pending.find(s.as_str()).map(|i| (i, s))).min_by_key(|m| m.0)
+        {
+            let out = StopOutcome::Stopped { text: self.pending[..i].to_string(), stop: stop.clone() };
             self.pending.clear();
-            return StopOutcome::Stopped(out);
+            return out;
         }
         // hold back the longest suffix that is a prefix of some stop string
         let hold = self
@@ -58,8 +60,8 @@ mod tests {
         for d in deltas {
             match m.push(d) {
                 StopOutcome::Continue(t) => out.push_str(&t),
-                StopOutcome::Stopped(t) => {
-                    out.push_str(&t);
+                StopOutcome::Stopped { text, .. } => {
+                    out.push_str(&text);
                     return (out, true);
                 }
             }

@@ -36,7 +36,7 @@ fn collect(mut s: RequestStream, n: usize) -> Vec<Choice> {
                     out[index].logprobs.push(lp.top);
                 }
             }
-            Event::Finished { index, reason, text, usage } => {
+            Event::Finished { index, reason, text, usage, .. } => {
                 out[index].text.push_str(&text);
                 out[index].finish = Some(reason);
                 out[index].usage = usage;

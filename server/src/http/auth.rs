@@ -6,6 +6,7 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use super::anthropic::AnthropicError;
 use super::error::ApiError;
 use super::AppState;
 
@@ -33,6 +34,8 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
         presented.is_some_and(|p| state.api_keys.iter().fold(false, |m, k| m | constant_time_eq(p.as_bytes(), k.as_bytes())));
     if ok {
         next.run(req).await
+    } else if req.uri().path().starts_with("/v1/messages") {
+        AnthropicError(ApiError::unauthorized()).into_response()
     } else {
         ApiError::unauthorized().into_response()
     }

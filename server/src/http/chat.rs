@@ -245,7 +245,7 @@ async fn collect_all(mut stream: RequestStream, mut col: Collector) -> Result<Va
             Event::Token { index, text, logprob, .. } => {
                 col.apply(index, &text, logprob.as_ref(), true);
             }
-            Event::Finished { index, reason, text, usage } => {
+            Event::Finished { index, reason, text, usage, .. } => {
                 col.finish(index, reason, &text, usage);
             }
             Event::Error(e) => return Err(ApiError::internal(e)),
@@ -264,7 +264,7 @@ fn sse_stream(stream: RequestStream, col: Collector, include_usage: bool) -> imp
                 let (r, t, lp) = col.apply(index, &text, logprob.as_ref(), true);
                 out.extend(col.delta_chunk(index, r, t, lp, None).as_ref().map(data));
             }
-            Some(Event::Finished { index, reason, text, usage }) => {
+            Some(Event::Finished { index, reason, text, usage, .. }) => {
                 let (r, t) = col.finish(index, reason, &text, usage);
                 out.extend(col.delta_chunk(index, r, t, None, Some(reason)).as_ref().map(data));
             }

@@ -1,6 +1,7 @@
 //! `moeserve serve`: the OpenAI-compatible HTTP server (axum) in front of the engine.
 
 mod admin;
+mod anthropic;
 mod auth;
 mod chat;
 mod error;
@@ -77,6 +78,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/models", get(admin::models))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(admin::tokenize))
         .route("/detokenize", post(admin::detokenize))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));

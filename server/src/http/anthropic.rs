@@ -1,0 +1,322 @@
+//! Anthropic Messages API: `POST /v1/messages` (content blocks, system, `thinking` blocks for R1
+//! reasoning, the streaming event sequence) and `POST /v1/messages/count_tokens`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream::{self, StreamExt};
+use moeserve_engine::reasoning::ReasoningParser;
+use moeserve_engine::{Event, FinishReason, RequestStream, Usage};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chat::read_json;
+use super::error::ApiError;
+use super::openai::{self, OneOrMany, Sampling};
+use super::{AppState, Ready};
+
+/// An `ApiError` rendered in Anthropic's error schema.
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let e = self.0;
+        let kind = match e.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        };
+        (e.status, Json(json!({"type": "error", "error": {"type": kind, "message": e.message}}))).into_response()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MessagesRequest {
+    pub model: Option<String>,
+    pub max_tokens: usize,
+    pub messages: Vec<Value>,
+    pub system: Option<Value>,
+    #[serde(default)]
+    pub stream: bool,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub stop_sequences: Option<Vec<String>>,
+    pub tools: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CountTokensRequest {
+    pub model: Option<String>,
+    pub messages: Vec<Value>,
+    pub system: Option<Value>,
+}
+
+/// Text of a content field: a string or a list of `text` blocks.
+fn text_of(v: &Value, param: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => blocks
+            .iter()
+            .map(|b| match (b.get("type").and_then(Value::as_str), b.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                (Some(other), _) => {
+                    Err(ApiError::invalid_param(param, format!("content blocks of type `{other}` are not supported yet")))
+                }
+                _ => Err(ApiError::invalid_param(param, "malformed content block")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.join("")),
+        _ => Err(ApiError::invalid_param(param, "content must be a string or a list of content blocks")),
+    }
+}
+
+/// Anthropic messages (+ system) as chat-template messages.
+fn chat_messages(system: &Option<Value>, messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    if let Some(s) = system {
+        out.push(json!({"role": "system", "content": text_of(s, "system")?}));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+        if role != "user" && role != "assistant" {
+            return Err(ApiError::invalid_param(
+                &format!("messages.{i}.role"),
+                format!("role must be `user` or `assistant`, got `{role}`"),
+            ));
+        }
+        let content = text_of(m.get("content").unwrap_or(&Value::Null), &format!("messages.{i}.content"))?;
+        out.push(json!({"role": role, "content": content}));
+    }
+    openai::normalize_messages(&out)
+}
+
+fn encode_prompt(ready: &Ready, system: &Option<Value>, messages: &[Value]) -> Result<(Vec<u32>, String), ApiError> {
+    let tok = ready.tokenizer.as_ref().ok_or_else(|| ApiError::invalid("this model has no tokenizer"))?;
+    let rendered =
+        tok.apply_chat_template(&chat_messages(system, messages)?, true).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let ids = tok.encode(&rendered).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok((ids, rendered))
+}
+
+pub async fn count_tokens(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Json<Value>, AnthropicError> {
+    let ready = app.ready()?;
+    let body: CountTokensRequest = read_json(&app, req).await?;
+    openai::check_model(&ready, &body.model)?;
+    let (ids, _) = encode_prompt(&ready, &body.system, &body.messages)?;
+    Ok(Json(json!({"input_tokens": ids.len()})))
+}
+
+fn stop_reason(reason: FinishReason, stop: &Option<String>) -> &'static str {
+    match (reason, stop) {
+        (FinishReason::Length, _) => "max_tokens",
+        (_, Some(_)) => "stop_sequence",
+        _ => "end_turn",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens, "cache_read_input_tokens": u.cached_prompt_tokens})
+}
+
+pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, AnthropicError> {
+    let ready = app.ready()?;
+    let body: MessagesRequest = read_json(&app, req).await?;
+    openai::check_model(&ready, &body.model)?;
+    if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid_param("tools", "tool use is not supported by this server yet").into());
+    }
+    let (prompt, rendered) = encode_prompt(&ready, &body.system, &body.messages)?;
+    let sampling = Sampling {
+        temperature: body.temperature,
+        top_p: body.top_p,
+        top_k: body.top_k,
+        stop: body.stop_sequences.clone().map(OneOrMany::Many),
+        max_tokens: Some(body.max_tokens),
+        ..Default::default()
+    };
+    let input_tokens = prompt.len();
+    let request = openai::engine_request(&ready, prompt, &sampling, None)?;
+    let stream = ready.engine.submit(request).map_err(ApiError::from)?;
+    let parser = ready.reasoning.then(|| ReasoningParser::new(rendered.trim_end().ends_with("<think>")));
+    let id = format!("msg_{:024x}", rand::random::<u128>() >> 32);
+    if body.stream {
+        Ok(Sse::new(event_stream(stream, parser, id, ready.model_name.clone(), input_tokens))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    } else {
+        Ok(Json(collect(stream, parser, id, &ready.model_name).await?).into_response())
+    }
+}
+
+async fn collect(
+    mut stream: RequestStream,
+    mut parser: Option<ReasoningParser>,
+    id: String,
+    model: &str,
+) -> Result<Value, ApiError> {
+    let (mut thinking, mut text) = (String::new(), String::new());
+    let mut end = (FinishReason::Stop, None, Usage::default());
+    let mut add = |parser: &mut Option<ReasoningParser>, t: &str, last: bool| match parser {
+        Some(p) => {
+            let mut s = p.push(t);
+            if last {
+                let f = p.finish();
+                s.reasoning += &f.reasoning;
+                s.content += &f.content;
+            }
+            thinking += &s.reasoning;
+            text += &s.content;
+        }
+        None => text += t,
+    };
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Event::Token { text: t, .. } => add(&mut parser, &t, false),
+            Event::Finished { reason, text: t, usage, stop, .. } => {
+                add(&mut parser, &t, true);
+                end = (reason, stop, usage);
+            }
+            Event::Error(e) => return Err(ApiError::internal(e)),
+        }
+    }
+    let mut content = Vec::new();
+    if !thinking.is_empty() {
+        content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
+    }
+    content.push(json!({"type": "text", "text": text}));
+    Ok(json!({
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
+        "stop_reason": stop_reason(end.0, &end.1), "stop_sequence": end.1, "usage": usage_json(&end.2),
+    }))
+}
+
+/// Which content block is open in the stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Block {
+    None,
+    Thinking,
+    Text,
+}
+
+struct StreamState {
+    stream: RequestStream,
+    parser: Option<ReasoningParser>,
+    block: Block,
+    index: usize,
+    started: bool,
+    id: String,
+    model: String,
+    input_tokens: usize,
+}
+
+fn ev(name: &str, data: Value) -> SseEvent {
+    SseEvent::default().event(name).data(data.to_string())
+}
+
+impl StreamState {
+    /// Events that switch to `want` (closing the open block) and carry `delta`.
+    fn delta(&mut self, want: Block, delta: &str, out: &mut Vec<SseEvent>) {
+        if delta.is_empty() {
+            return;
+        }
+        if self.block != want {
+            if self.block != Block::None {
+                out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": self.index})));
+                self.index += 1;
+            }
+            let cb = match want {
+                Block::Thinking => json!({"type": "thinking", "thinking": ""}),
+                _ => json!({"type": "text", "text": ""}),
+            };
+            out.push(ev("content_block_start", json!({"type": "content_block_start", "index": self.index, "content_block": cb})));
+            self.block = want;
+        }
+        let d = match want {
+            Block::Thinking => json!({"type": "thinking_delta", "thinking": delta}),
+            _ => json!({"type": "text_delta", "text": delta}),
+        };
+        out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": d})));
+    }
+
+    fn text(&mut self, t: &str, last: bool, out: &mut Vec<SseEvent>) {
+        let (mut r, mut c) = match self.parser.as_mut() {
+            Some(p) => {
+                let s = p.push(t);
+                (s.reasoning, s.content)
+            }
+            None => (String::new(), t.to_string()),
+        };
+        if last {
+            if let Some(p) = self.parser.as_mut() {
+                let f = p.finish();
+                r += &f.reasoning;
+                c += &f.content;
+            }
+        }
+        self.delta(Block::Thinking, &r, out);
+        self.delta(Block::Text, &c, out);
+    }
+}
+
+fn event_stream(
+    stream: RequestStream,
+    parser: Option<ReasoningParser>,
+    id: String,
+    model: String,
+    input_tokens: usize,
+) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> {
+    let st = StreamState { stream, parser, block: Block::None, index: 0, started: false, id, model, input_tokens };
+    stream::unfold(Some(st), |state| async move {
+        let mut st = state?;
+        let mut out = Vec::new();
+        let ev_in = st.stream.next().await;
+        if !st.started {
+            st.started = true;
+            let msg = json!({"id": st.id, "type": "message", "role": "assistant", "model": st.model, "content": [],
+                "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": st.input_tokens, "output_tokens": 0}});
+            out.push(ev("message_start", json!({"type": "message_start", "message": msg})));
+        }
+        match ev_in {
+            Some(Event::Token { text, .. }) => {
+                st.text(&text, false, &mut out);
+                Some((out, Some(st)))
+            }
+            Some(Event::Finished { reason, text, usage, stop, .. }) => {
+                st.text(&text, true, &mut out);
+                if st.block == Block::None {
+                    let cb = json!({"type": "text", "text": ""});
+                    out.push(ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": cb})));
+                }
+                out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": st.index})));
+                out.push(ev(
+                    "message_delta",
+                    json!({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason, &stop), "stop_sequence": stop}, "usage": usage_json(&usage)}),
+                ));
+                out.push(ev("message_stop", json!({"type": "message_stop"})));
+                Some((out, None))
+            }
+            Some(Event::Error(e)) => {
+                out.push(ev("error", json!({"type": "error", "error": {"type": "api_error", "message": e}})));
+                Some((out, None))
+            }
+            None => Some((out, None)),
+        }
+    })
+    .flat_map(|events| stream::iter(events.into_iter().map(Ok)))
+}
