@@ -231,3 +231,36 @@ async fn client_disconnect_aborts_and_frees_pages() {
     }
     panic!("generation was not cancelled after the client went away");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after_and_count_per_key() {
+    let s = start(&["--api-key", "k1", "--api-key", "k2", "--rate-limit-rpm", "2"]).await;
+    for _ in 0..2 {
+        let (st, v) = post(&s, "/v1/chat/completions", chat_body(2), Some("k1")).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth("k1")
+        .json(&chat_body(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    // the other key is unaffected; Anthropic-style errors on /v1/messages
+    let (st, _) = post(&s, "/v1/chat/completions", chat_body(2), Some("k2")).await;
+    assert_eq!(st, 200);
+    let (st, v) =
+        post(&s, "/v1/messages", json!({"max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}), Some("k1")).await;
+    assert_eq!((st, v["type"].as_str()), (429, Some("error")), "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    let m = reqwest::get(format!("{}/metrics", s.base)).await.unwrap().text().await.unwrap();
+    assert!(m.contains("moeserve_key_requests_total{key=\"key-0\"} 2"), "{m}");
+    assert!(m.contains("moeserve_key_rate_limited_total{key=\"key-0\"} 2"), "{m}");
+    assert!(m.contains("moeserve_key_completion_tokens_total{key=\"key-1\"} 2"), "{m}");
+    assert!(!m.contains("k1") && !m.contains("k2"), "keys themselves never appear");
+}

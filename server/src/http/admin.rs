@@ -1,6 +1,7 @@
 //! `/v1/models`, `/health`, `/metrics` (Prometheus text), `/tokenize`, `/detokenize`.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Request as HttpRequest, State};
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::chat::read_json;
 use super::error::ApiError;
+use super::limits::KeyUsage;
 use super::{openai, AppState};
 
 pub async fn models(State(app): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
@@ -74,6 +76,18 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Result<Response, ApiEr
     metric("moeserve_requests_aborted_total", "counter", "Sequences aborted.", m.requests_aborted.to_string());
     metric("moeserve_requests_rejected_total", "counter", "Requests rejected as overloaded.", m.requests_rejected.to_string());
     metric("moeserve_preemptions_total", "counter", "Sequences preempted for KV pages.", m.preemptions.to_string());
+    let keys = app.limiter.usage();
+    for (name, help, get) in [
+        ("moeserve_key_requests_total", "Requests per API key.", (|u: &KeyUsage| &u.requests) as fn(&KeyUsage) -> &AtomicU64),
+        ("moeserve_key_prompt_tokens_total", "Prompt tokens per API key.", |u: &KeyUsage| &u.prompt_tokens),
+        ("moeserve_key_completion_tokens_total", "Completion tokens per API key.", |u: &KeyUsage| &u.completion_tokens),
+        ("moeserve_key_rate_limited_total", "Requests refused by rate limits per API key.", |u: &KeyUsage| &u.rate_limited),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (k, u) in &keys {
+            let _ = writeln!(out, "{name}{{key=\"{k}\"}} {}", get(u).load(Ordering::Relaxed));
+        }
+    }
     histogram(&mut out, "moeserve_time_to_first_token_seconds", "Time to first token.", &m.time_to_first_token);
     histogram(&mut out, "moeserve_inter_token_latency_seconds", "Time between tokens.", &m.inter_token_latency);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())

@@ -41,7 +41,11 @@ impl IntoResponse for AnthropicError {
             s if s.is_server_error() => "api_error",
             _ => "invalid_request_error",
         };
-        (e.status, Json(json!({"type": "error", "error": {"type": kind, "message": e.message}}))).into_response()
+        let mut r = (e.status, Json(json!({"type": "error", "error": {"type": kind, "message": e.message}}))).into_response();
+        if let Some(v) = e.retry_after.and_then(|s| axum::http::HeaderValue::from_str(&s.to_string()).ok()) {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+        }
+        r
     }
 }
 
@@ -136,6 +140,7 @@ fn usage_json(u: &Usage) -> Value {
 
 pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, AnthropicError> {
     let ready = app.ready()?;
+    let key = super::chat::key_of(&req);
     let body: MessagesRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
     if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -152,6 +157,7 @@ pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Res
     };
     let input_tokens = prompt.len();
     let request = openai::engine_request(&ready, prompt, &sampling, None)?;
+    app.limiter.admit_tokens(&key.0, request.prompt.len(), request.max_tokens).map_err(ApiError::from)?;
     let stream = ready.engine.submit(request).map_err(ApiError::from)?;
     let parser = ready.reasoning.then(|| ReasoningParser::new(rendered.trim_end().ends_with("<think>")));
     let id = format!("msg_{:024x}", rand::random::<u128>() >> 32);

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::limits::{KeyId, KeyUsage};
 use super::openai::{self, ChatRequest, CompletionRequest, Prompt};
 use super::{AppState, Ready};
 
@@ -51,6 +52,7 @@ struct Collector {
     choices: Vec<Choice>,
     usage: Usage,
     want_logprobs: bool,
+    key_usage: Option<Arc<KeyUsage>>,
 }
 
 fn finish_reason(r: FinishReason) -> &'static str {
@@ -76,7 +78,7 @@ impl Collector {
                 role_sent: false,
             })
             .collect();
-        Collector { kind, ready, id, created, choices, usage: Usage::default(), want_logprobs }
+        Collector { kind, ready, id, created, choices, usage: Usage::default(), want_logprobs, key_usage: None }
     }
 
     fn token_text(&self, id: u32) -> String {
@@ -137,6 +139,9 @@ impl Collector {
         self.usage.prompt_tokens = usage.prompt_tokens;
         self.usage.cached_prompt_tokens = self.usage.cached_prompt_tokens.max(usage.cached_prompt_tokens);
         self.usage.completion_tokens += usage.completion_tokens;
+        if let Some(k) = &self.key_usage {
+            k.completion_tokens.fetch_add(usage.completion_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         (r, t)
     }
 
@@ -297,8 +302,26 @@ async fn respond(stream: RequestStream, col: Collector, streaming: bool, include
     }
 }
 
+/// The key label and usage counters the auth layer attached.
+pub fn key_of(req: &HttpRequest) -> (String, Option<Arc<KeyUsage>>) {
+    let label = req.extensions().get::<KeyId>().map_or_else(|| "anonymous".to_string(), |k| k.0.clone());
+    (label, req.extensions().get::<Arc<KeyUsage>>().cloned())
+}
+
+/// Charge the key's tokens/min, submit, and set up the collector.
+fn submit(
+    app: &AppState,
+    ready: &Arc<Ready>,
+    key: &(String, Option<Arc<KeyUsage>>),
+    request: moeserve_engine::Request,
+) -> Result<RequestStream, ApiError> {
+    app.limiter.admit_tokens(&key.0, request.prompt.len(), request.max_tokens * request.n)?;
+    Ok(ready.engine.submit(request)?)
+}
+
 pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, ApiError> {
     let ready = app.ready()?;
+    let key = key_of(&req);
     let body: ChatRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
     if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -319,15 +342,17 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let top = if body.logprobs { Some(body.top_logprobs.unwrap_or(0)) } else { None };
     let request = openai::engine_request(&ready, prompt, &body.sampling, top)?;
     let n = request.n;
-    let stream = ready.engine.submit(request)?;
+    let stream = submit(&app, &ready, &key, request)?;
     let reasoning = ready.reasoning.then(|| rendered.trim_end().ends_with("<think>"));
-    let col = Collector::new(Kind::Chat, ready.clone(), n, reasoning, body.logprobs);
+    let mut col = Collector::new(Kind::Chat, ready.clone(), n, reasoning, body.logprobs);
+    col.key_usage = key.1;
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
     respond(stream, col, body.sampling.stream, include_usage).await
 }
 
 pub async fn completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, ApiError> {
     let ready = app.ready()?;
+    let key = key_of(&req);
     let body: CompletionRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
     let encode = |text: &str| -> Result<Vec<u32>, ApiError> {
@@ -349,8 +374,9 @@ pub async fn completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> 
     };
     let request = openai::engine_request(&ready, prompt, &body.sampling, body.logprobs)?;
     let n = request.n;
-    let stream = ready.engine.submit(request)?;
-    let col = Collector::new(Kind::Completion, ready.clone(), n, None, body.logprobs.is_some());
+    let stream = submit(&app, &ready, &key, request)?;
+    let mut col = Collector::new(Kind::Completion, ready.clone(), n, None, body.logprobs.is_some());
+    col.key_usage = key.1;
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
     respond(stream, col, body.sampling.stream, include_usage).await
 }

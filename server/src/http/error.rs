@@ -6,6 +6,8 @@ use axum::Json;
 use moeserve_engine::SubmitError;
 use serde_json::json;
 
+use super::limits::RateLimited;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -13,11 +15,13 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code }
+        ApiError { status, message: message.into(), kind, param: None, code, retry_after: None }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -67,7 +71,10 @@ impl ApiError {
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("server_overloaded"), message)
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("server_overloaded"), message)
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -90,12 +97,27 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<RateLimited> for ApiError {
+    fn from(r: RateLimited) -> Self {
+        let (secs, msg) = if r.retry_after.is_finite() {
+            let secs = r.retry_after.ceil().max(1.0) as u64;
+            (secs, format!("Rate limit reached for {}; retry after {secs} s.", r.what))
+        } else {
+            (60, format!("This request alone exceeds the {} limit.", r.what))
+        };
+        ApiError {
+            retry_after: Some(secs),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded"), msg)
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
         let mut r = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        if let Some(v) = self.retry_after.and_then(|s| header::HeaderValue::from_str(&s.to_string()).ok()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
         }
         r
     }

@@ -5,6 +5,7 @@ mod anthropic;
 mod auth;
 mod chat;
 mod error;
+mod limits;
 mod openai;
 
 use std::net::SocketAddr;
@@ -46,6 +47,12 @@ pub struct Args {
     /// Largest accepted request body.
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
+    /// Requests per minute per API key (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_rpm: u64,
+    /// Prompt + max_tokens per minute per API key (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_tpm: u64,
 }
 
 /// Everything that exists once the model is loaded.
@@ -65,6 +72,7 @@ pub struct AppState {
     ready: OnceLock<Arc<Ready>>,
     pub api_keys: Vec<String>,
     pub max_body_bytes: usize,
+    pub limiter: limits::RateLimiter,
 }
 
 impl AppState {
@@ -127,7 +135,12 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 async fn serve(args: Args) -> Result<()> {
-    let state = Arc::new(AppState { ready: OnceLock::new(), api_keys: load_keys(&args)?, max_body_bytes: args.max_body_bytes });
+    let state = Arc::new(AppState {
+        ready: OnceLock::new(),
+        api_keys: load_keys(&args)?,
+        max_body_bytes: args.max_body_bytes,
+        limiter: limits::RateLimiter::new(Some(args.rate_limit_rpm), Some(args.rate_limit_tpm)),
+    });
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| format!("invalid --host/--port {}:{}", args.host, args.port))?;
