@@ -264,3 +264,34 @@ async fn rate_limits_answer_429_with_retry_after_and_count_per_key() {
     assert!(m.contains("moeserve_key_completion_tokens_total{key=\"key-1\"} 2"), "{m}");
     assert!(!m.contains("k1") && !m.contains("k2"), "keys themselves never appear");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_are_rendered_into_the_prompt_and_validated() {
+    let s = start(&[]).await;
+    let tool = json!({"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}});
+    let (_, plain) = post(&s, "/v1/chat/completions", chat_body(1), None).await;
+    let mut with_tools = chat_body(1);
+    with_tools["tools"] = json!([tool]);
+    let (st, v) = post(&s, "/v1/chat/completions", with_tools.clone(), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64() > plain["usage"]["prompt_tokens"].as_u64(),
+        "the tools preamble is in the prompt"
+    );
+    // tool_choice none leaves the prompt alone; a named unknown function is a 400
+    with_tools["tool_choice"] = json!("none");
+    let (_, none) = post(&s, "/v1/chat/completions", with_tools.clone(), None).await;
+    assert_eq!(none["usage"]["prompt_tokens"], plain["usage"]["prompt_tokens"]);
+    with_tools["tool_choice"] = json!({"type": "function", "function": {"name": "nope"}});
+    let (st, v) = post(&s, "/v1/chat/completions", with_tools, None).await;
+    assert_error(st, &v, 400, "unknown named tool");
+    // a round trip: the assistant's call (arguments as an object) and the tool's answer render
+    let history = json!({"max_tokens": 2, "tools": [tool], "messages": [
+        {"role": "user", "content": "Weather in Hangzhou?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Hangzhou"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"}]});
+    let (st, v) = post(&s, "/v1/chat/completions", history, None).await;
+    assert_eq!(st, 200, "{v}");
+}

@@ -13,6 +13,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod stop;
 pub mod tokenizer;
+pub mod tools;
 
 pub use detok::StreamDecoder;
 pub use engine::{Engine, EngineConfig, EngineHandle, RequestStream};

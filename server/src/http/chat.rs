@@ -11,6 +11,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use moeserve_engine::reasoning::ReasoningParser;
 use moeserve_engine::sampling::TokenLogprob;
+use moeserve_engine::tools::{ToolCall, ToolCallDetector};
 use moeserve_engine::{Event, FinishReason, RequestStream, Usage};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -42,6 +43,9 @@ struct Choice {
     logprobs: Vec<Value>,
     finish: Option<FinishReason>,
     role_sent: bool,
+    /// Present when the request offered tools.
+    tools: Option<ToolCallDetector>,
+    tool_calls: Vec<ToolCall>,
 }
 
 struct Collector {
@@ -55,12 +59,30 @@ struct Collector {
     key_usage: Option<Arc<KeyUsage>>,
 }
 
-fn finish_reason(r: FinishReason) -> &'static str {
+fn finish_reason(r: FinishReason, tool_calls: bool) -> &'static str {
     match r {
+        FinishReason::Stop if tool_calls => "tool_calls",
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
     }
+}
+
+fn tool_calls_json(calls: &[ToolCall], with_index: bool) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut v = json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}});
+                if with_index {
+                    v["index"] = json!(i);
+                }
+                v
+            })
+            .collect(),
+    )
 }
 
 impl Collector {
@@ -76,6 +98,8 @@ impl Collector {
                 logprobs: Vec::new(),
                 finish: None,
                 role_sent: false,
+                tools: None,
+                tool_calls: Vec::new(),
             })
             .collect();
         Collector { kind, ready, id, created, choices, usage: Usage::default(), want_logprobs, key_usage: None }
@@ -116,6 +140,10 @@ impl Collector {
             }
             None => (String::new(), text.to_string()),
         };
+        let t = match c.tools.as_mut() {
+            Some(d) => d.push(&t),
+            None => t,
+        };
         c.reasoning.push_str(&r);
         c.content.push_str(&t);
         if let Some(l) = &lp {
@@ -130,9 +158,19 @@ impl Collector {
             if let Some(p) = c.parser.as_mut() {
                 let s = p.finish();
                 c.reasoning.push_str(&s.reasoning);
-                c.content.push_str(&s.content);
                 r.push_str(&s.reasoning);
-                t.push_str(&s.content);
+                let content = match c.tools.as_mut() {
+                    Some(d) => d.push(&s.content),
+                    None => s.content,
+                };
+                c.content.push_str(&content);
+                t.push_str(&content);
+            }
+            if let Some(d) = c.tools.as_mut() {
+                let (rest, calls) = d.finish();
+                c.content.push_str(&rest);
+                t.push_str(&rest);
+                c.tool_calls = calls;
             }
             c.finish = Some(reason);
         }
@@ -186,10 +224,14 @@ impl Collector {
                 json!({"tokens": [l["token"]], "token_logprobs": [l["logprob"]], "top_logprobs": [l["top_logprobs"]]})
             }
         });
-        let fr = finish.map(finish_reason);
+        let calls = self.choices.get(index).map(|c| c.tool_calls.clone()).unwrap_or_default();
+        let fr = finish.map(|f| finish_reason(f, !calls.is_empty()));
         Some(match self.kind {
             Kind::Chat => {
                 let mut delta = json!({});
+                if finish.is_some() && !calls.is_empty() {
+                    delta["tool_calls"] = tool_calls_json(&calls, true);
+                }
                 if let Some(c) = self.choices.get_mut(index) {
                     if !c.role_sent {
                         delta["role"] = json!("assistant");
@@ -214,10 +256,16 @@ impl Collector {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let fr = c.finish.map(finish_reason);
+                let fr = c.finish.map(|f| finish_reason(f, !c.tool_calls.is_empty()));
                 match self.kind {
                     Kind::Chat => {
                         let mut message = json!({"role": "assistant", "content": c.content});
+                        if !c.tool_calls.is_empty() {
+                            message["tool_calls"] = tool_calls_json(&c.tool_calls, false);
+                            if c.content.is_empty() {
+                                message["content"] = Value::Null;
+                            }
+                        }
                         if c.parser.is_some() && !c.reasoning.is_empty() {
                             message["reasoning_content"] = json!(c.reasoning);
                         }
@@ -324,9 +372,6 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let key = key_of(&req);
     let body: ChatRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
-    if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid_param("tools", "tool calling is not supported by this server yet"));
-    }
     if let Some(f) = &body.response_format {
         if f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
             return Err(ApiError::invalid_param("response_format", "only response_format `text` is supported yet"));
@@ -336,7 +381,12 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
         .tokenizer
         .as_ref()
         .ok_or_else(|| ApiError::invalid("this model has no tokenizer; use /v1/completions with token ids"))?;
-    let messages = openai::normalize_messages(&body.messages)?;
+    let mut messages = openai::normalize_messages(&body.messages)?;
+    let tools_msg = openai::tools_system_message(&body.tools, &body.tool_choice)?;
+    let with_tools = tools_msg.is_some();
+    if let Some(m) = tools_msg {
+        messages.insert(0, m);
+    }
     let rendered = tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid(e.to_string()))?;
     let prompt = tok.encode(&rendered).map_err(|e| ApiError::invalid(e.to_string()))?;
     let top = if body.logprobs { Some(body.top_logprobs.unwrap_or(0)) } else { None };
@@ -346,6 +396,9 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let reasoning = ready.reasoning.then(|| rendered.trim_end().ends_with("<think>"));
     let mut col = Collector::new(Kind::Chat, ready.clone(), n, reasoning, body.logprobs);
     col.key_usage = key.1;
+    if with_tools {
+        col.choices.iter_mut().for_each(|c| c.tools = Some(ToolCallDetector::default()));
+    }
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
     respond(stream, col, body.sampling.stream, include_usage).await
 }

@@ -57,6 +57,7 @@ pub struct ChatRequest {
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
     pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
     pub response_format: Option<Value>,
 }
 
@@ -123,11 +124,62 @@ pub fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>, ApiError> {
             let role = if role == "developer" { "system" } else { role };
             let mut out = json!({"role": role, "content": content});
             if let Some(tc) = obj.get("tool_calls").filter(|v| !v.is_null()) {
-                out["tool_calls"] = tc.clone();
+                out["tool_calls"] = normalize_tool_calls(tc, &format!("{param}.tool_calls"))?;
             }
             Ok(out)
         })
         .collect()
+}
+
+/// Past tool calls as the chat template renders them: `type` present, `arguments` a string.
+fn normalize_tool_calls(v: &Value, param: &str) -> Result<Value, ApiError> {
+    let calls = v.as_array().ok_or_else(|| ApiError::invalid_param(param, "tool_calls must be an array"))?;
+    calls
+        .iter()
+        .map(|c| {
+            let f = c.get("function").ok_or_else(|| ApiError::invalid_param(param, "each tool call needs a `function`"))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid_param(param, "function.name is required"))?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(s)) => s.clone(),
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(other) => other.to_string(),
+            };
+            let kind = c.get("type").and_then(Value::as_str).unwrap_or("function");
+            Ok(json!({"type": kind, "function": {"name": name, "arguments": arguments}}))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
+}
+
+/// The system message describing `tools` for `tool_choice` (None: tools are off).
+pub fn tools_system_message(tools: &Option<Vec<Value>>, tool_choice: &Option<Value>) -> Result<Option<Value>, ApiError> {
+    let Some(tools) = tools.as_ref().filter(|t| !t.is_empty()) else { return Ok(None) };
+    for (i, t) in tools.iter().enumerate() {
+        if t.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_none() {
+            return Err(ApiError::invalid_param(&format!("tools[{i}]"), "each tool needs function.name"));
+        }
+    }
+    let instruction = match tool_choice {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "auto" => None,
+        Some(Value::String(s)) if s == "none" => return Ok(None),
+        Some(Value::String(s)) if s == "required" => Some("You must call at least one of the functions above.".to_string()),
+        Some(v) => match v.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
+            Some(n) if tools.iter().any(|t| t["function"]["name"] == n) => Some(format!("You must call the function `{n}`.")),
+            Some(n) => return Err(ApiError::invalid_param("tool_choice", format!("`{n}` is not one of the tools"))),
+            None => {
+                return Err(ApiError::invalid_param(
+                    "tool_choice",
+                    "expected none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        },
+    };
+    let text = moeserve_engine::tools::tools_preamble(tools, instruction.as_deref());
+    Ok(Some(json!({"role": "system", "content": text})))
 }
 
 /// Build the engine request; `prompt_len` is known, the context window bounds max_tokens.
