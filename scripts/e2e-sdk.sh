@@ -9,4 +9,4 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check "openai>=1.40" "anthropic>=0.40"
 fi
 cargo build --quiet -p moeserve
-"$venv/bin/python" tests/e2e/sdk_test.py target/debug/moeserve
+"$venv/bin/python" tests/e2e/sdk_test.py "${CARGO_TARGET_DIR:-target}/debug/moeserve"
