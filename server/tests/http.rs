@@ -73,6 +73,9 @@ fn chat_body(max_tokens: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completions_models_and_usage() {
     let s = start(&[]).await;
+    let page = reqwest::get(format!("{}/", s.base)).await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().await.unwrap().contains("/v1/chat/completions"));
     let models: Value = reqwest::get(format!("{}/v1/models", s.base)).await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "moeserve-builtin-tiny");
 
@@ -294,4 +297,36 @@ async fn tools_are_rendered_into_the_prompt_and_validated() {
         {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 21}"}]});
     let (st, v) = post(&s, "/v1/chat/completions", history, None).await;
     assert_eq!(st, 200, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_with_tools_and_tool_results() {
+    let s = start(&[]).await;
+    let tool = json!({"name": "get_weather", "description": "Weather of a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}});
+    let msg = |extra: Value| {
+        let mut b = json!({"max_tokens": 2, "messages": [{"role": "user", "content": "Weather in Hangzhou?"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let (st, plain) = post(&s, "/v1/messages", msg(json!({})), None).await;
+    assert_eq!(st, 200, "{plain}");
+    assert_eq!(plain["type"], "message");
+    assert_eq!(plain["stop_reason"], "max_tokens");
+    let (st, v) = post(&s, "/v1/messages", msg(json!({"tools": [tool], "tool_choice": {"type": "any"}})), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["usage"]["input_tokens"].as_u64() > plain["usage"]["input_tokens"].as_u64());
+    let round_trip = json!({"max_tokens": 2, "tools": [tool], "messages": [
+        {"role": "user", "content": "Weather in Hangzhou?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Hangzhou"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"}]}]});
+    let (st, v) = post(&s, "/v1/messages", round_trip, None).await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = post(&s, "/v1/messages", msg(json!({"tool_choice": {"type": "sometimes"}, "tools": [tool]})), None).await;
+    assert_eq!((st, v["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{v}");
+    let (st, v) = post(&s, "/v1/messages", json!({"messages": []}), None).await;
+    assert_eq!((st, v["type"].as_str()), (400, Some("error")), "missing max_tokens: {v}");
 }

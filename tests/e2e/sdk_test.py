@@ -50,6 +50,9 @@ def check_openai(base):
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content, (text, r.choices[0].message.content)
     assert chunks[-1].usage.completion_tokens == 6
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    t = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "Weather?"}], tools=[tool], max_tokens=3)
+    assert t.usage.prompt_tokens > r.usage.prompt_tokens and t.choices[0].finish_reason in ("length", "stop", "tool_calls")
     comp = c.completions.create(model=name, prompt="The", max_tokens=4)
     assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 4
     for bad, exc in [({"model": "gpt-4"}, openai.NotFoundError), ({"max_tokens": 10**6}, openai.BadRequestError),
@@ -79,6 +82,10 @@ def check_anthropic(base, name):
         final = s.get_final_message()
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 5
     assert isinstance(streamed, str)
+    tool = {"name": "get_weather", "description": "Weather of a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    t = c.messages.create(model=name, max_tokens=3, tools=[tool], messages=[{"role": "user", "content": "Weather?"}])
+    assert t.usage.input_tokens > m.usage.input_tokens
     n = c.messages.count_tokens(model=name, messages=[{"role": "user", "content": "Hello"}])
     assert n.input_tokens > 0
     try:

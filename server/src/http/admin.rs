@@ -31,6 +31,11 @@ pub async fn health(State(app): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// A minimal chat page (static, no build step) that streams from /v1/chat/completions.
+pub async fn index() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], include_str!("static/index.html"))
+}
+
 pub async fn fallback(uri: Uri) -> ApiError {
     ApiError::not_found(uri.path())
 }

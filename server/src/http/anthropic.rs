@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream::{self, StreamExt};
 use moeserve_engine::reasoning::ReasoningParser;
+use moeserve_engine::tools::{ToolCall, ToolCallDetector};
 use moeserve_engine::{Event, FinishReason, RequestStream, Usage};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -62,6 +63,7 @@ pub struct MessagesRequest {
     pub top_k: Option<i64>,
     pub stop_sequences: Option<Vec<String>>,
     pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,51 +71,116 @@ pub struct CountTokensRequest {
     pub model: Option<String>,
     pub messages: Vec<Value>,
     pub system: Option<Value>,
+    pub tools: Option<Vec<Value>>,
 }
 
-/// Text of a content field: a string or a list of `text` blocks.
-fn text_of(v: &Value, param: &str) -> Result<String, ApiError> {
+/// Text of a `tool_result` content: a string or text blocks.
+fn result_text(v: &Value) -> String {
     match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(blocks) => blocks
-            .iter()
-            .map(|b| match (b.get("type").and_then(Value::as_str), b.get("text").and_then(Value::as_str)) {
-                (Some("text"), Some(t)) => Ok(t.to_string()),
-                (Some(other), _) => {
-                    Err(ApiError::invalid_param(param, format!("content blocks of type `{other}` are not supported yet")))
-                }
-                _ => Err(ApiError::invalid_param(param, "malformed content block")),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| v.join("")),
-        _ => Err(ApiError::invalid_param(param, "content must be a string or a list of content blocks")),
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join(""),
+        Value::Null => String::new(),
+        other => other.to_string(),
     }
 }
 
-/// Anthropic messages (+ system) as chat-template messages.
+/// Anthropic messages (+ system) as chat-template messages: text blocks joined, `tool_use`
+/// blocks become the assistant's tool calls, `tool_result` blocks become tool messages.
 fn chat_messages(system: &Option<Value>, messages: &[Value]) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(messages.len() + 1);
     if let Some(s) = system {
-        out.push(json!({"role": "system", "content": text_of(s, "system")?}));
+        let text = match s {
+            Value::String(t) => t.clone(),
+            Value::Array(_) => result_text(s),
+            _ => return Err(ApiError::invalid_param("system", "system must be a string or text blocks")),
+        };
+        out.push(json!({"role": "system", "content": text}));
     }
     for (i, m) in messages.iter().enumerate() {
+        let param = format!("messages.{i}");
         let role = m.get("role").and_then(Value::as_str).unwrap_or("");
         if role != "user" && role != "assistant" {
             return Err(ApiError::invalid_param(
-                &format!("messages.{i}.role"),
+                &format!("{param}.role"),
                 format!("role must be `user` or `assistant`, got `{role}`"),
             ));
         }
-        let content = text_of(m.get("content").unwrap_or(&Value::Null), &format!("messages.{i}.content"))?;
-        out.push(json!({"role": role, "content": content}));
+        let blocks = match m.get("content") {
+            Some(Value::String(t)) => vec![json!({"type": "text", "text": t})],
+            Some(Value::Array(b)) => b.clone(),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    &format!("{param}.content"),
+                    "content must be a string or a list of content blocks",
+                ))
+            }
+        };
+        let (mut text, mut calls, mut results) = (String::new(), Vec::new(), Vec::new());
+        for b in &blocks {
+            match b.get("type").and_then(Value::as_str) {
+                Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some("thinking") | Some("redacted_thinking") => {}
+                Some("tool_use") if role == "assistant" => {
+                    let name = b
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| ApiError::invalid_param(&param, "tool_use needs a name"))?;
+                    let input = b.get("input").cloned().unwrap_or(json!({}));
+                    calls.push(json!({"type": "function", "function": {"name": name, "arguments": input.to_string()}}));
+                }
+                Some("tool_result") if role == "user" => results.push(result_text(b.get("content").unwrap_or(&Value::Null))),
+                Some(other) => {
+                    return Err(ApiError::invalid_param(
+                        &format!("{param}.content"),
+                        format!("content blocks of type `{other}` are not supported here"),
+                    ))
+                }
+                None => return Err(ApiError::invalid_param(&format!("{param}.content"), "malformed content block")),
+            }
+        }
+        for r in results {
+            out.push(json!({"role": "tool", "content": r}));
+        }
+        if !calls.is_empty() {
+            out.push(json!({"role": "assistant", "content": text, "tool_calls": calls}));
+        } else if !text.is_empty() || role == "assistant" || out.last().is_none_or(|l| l["role"] != "tool") {
+            out.push(json!({"role": role, "content": text}));
+        }
     }
     openai::normalize_messages(&out)
 }
 
-fn encode_prompt(ready: &Ready, system: &Option<Value>, messages: &[Value]) -> Result<(Vec<u32>, String), ApiError> {
+/// Anthropic `tools` / `tool_choice` as the OpenAI-shaped system message.
+fn tools_message(tools: &Option<Vec<Value>>, choice: &Option<Value>) -> Result<Option<Value>, ApiError> {
+    let Some(tools) = tools.as_ref().filter(|t| !t.is_empty()) else { return Ok(None) };
+    let converted: Vec<Value> = tools
+        .iter()
+        .map(|t| json!({"type": "function", "function": {"name": t.get("name"), "description": t.get("description"), "parameters": t.get("input_schema")}}))
+        .collect();
+    let choice = match choice.as_ref().and_then(|c| c.get("type")).and_then(Value::as_str) {
+        None | Some("auto") => None,
+        Some("any") => Some(json!("required")),
+        Some("none") => Some(json!("none")),
+        Some("tool") => Some(
+            json!({"type": "function", "function": {"name": choice.as_ref().and_then(|c| c.get("name")).cloned().unwrap_or(Value::Null)}}),
+        ),
+        Some(other) => return Err(ApiError::invalid_param("tool_choice", format!("unknown tool_choice type `{other}`"))),
+    };
+    openai::tools_system_message(&Some(converted), &choice)
+}
+
+fn encode_prompt(
+    ready: &Ready,
+    system: &Option<Value>,
+    messages: &[Value],
+    tools: Option<Value>,
+) -> Result<(Vec<u32>, String), ApiError> {
     let tok = ready.tokenizer.as_ref().ok_or_else(|| ApiError::invalid("this model has no tokenizer"))?;
-    let rendered =
-        tok.apply_chat_template(&chat_messages(system, messages)?, true).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let mut msgs = chat_messages(system, messages)?;
+    if let Some(t) = tools {
+        msgs.insert(0, t);
+    }
+    let rendered = tok.apply_chat_template(&msgs, true).map_err(|e| ApiError::invalid(e.to_string()))?;
     let ids = tok.encode(&rendered).map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok((ids, rendered))
 }
@@ -122,16 +189,23 @@ pub async fn count_tokens(State(app): State<Arc<AppState>>, req: HttpRequest) ->
     let ready = app.ready()?;
     let body: CountTokensRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
-    let (ids, _) = encode_prompt(&ready, &body.system, &body.messages)?;
+    let (ids, _) = encode_prompt(&ready, &body.system, &body.messages, tools_message(&body.tools, &None)?)?;
     Ok(Json(json!({"input_tokens": ids.len()})))
 }
 
-fn stop_reason(reason: FinishReason, stop: &Option<String>) -> &'static str {
+fn stop_reason(reason: FinishReason, stop: &Option<String>, tool_use: bool) -> &'static str {
     match (reason, stop) {
         (FinishReason::Length, _) => "max_tokens",
         (_, Some(_)) => "stop_sequence",
+        _ if tool_use => "tool_use",
         _ => "end_turn",
     }
+}
+
+/// A parsed call as a `tool_use` block (arguments that are not JSON become `{"raw": ...}`).
+fn tool_use_block(c: &ToolCall) -> Value {
+    let input: Value = serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({"raw": c.arguments}));
+    json!({"type": "tool_use", "id": format!("toolu_{:024x}", rand::random::<u128>() >> 32), "name": c.name, "input": input})
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -143,10 +217,9 @@ pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Res
     let key = super::chat::key_of(&req);
     let body: MessagesRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
-    if body.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid_param("tools", "tool use is not supported by this server yet").into());
-    }
-    let (prompt, rendered) = encode_prompt(&ready, &body.system, &body.messages)?;
+    let tools = tools_message(&body.tools, &body.tool_choice)?;
+    let with_tools = tools.is_some();
+    let (prompt, rendered) = encode_prompt(&ready, &body.system, &body.messages, tools)?;
     let sampling = Sampling {
         temperature: body.temperature,
         top_p: body.top_p,
@@ -162,17 +235,28 @@ pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Res
     let parser = ready.reasoning.then(|| ReasoningParser::new(rendered.trim_end().ends_with("<think>")));
     let id = format!("msg_{:024x}", rand::random::<u128>() >> 32);
     if body.stream {
-        Ok(Sse::new(event_stream(stream, parser, id, ready.model_name.clone(), input_tokens))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        let st = StreamState {
+            stream,
+            parser,
+            tools: with_tools.then(ToolCallDetector::default),
+            block: Block::None,
+            index: 0,
+            started: false,
+            id,
+            model: ready.model_name.clone(),
+            input_tokens,
+        };
+        Ok(Sse::new(event_stream(st)).keep_alive(KeepAlive::default()).into_response())
     } else {
-        Ok(Json(collect(stream, parser, id, &ready.model_name).await?).into_response())
+        let tools = with_tools.then(ToolCallDetector::default);
+        Ok(Json(collect(stream, parser, tools, id, &ready.model_name).await?).into_response())
     }
 }
 
 async fn collect(
     mut stream: RequestStream,
     mut parser: Option<ReasoningParser>,
+    mut tools: Option<ToolCallDetector>,
     id: String,
     model: &str,
 ) -> Result<Value, ApiError> {
@@ -201,14 +285,27 @@ async fn collect(
             Event::Error(e) => return Err(ApiError::internal(e)),
         }
     }
+    let calls = match tools.as_mut() {
+        Some(d) => {
+            let mut shown = d.push(&text);
+            let (rest, calls) = d.finish();
+            shown.push_str(&rest);
+            text = shown;
+            calls
+        }
+        None => Vec::new(),
+    };
     let mut content = Vec::new();
     if !thinking.is_empty() {
         content.push(json!({"type": "thinking", "thinking": thinking, "signature": ""}));
     }
-    content.push(json!({"type": "text", "text": text}));
+    if !text.is_empty() || calls.is_empty() {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    content.extend(calls.iter().map(tool_use_block));
     Ok(json!({
         "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": stop_reason(end.0, &end.1), "stop_sequence": end.1, "usage": usage_json(&end.2),
+        "stop_reason": stop_reason(end.0, &end.1, !calls.is_empty()), "stop_sequence": end.1, "usage": usage_json(&end.2),
     }))
 }
 
@@ -218,11 +315,13 @@ enum Block {
     None,
     Thinking,
     Text,
+    Tool,
 }
 
 struct StreamState {
     stream: RequestStream,
     parser: Option<ReasoningParser>,
+    tools: Option<ToolCallDetector>,
     block: Block,
     index: usize,
     started: bool,
@@ -275,19 +374,39 @@ impl StreamState {
                 c += &f.content;
             }
         }
+        let c = match self.tools.as_mut() {
+            Some(d) => d.push(&c),
+            None => c,
+        };
         self.delta(Block::Thinking, &r, out);
         self.delta(Block::Text, &c, out);
     }
+
+    /// Close the open block and emit the parsed tool calls as `tool_use` blocks.
+    fn tool_blocks(&mut self, out: &mut Vec<SseEvent>) -> bool {
+        let Some(d) = self.tools.as_mut() else { return false };
+        let (rest, calls) = d.finish();
+        self.delta(Block::Text, &rest, out);
+        for c in &calls {
+            if self.block != Block::None {
+                out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": self.index})));
+                self.index += 1;
+            }
+            let mut block = tool_use_block(c);
+            let input = std::mem::replace(&mut block["input"], json!({}));
+            out.push(ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": self.index, "content_block": block}),
+            ));
+            let delta = json!({"type": "input_json_delta", "partial_json": input.to_string()});
+            out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
+            self.block = Block::Tool;
+        }
+        !calls.is_empty()
+    }
 }
 
-fn event_stream(
-    stream: RequestStream,
-    parser: Option<ReasoningParser>,
-    id: String,
-    model: String,
-    input_tokens: usize,
-) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> {
-    let st = StreamState { stream, parser, block: Block::None, index: 0, started: false, id, model, input_tokens };
+fn event_stream(st: StreamState) -> impl futures_util::Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(Some(st), |state| async move {
         let mut st = state?;
         let mut out = Vec::new();
@@ -305,6 +424,7 @@ fn event_stream(
             }
             Some(Event::Finished { reason, text, usage, stop, .. }) => {
                 st.text(&text, true, &mut out);
+                let tool_use = st.tool_blocks(&mut out);
                 if st.block == Block::None {
                     let cb = json!({"type": "text", "text": ""});
                     out.push(ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": cb})));
@@ -312,7 +432,7 @@ fn event_stream(
                 out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": st.index})));
                 out.push(ev(
                     "message_delta",
-                    json!({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason, &stop), "stop_sequence": stop}, "usage": usage_json(&usage)}),
+                    json!({"type": "message_delta", "delta": {"stop_reason": stop_reason(reason, &stop, tool_use), "stop_sequence": stop}, "usage": usage_json(&usage)}),
                 ));
                 out.push(ev("message_stop", json!({"type": "message_stop"})));
                 Some((out, None))

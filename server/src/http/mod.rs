@@ -93,6 +93,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .merge(api)
+        .route("/", get(admin::index))
         .route("/health", get(admin::health))
         .route("/metrics", get(admin::metrics))
         .fallback(admin::fallback)
