@@ -330,3 +330,28 @@ async fn anthropic_messages_with_tools_and_tool_results() {
     let (st, v) = post(&s, "/v1/messages", json!({"messages": []}), None).await;
     assert_eq!((st, v["type"].as_str()), (400, Some("error")), "missing max_tokens: {v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let mut s = start(&[]).await;
+    let mut b = chat_body(40);
+    b["stream"] = json!(true);
+    b["ignore_eos"] = json!(true);
+    let mut resp = reqwest::Client::new().post(format!("{}/v1/chat/completions", s.base)).json(&b).send().await.unwrap();
+    let mut body = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    while let Some(c) = resp.chunk().await.unwrap() {
+        body.push_str(&String::from_utf8_lossy(&c));
+    }
+    assert!(body.trim_end().ends_with("data: [DONE]"), "the in-flight stream completes: {body}");
+    assert!(body.contains("\"finish_reason\":\"length\""));
+    for _ in 0..200 {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server did not exit after SIGTERM");
+}
