@@ -14,6 +14,7 @@ use moeserve_core::{error::Context, Result};
 use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, SeqChunk};
 use tokio::sync::mpsc;
 
+use crate::constraint::{Constraint, GrammarCompiler};
 use crate::detok::StreamDecoder;
 use crate::kv::{BlockTable, CachePart, PagePool, PagedSeq};
 use crate::metrics::Metrics;
@@ -55,7 +56,7 @@ impl Default for EngineConfig {
 }
 
 enum Command {
-    Submit { id: u64, req: Arc<Request>, events: mpsc::Sender<Event> },
+    Submit { id: u64, req: Arc<Request>, events: mpsc::Sender<Event>, constraints: Vec<Constraint> },
     Abort(u64),
     Shutdown,
 }
@@ -70,6 +71,26 @@ struct Limits {
     has_tokenizer: bool,
 }
 
+/// Built on the first structured-output request (the token trie takes a moment).
+struct Grammars {
+    tokenizer: Option<Arc<Tokenizer>>,
+    vocab: usize,
+    eos: Vec<u32>,
+    compiler: std::sync::OnceLock<std::result::Result<Arc<GrammarCompiler>, String>>,
+}
+
+impl Grammars {
+    fn compiler(&self) -> std::result::Result<Arc<GrammarCompiler>, String> {
+        self.compiler
+            .get_or_init(|| {
+                let tok = self.tokenizer.as_ref().ok_or("response_format needs a model with a tokenizer")?;
+                let think = tok.token_id("<think>").zip(tok.token_id("</think>"));
+                GrammarCompiler::new(tok.json_bytes(), &self.eos, self.vocab, think).map(Arc::new).map_err(|e| e.to_string())
+            })
+            .clone()
+    }
+}
+
 pub struct EngineHandle {
     tx: SyncSender<Command>,
     metrics: Arc<Mutex<Metrics>>,
@@ -77,6 +98,7 @@ pub struct EngineHandle {
     next_id: AtomicU64,
     cfg: EngineConfig,
     limits: Limits,
+    grammars: Grammars,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -109,6 +131,15 @@ impl EngineHandle {
     pub fn submit(&self, req: Request) -> std::result::Result<RequestStream, SubmitError> {
         self.validate(&req)?;
         let n = req.n;
+        let constraints = match &req.response_format {
+            None => Vec::new(),
+            Some(f) => {
+                let compiler = self.grammars.compiler().map_err(SubmitError::Invalid)?;
+                (0..n)
+                    .map(|_| compiler.compile(f).map_err(|e| SubmitError::Invalid(e.to_string())))
+                    .collect::<std::result::Result<_, _>>()?
+            }
+        };
         if self.queued.load(Ordering::SeqCst) + n > self.cfg.max_waiting {
             self.metrics.lock().map(|mut m| m.requests_rejected += 1).ok();
             return Err(SubmitError::Overloaded(format!("{} requests waiting", self.queued.load(Ordering::SeqCst))));
@@ -117,7 +148,7 @@ impl EngineHandle {
         // every choice sends at most max_tokens tokens plus one finish event
         let (etx, erx) = mpsc::channel(n * (req.max_tokens + 1) + 1);
         self.queued.fetch_add(n, Ordering::SeqCst);
-        match self.tx.try_send(Command::Submit { id, req: Arc::new(req), events: etx }) {
+        match self.tx.try_send(Command::Submit { id, req: Arc::new(req), events: etx, constraints }) {
             Ok(()) => Ok(RequestStream { id, rx: erx, tx: self.tx.clone() }),
             Err(e) => {
                 self.queued.fetch_sub(n, Ordering::SeqCst);
@@ -227,6 +258,12 @@ impl Engine {
             )));
         }
         let pool = PagePool::new(layout, cfg.page_size, pages, model.dtype(), model.device())?;
+        let grammars = Grammars {
+            tokenizer: tokenizer.clone(),
+            vocab: model.cfg.vocab_size,
+            eos: model.cfg.eos_token_ids.clone(),
+            compiler: std::sync::OnceLock::new(),
+        };
         let limits = Limits {
             vocab: model.cfg.vocab_size,
             max_positions: model.cfg.max_position_embeddings,
@@ -254,7 +291,16 @@ impl Engine {
             .name("moeserve-engine".into())
             .spawn(move || engine.run())
             .map_err(|e| moeserve_core::Error::Input(format!("spawning the engine thread: {e}")))?;
-        Ok(EngineHandle { tx, metrics, queued, next_id: AtomicU64::new(1), cfg, limits, thread: Mutex::new(Some(thread)) })
+        Ok(EngineHandle {
+            tx,
+            metrics,
+            queued,
+            next_id: AtomicU64::new(1),
+            cfg,
+            limits,
+            grammars,
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     fn run(&mut self) {
@@ -283,7 +329,7 @@ impl Engine {
             }
             for c in cmds {
                 match c {
-                    Command::Submit { id, req, events } => self.admit(id, req, events),
+                    Command::Submit { id, req, events, constraints } => self.admit(id, req, events, constraints),
                     Command::Abort(id) => self.abort(|s| s.req_id == id),
                     Command::Shutdown => {
                         self.abort(|_| true);
@@ -302,7 +348,8 @@ impl Engine {
         }
     }
 
-    fn admit(&mut self, id: u64, req: Arc<Request>, events: mpsc::Sender<Event>) {
+    fn admit(&mut self, id: u64, req: Arc<Request>, events: mpsc::Sender<Event>, constraints: Vec<Constraint>) {
+        let mut constraints = constraints.into_iter();
         let mut stop_ids = req.stop_token_ids.clone();
         if !req.ignore_eos {
             stop_ids.extend(&self.model.cfg.eos_token_ids);
@@ -327,6 +374,7 @@ impl Engine {
                 arrival: now,
                 last_token: None,
                 queued: true,
+                constraint: constraints.next(),
             });
         }
         if let Ok(mut m) = self.metrics.lock() {
@@ -433,8 +481,23 @@ impl Engine {
         }
         for (i, logits) in rows {
             let s = &mut self.sched.running[i];
+            let lp_raw = s.req.logprobs.map(|_| logits.clone());
+            let mut logits = logits;
+            let constrained = match s.constraint.as_mut().map(|c| c.apply(&mut logits)) {
+                Some(Err(e)) => Err(e),
+                _ => Ok(()),
+            };
+            if let Err(e) = constrained {
+                let _ = s.events.try_send(Event::Error(e.to_string()));
+                done.push((i, FinishReason::Abort, String::new(), None));
+                continue;
+            }
             let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
-            let lp = s.req.logprobs.map(|k| logprobs(&logits, token, k));
+            let lp = s.req.logprobs.zip(lp_raw.as_ref()).map(|(k, raw)| logprobs(raw, token, k));
+            let grammar_done = match s.constraint.as_mut() {
+                Some(c) => c.consume(token).is_ok() && c.is_finished(),
+                None => false,
+            };
             s.output.push(token);
             if let Ok(mut m) = self.metrics.lock() {
                 m.generated_tokens += 1;
@@ -464,20 +527,12 @@ impl Engine {
                 _ => String::new(),
             };
             let _ = s.events.try_send(Event::Token { index: s.index, token, text, logprob: lp });
-            if stopped_by.is_some() || is_stop_token {
-                done.push((i, FinishReason::Stop, String::new(), stopped_by));
+            if stopped_by.is_some() || is_stop_token || grammar_done {
+                let tail = if grammar_done && !is_stop_token { held_text(&self.tokenizer, s).0 } else { String::new() };
+                done.push((i, FinishReason::Stop, tail, stopped_by));
             } else if s.output.len() >= s.req.max_tokens {
-                // release what is still held back (partial characters, stop-string prefixes)
-                let mut tail = String::new();
-                if let Some(tok) = &self.tokenizer {
-                    if let Ok(Some(rest)) = s.detok.flush(tok) {
-                        tail.push_str(&rest);
-                    }
-                }
-                let (tail, reason, stop) = match s.stop.push(&tail) {
-                    StopOutcome::Continue(t) => (t + &s.stop.flush(), FinishReason::Length, None),
-                    StopOutcome::Stopped { text, stop } => (text, FinishReason::Stop, Some(stop)),
-                };
+                let (tail, stop) = held_text(&self.tokenizer, s);
+                let reason = if stop.is_some() { FinishReason::Stop } else { FinishReason::Length };
                 done.push((i, reason, tail, stop));
             }
         }
@@ -507,6 +562,21 @@ impl Engine {
             m.prefix_query_tokens = self.sched.prefix_query_tokens;
             m.prefix_hit_tokens = self.sched.prefix_hit_tokens;
         }
+    }
+}
+
+/// Release what is still held back at the end (partial characters, stop-string prefixes); a stop
+/// string completed by that text is honoured.
+fn held_text(tokenizer: &Option<Arc<Tokenizer>>, s: &mut Seq) -> (String, Option<String>) {
+    let mut tail = String::new();
+    if let Some(tok) = tokenizer {
+        if let Ok(Some(rest)) = s.detok.flush(tok) {
+            tail.push_str(&rest);
+        }
+    }
+    match s.stop.push(&tail) {
+        StopOutcome::Continue(t) => (t + &s.stop.flush(), None),
+        StopOutcome::Stopped { text, stop } => (text, Some(stop)),
     }
 }
 

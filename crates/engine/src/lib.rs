@@ -2,6 +2,7 @@
 //! detokenization, sampling, and the single-sequence generation loop.
 
 pub mod chat;
+pub mod constraint;
 pub mod detok;
 pub mod engine;
 pub mod generate;

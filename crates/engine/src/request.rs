@@ -1,5 +1,6 @@
 //! What a client submits to the engine and the events it gets back.
 
+use crate::constraint::ResponseFormat;
 use crate::sampling::{SamplingParams, TokenLogprob};
 
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub struct Request {
     pub n: usize,
     /// Report log-probabilities with this many alternatives per token (None: off).
     pub logprobs: Option<usize>,
+    /// Constrain the output (after any reasoning block) to JSON.
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl Request {
@@ -29,6 +32,7 @@ impl Request {
             ignore_eos: false,
             n: 1,
             logprobs: None,
+            response_format: None,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Seq {
     pub last_token: Option<Instant>,
     /// Still counted as waiting by the handle (never scheduled yet).
     pub queued: bool,
+    /// Structured-output constraint, if the request asked for one.
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 impl Seq {

@@ -10,6 +10,8 @@ use crate::chat::ChatTemplate;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// tokenizer.json as loaded (the grammar compiler builds its token trie from it)
+    json: Vec<u8>,
     chat: Option<ChatTemplate>,
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -58,7 +60,13 @@ impl Tokenizer {
             Some(t) => Some(ChatTemplate::new(t)?),
             None => None,
         };
-        Ok(Tokenizer { inner, chat, bos_token: token_text(cfg.get("bos_token")), eos_token: token_text(cfg.get("eos_token")) })
+        Ok(Tokenizer {
+            inner,
+            json: tokenizer_json.to_vec(),
+            chat,
+            bos_token: token_text(cfg.get("bos_token")),
+            eos_token: token_text(cfg.get("eos_token")),
+        })
     }
 
     /// Encode plain text without adding BOS (special-token strings in the text are matched).
@@ -70,6 +78,10 @@ impl Tokenizer {
     /// Decode ids to text, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    pub fn json_bytes(&self) -> &[u8] {
+        &self.json
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {

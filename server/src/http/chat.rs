@@ -372,11 +372,7 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let key = key_of(&req);
     let body: ChatRequest = read_json(&app, req).await?;
     openai::check_model(&ready, &body.model)?;
-    if let Some(f) = &body.response_format {
-        if f.get("type").and_then(Value::as_str).is_some_and(|t| t != "text") {
-            return Err(ApiError::invalid_param("response_format", "only response_format `text` is supported yet"));
-        }
-    }
+    let format = openai::response_format(&body.response_format)?;
     let tok = ready
         .tokenizer
         .as_ref()
@@ -390,7 +386,8 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let rendered = tok.apply_chat_template(&messages, true).map_err(|e| ApiError::invalid(e.to_string()))?;
     let prompt = tok.encode(&rendered).map_err(|e| ApiError::invalid(e.to_string()))?;
     let top = if body.logprobs { Some(body.top_logprobs.unwrap_or(0)) } else { None };
-    let request = openai::engine_request(&ready, prompt, &body.sampling, top)?;
+    let mut request = openai::engine_request(&ready, prompt, &body.sampling, top)?;
+    request.response_format = format;
     let n = request.n;
     let stream = submit(&app, &ready, &key, request)?;
     let reasoning = ready.reasoning.then(|| rendered.trim_end().ends_with("<think>"));

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use moeserve_engine::constraint::ResponseFormat;
 use moeserve_engine::sampling::SamplingParams;
 use moeserve_engine::Request;
 use serde::Deserialize;
@@ -182,6 +183,23 @@ pub fn tools_system_message(tools: &Option<Vec<Value>>, tool_choice: &Option<Val
     Ok(Some(json!({"role": "system", "content": text})))
 }
 
+/// `response_format`: text (None), `json_object`, or `json_schema` with its `schema`.
+pub fn response_format(v: &Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { return Ok(None) };
+    match v.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let schema =
+                v.get("json_schema").and_then(|j| j.get("schema")).filter(|s| s.is_object() || s.is_boolean()).ok_or_else(
+                    || ApiError::invalid_param("response_format", "json_schema needs a `json_schema.schema` object"),
+                )?;
+            Ok(Some(ResponseFormat::JsonSchema(schema.clone())))
+        }
+        _ => Err(ApiError::invalid_param("response_format", "type must be text, json_object or json_schema")),
+    }
+}
+
 /// Build the engine request; `prompt_len` is known, the context window bounds max_tokens.
 pub fn engine_request(ready: &Ready, prompt: Vec<u32>, s: &Sampling, logprobs: Option<usize>) -> Result<Request, ApiError> {
     let d = &ready.defaults;
@@ -244,5 +262,6 @@ pub fn engine_request(ready: &Ready, prompt: Vec<u32>, s: &Sampling, logprobs: O
         ignore_eos: s.ignore_eos,
         n: s.n.unwrap_or(1),
         logprobs,
+        response_format: None,
     })
 }
