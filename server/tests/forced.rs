@@ -201,9 +201,16 @@ async fn model_emitted_tool_calls_become_tool_calls() {
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str(d).unwrap())
         .collect();
-    let calls: Vec<&Value> = chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).collect();
-    assert_eq!(calls.len(), 1, "{text}");
-    assert_eq!(calls[0][0]["function"]["name"], "get_weather");
+    let calls: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).flat_map(|v| v.as_array().unwrap()).collect();
+    assert!(calls.len() > 2, "arguments stream in several deltas: {text}");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(calls[1..].iter().all(|c| c.get("id").is_none() && c["index"] == 0));
+    let streamed_args: String = calls.iter().filter_map(|c| c["function"]["arguments"].as_str()).collect();
+    assert_eq!(serde_json::from_str::<Value>(&streamed_args).unwrap(), json!({"city": "Hangzhou"}), "{streamed_args:?}");
+    let last = chunks.iter().rev().find(|c| !c["choices"][0]["finish_reason"].is_null()).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
     assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"].as_str().is_none_or(|t| !t.contains("tool"))));
 
     let a: Value = reqwest::Client::new()

@@ -64,50 +64,130 @@ pub fn parse_tool_calls(text: &str) -> (String, Vec<ToolCall>) {
     (content.to_string(), calls)
 }
 
-/// Streaming guard: passes content through until the tool-calls block starts, then buffers.
+/// A streamed piece of a tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolDelta {
+    /// Call `index` started; its name is known.
+    Start { index: usize, name: String },
+    /// More argument text of call `index`.
+    Args { index: usize, text: String },
+}
+
+/// What a pushed delta released: plain content and tool-call pieces.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    pub content: String,
+    pub tools: Vec<ToolDelta>,
+}
+
+/// Streaming tool-call parser: passes content through until the tool-calls block starts, then
+/// releases each call's name and its argument text as they become certain (never a closing
+/// fence, a special token or trailing whitespace that may still turn out to end the arguments).
 #[derive(Debug, Default, Clone)]
 pub struct ToolCallDetector {
     pending: String,
     in_calls: bool,
     buffer: String,
+    /// per started call: argument bytes already released
+    emitted: Vec<usize>,
+}
+
+/// The longest suffix of `s` that is a proper prefix of one of `tags`, in bytes.
+fn held_suffix(s: &str, tags: &[&str]) -> usize {
+    tags.iter()
+        .flat_map(|tag| {
+            (1..tag.len()).filter(move |&n| n <= s.len() && s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// (name, argument text certain so far) of every call whose name is complete.
+fn partial_calls(buffer: &str) -> Vec<(String, String)> {
+    let body = buffer.strip_prefix(CALLS_BEGIN).unwrap_or(buffer);
+    let body = body.split(CALLS_END).next().unwrap_or(body);
+    let mut out = Vec::new();
+    for part in body.split(CALL_BEGIN).skip(1) {
+        let Some((_, after)) = part.split_once(SEP) else { break };
+        let Some((name, rest)) = after.split_once('\n') else { break };
+        let closed = part.contains(CALL_END);
+        let rest = rest.split(CALL_END).next().unwrap_or(rest);
+        let rest = rest.trim_start();
+        let args = if "```json".starts_with(rest) && !closed {
+            "" // the opening fence is still arriving
+        } else {
+            let r = rest.strip_prefix("```json").or_else(|| rest.strip_prefix("```")).unwrap_or(rest).trim_start();
+            match r.find("```") {
+                Some(i) => r[..i].trim_end(),
+                None if closed => r.trim_end(),
+                // a fence or the end token may still be arriving: hold back what could start one
+                None => r[..r.len() - held_suffix(r, &["```", CALL_END])].trim_end(),
+            }
+        };
+        out.push((name.trim().to_string(), args.to_string()));
+    }
+    out
 }
 
 impl ToolCallDetector {
-    /// Content that is safe to emit now.
-    pub fn push(&mut self, delta: &str) -> String {
+    /// Content safe to emit now, and tool-call pieces.
+    pub fn push(&mut self, delta: &str) -> Pushed {
         if self.in_calls {
             self.buffer.push_str(delta);
-            return String::new();
+            return Pushed { content: String::new(), tools: self.tool_deltas() };
         }
         self.pending.push_str(delta);
         if let Some(i) = self.pending.find(CALLS_BEGIN) {
-            let out = self.pending[..i].to_string();
+            let content = self.pending[..i].to_string();
             self.buffer = self.pending[i..].to_string();
             self.pending.clear();
             self.in_calls = true;
-            return out;
+            return Pushed { content, tools: self.tool_deltas() };
         }
-        let hold = (1..CALLS_BEGIN.len())
-            .rev()
-            .find(|&n| {
-                n <= self.pending.len()
-                    && self.pending.is_char_boundary(self.pending.len() - n)
-                    && CALLS_BEGIN.starts_with(&self.pending[self.pending.len() - n..])
-            })
-            .unwrap_or(0);
-        let out = self.pending[..self.pending.len() - hold].to_string();
+        let hold = held_suffix(&self.pending, &[CALLS_BEGIN]);
+        let content = self.pending[..self.pending.len() - hold].to_string();
         self.pending.drain(..self.pending.len() - hold);
+        Pushed { content, tools: Vec::new() }
+    }
+
+    fn tool_deltas(&mut self) -> Vec<ToolDelta> {
+        let mut out = Vec::new();
+        for (index, (name, args)) in partial_calls(&self.buffer).into_iter().enumerate() {
+            if index == self.emitted.len() {
+                out.push(ToolDelta::Start { index, name });
+                self.emitted.push(0);
+            }
+            let done = self.emitted[index];
+            if args.len() > done && args.is_char_boundary(done) {
+                out.push(ToolDelta::Args { index, text: args[done..].to_string() });
+                self.emitted[index] = args.len();
+            }
+        }
         out
     }
 
-    /// At the end: remaining content and the parsed calls (malformed calls come back as content).
-    pub fn finish(&mut self) -> (String, Vec<ToolCall>) {
+    /// At the end: remaining content, the parsed calls (malformed calls come back as content),
+    /// and the pieces of them not yet streamed.
+    pub fn finish(&mut self) -> (String, Vec<ToolCall>, Vec<ToolDelta>) {
         let rest = std::mem::take(&mut self.pending);
         if !self.in_calls {
-            return (rest, Vec::new());
+            return (rest, Vec::new(), Vec::new());
         }
         let (content, calls) = parse_tool_calls(&std::mem::take(&mut self.buffer));
-        (rest + &content, calls)
+        let mut tail = Vec::new();
+        for (index, c) in calls.iter().enumerate() {
+            match self.emitted.get(index) {
+                None => {
+                    tail.push(ToolDelta::Start { index, name: c.name.clone() });
+                    tail.push(ToolDelta::Args { index, text: c.arguments.clone() });
+                }
+                Some(&done) if c.arguments.len() > done && c.arguments.is_char_boundary(done) => {
+                    tail.push(ToolDelta::Args { index, text: c.arguments[done..].to_string() });
+                }
+                Some(_) => {}
+            }
+        }
+        (rest + &content, calls, tail)
     }
 }
 
@@ -148,16 +228,31 @@ mod tests {
     #[test]
     fn detector_streams_content_and_buffers_calls() {
         let text = format!("Sure.{CALLS_BEGIN}{}{CALLS_END}", call("f", r#"{"k": "v"}"#));
-        let mut d = ToolCallDetector::default();
-        let mut streamed = String::new();
-        // feed in awkward pieces, splitting the special tokens
-        let chars: Vec<char> = text.chars().collect();
-        for piece in chars.chunks(3) {
-            streamed += &d.push(&piece.iter().collect::<String>());
+        for size in [1, 3, 7, 1000] {
+            let mut d = ToolCallDetector::default();
+            let (mut streamed, mut deltas) = (String::new(), Vec::new());
+            // feed in awkward pieces, splitting the special tokens
+            let chars: Vec<char> = text.chars().collect();
+            for piece in chars.chunks(size) {
+                let p = d.push(&piece.iter().collect::<String>());
+                streamed += &p.content;
+                deltas.extend(p.tools);
+            }
+            let (rest, calls, tail) = d.finish();
+            deltas.extend(tail);
+            assert_eq!(streamed + &rest, "Sure.");
+            assert_eq!(calls[0].name, "f");
+            // the streamed pieces add up to the final call, and never show a fence
+            assert_eq!(deltas[0], ToolDelta::Start { index: 0, name: "f".into() });
+            let args: String = deltas
+                .iter()
+                .filter_map(|d| if let ToolDelta::Args { text, .. } = d { Some(text.as_str()) } else { None })
+                .collect();
+            assert_eq!(args, r#"{"k": "v"}"#, "piece size {size}: {deltas:?}");
+            if size == 1 {
+                assert!(deltas.len() > 3, "arguments arrive in several deltas: {deltas:?}");
+            }
         }
-        let (rest, calls) = d.finish();
-        assert_eq!(streamed + &rest, "Sure.");
-        assert_eq!(calls[0].name, "f");
     }
 
     #[test]

@@ -287,8 +287,8 @@ async fn collect(
     }
     let calls = match tools.as_mut() {
         Some(d) => {
-            let mut shown = d.push(&text);
-            let (rest, calls) = d.finish();
+            let mut shown = d.push(&text).content;
+            let (rest, calls, _) = d.finish();
             shown.push_str(&rest);
             text = shown;
             calls
@@ -375,7 +375,7 @@ impl StreamState {
             }
         }
         let c = match self.tools.as_mut() {
-            Some(d) => d.push(&c),
+            Some(d) => d.push(&c).content,
             None => c,
         };
         self.delta(Block::Thinking, &r, out);
@@ -385,7 +385,7 @@ impl StreamState {
     /// Close the open block and emit the parsed tool calls as `tool_use` blocks.
     fn tool_blocks(&mut self, out: &mut Vec<SseEvent>) -> bool {
         let Some(d) = self.tools.as_mut() else { return false };
-        let (rest, calls) = d.finish();
+        let (rest, calls, _) = d.finish();
         self.delta(Block::Text, &rest, out);
         for c in &calls {
             if self.block != Block::None {

@@ -11,7 +11,7 @@ use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
 use moeserve_engine::reasoning::ReasoningParser;
 use moeserve_engine::sampling::TokenLogprob;
-use moeserve_engine::tools::{ToolCall, ToolCallDetector};
+use moeserve_engine::tools::{ToolCall, ToolCallDetector, ToolDelta};
 use moeserve_engine::{Event, FinishReason, RequestStream, Usage};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -48,6 +48,15 @@ struct Choice {
     tool_calls: Vec<ToolCall>,
 }
 
+/// What one event contributed to a choice.
+#[derive(Default)]
+struct Applied {
+    reasoning: String,
+    content: String,
+    logprob: Option<Value>,
+    tools: Vec<ToolDelta>,
+}
+
 struct Collector {
     kind: Kind,
     ready: Arc<Ready>,
@@ -68,18 +77,13 @@ fn finish_reason(r: FinishReason, tool_calls: bool) -> &'static str {
     }
 }
 
-fn tool_calls_json(calls: &[ToolCall], with_index: bool) -> Value {
+fn tool_calls_json(calls: &[ToolCall]) -> Value {
     Value::Array(
         calls
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut v = json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments}});
-                if with_index {
-                    v["index"] = json!(i);
-                }
-                v
+            .map(|c| {
+                json!({"id": format!("call_{:024x}", rand::random::<u128>() >> 32), "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments}})
             })
             .collect(),
     )
@@ -119,16 +123,11 @@ impl Collector {
         v
     }
 
-    /// Apply one engine event; returns the (reasoning, content) delta and its logprob entry.
-    fn apply(
-        &mut self,
-        index: usize,
-        text: &str,
-        logprob: Option<&TokenLogprob>,
-        counts_token: bool,
-    ) -> (String, String, Option<Value>) {
+    /// Apply one engine event; returns the (reasoning, content) delta, its logprob entry and
+    /// tool-call pieces.
+    fn apply(&mut self, index: usize, text: &str, logprob: Option<&TokenLogprob>, counts_token: bool) -> Applied {
         let lp = logprob.filter(|_| self.want_logprobs).map(|l| self.logprob_json(l));
-        let Some(c) = self.choices.get_mut(index) else { return Default::default() };
+        let Some(c) = self.choices.get_mut(index) else { return Applied::default() };
         let (r, t) = match c.parser.as_mut() {
             Some(p) => {
                 let was = p.in_reasoning();
@@ -140,37 +139,45 @@ impl Collector {
             }
             None => (String::new(), text.to_string()),
         };
-        let t = match c.tools.as_mut() {
-            Some(d) => d.push(&t),
-            None => t,
+        let (t, tools) = match c.tools.as_mut() {
+            Some(d) => {
+                let p = d.push(&t);
+                (p.content, p.tools)
+            }
+            None => (t, Vec::new()),
         };
         c.reasoning.push_str(&r);
         c.content.push_str(&t);
         if let Some(l) = &lp {
             c.logprobs.push(l.clone());
         }
-        (r, t, lp)
+        Applied { reasoning: r, content: t, logprob: lp, tools }
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason, text: &str, usage: Usage) -> (String, String) {
-        let (mut r, mut t, _) = self.apply(index, text, None, false);
+    fn finish(&mut self, index: usize, reason: FinishReason, text: &str, usage: Usage) -> Applied {
+        let Applied { reasoning: mut r, content: mut t, mut tools, .. } = self.apply(index, text, None, false);
         if let Some(c) = self.choices.get_mut(index) {
             if let Some(p) = c.parser.as_mut() {
                 let s = p.finish();
                 c.reasoning.push_str(&s.reasoning);
                 r.push_str(&s.reasoning);
                 let content = match c.tools.as_mut() {
-                    Some(d) => d.push(&s.content),
+                    Some(d) => {
+                        let p = d.push(&s.content);
+                        tools.extend(p.tools);
+                        p.content
+                    }
                     None => s.content,
                 };
                 c.content.push_str(&content);
                 t.push_str(&content);
             }
             if let Some(d) = c.tools.as_mut() {
-                let (rest, calls) = d.finish();
+                let (rest, calls, tail) = d.finish();
                 c.content.push_str(&rest);
                 t.push_str(&rest);
                 c.tool_calls = calls;
+                tools.extend(tail);
             }
             c.finish = Some(reason);
         }
@@ -180,7 +187,7 @@ impl Collector {
         if let Some(k) = &self.key_usage {
             k.completion_tokens.fetch_add(usage.completion_tokens as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        (r, t)
+        Applied { reasoning: r, content: t, logprob: None, tools }
     }
 
     fn usage_json(&self) -> Value {
@@ -207,15 +214,9 @@ impl Collector {
     }
 
     /// A streaming chunk for a delta (None when there is nothing to send).
-    fn delta_chunk(
-        &mut self,
-        index: usize,
-        r: String,
-        t: String,
-        lp: Option<Value>,
-        finish: Option<FinishReason>,
-    ) -> Option<Value> {
-        if r.is_empty() && t.is_empty() && lp.is_none() && finish.is_none() {
+    fn delta_chunk(&mut self, index: usize, a: Applied, finish: Option<FinishReason>) -> Option<Value> {
+        let Applied { reasoning: r, content: t, logprob: lp, tools } = a;
+        if r.is_empty() && t.is_empty() && lp.is_none() && tools.is_empty() && finish.is_none() {
             return None;
         }
         let logprobs = lp.map(|l| match self.kind {
@@ -229,8 +230,8 @@ impl Collector {
         Some(match self.kind {
             Kind::Chat => {
                 let mut delta = json!({});
-                if finish.is_some() && !calls.is_empty() {
-                    delta["tool_calls"] = tool_calls_json(&calls, true);
+                if !tools.is_empty() {
+                    delta["tool_calls"] = Self::tool_call_deltas(&tools);
                 }
                 if let Some(c) = self.choices.get_mut(index) {
                     if !c.role_sent {
@@ -250,6 +251,23 @@ impl Collector {
         })
     }
 
+    /// OpenAI streaming tool-call entries: the first carries id, type and name, the rest
+    /// argument text.
+    fn tool_call_deltas(tools: &[ToolDelta]) -> Value {
+        Value::Array(
+            tools
+                .iter()
+                .map(|d| match d {
+                    ToolDelta::Start { index: i, name } => {
+                        let id = format!("call_{:024x}", rand::random::<u128>() >> 32);
+                        json!({"index": i, "id": id, "type": "function", "function": {"name": name, "arguments": ""}})
+                    }
+                    ToolDelta::Args { index: i, text } => json!({"index": i, "function": {"arguments": text}}),
+                })
+                .collect(),
+        )
+    }
+
     fn full_response(&self) -> Value {
         let choices: Vec<Value> = self
             .choices
@@ -261,7 +279,7 @@ impl Collector {
                     Kind::Chat => {
                         let mut message = json!({"role": "assistant", "content": c.content});
                         if !c.tool_calls.is_empty() {
-                            message["tool_calls"] = tool_calls_json(&c.tool_calls, false);
+                            message["tool_calls"] = tool_calls_json(&c.tool_calls);
                             if c.content.is_empty() {
                                 message["content"] = Value::Null;
                             }
@@ -314,12 +332,12 @@ fn sse_stream(stream: RequestStream, col: Collector, include_usage: bool) -> imp
         let mut out = Vec::new();
         match stream.next().await {
             Some(Event::Token { index, text, logprob, .. }) => {
-                let (r, t, lp) = col.apply(index, &text, logprob.as_ref(), true);
-                out.extend(col.delta_chunk(index, r, t, lp, None).as_ref().map(data));
+                let a = col.apply(index, &text, logprob.as_ref(), true);
+                out.extend(col.delta_chunk(index, a, None).as_ref().map(data));
             }
             Some(Event::Finished { index, reason, text, usage, .. }) => {
-                let (r, t) = col.finish(index, reason, &text, usage);
-                out.extend(col.delta_chunk(index, r, t, None, Some(reason)).as_ref().map(data));
+                let a = col.finish(index, reason, &text, usage);
+                out.extend(col.delta_chunk(index, a, Some(reason)).as_ref().map(data));
             }
             Some(Event::Error(e)) => {
                 out.push(data(&json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})));
