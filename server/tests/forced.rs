@@ -3,13 +3,14 @@
 //! token's embedding; embeddings and lm_head rows are then set to chain a chosen token sequence.
 //! This drives the R1 reasoning split and the tool-call parser end to end with real model output.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use common::Server;
 use moeserve_engine::Tokenizer;
 use serde_json::{json, Value};
 
@@ -55,36 +56,8 @@ fn forced_model(dir: &Path, chain: &[u32]) {
     }
 }
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn serve(dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
-        .args(["serve", "--port", "0", "--kv-cache-memory", "32MiB", "--model", dir.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let base = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    for _ in 0..600 {
-        if reqwest::get(format!("{base}/health")).await.is_ok_and(|r| r.status() == 200) {
-            return Server(child, base);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server never became healthy");
+    common::start(&["--kv-cache-memory", "32MiB", "--model", dir.to_str().unwrap()]).await
 }
 
 fn tokenizer() -> Tokenizer {
@@ -107,7 +80,7 @@ async fn model_emitted_reasoning_is_split_from_content() {
     forced_model(dir.path(), &chain);
     let s = serve(dir.path()).await;
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0});
-    let v = chat(&s.1, body.clone()).await;
+    let v = chat(&s.base, body.clone()).await;
     let m = &v["choices"][0]["message"];
     assert_eq!(m["reasoning_content"], "Hmm, greeting.", "{v}");
     assert_eq!(m["content"], "Hello there!", "{v}");
@@ -120,7 +93,7 @@ async fn model_emitted_reasoning_is_split_from_content() {
     let mut stream = body;
     stream["stream"] = json!(true);
     let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.1))
+        .post(format!("{}/v1/chat/completions", s.base))
         .json(&stream)
         .send()
         .await
@@ -142,7 +115,7 @@ async fn model_emitted_reasoning_is_split_from_content() {
 
     // Anthropic: a thinking block then a text block
     let a: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", s.1))
+        .post(format!("{}/v1/messages", s.base))
         .json(&json!({"max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}))
         .send()
         .await
@@ -174,7 +147,7 @@ async fn model_emitted_tool_calls_become_tool_calls() {
     let tool = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}});
     let body =
         json!({"messages": [{"role": "user", "content": "Weather?"}], "tools": [tool], "max_tokens": 60, "temperature": 0});
-    let v = chat(&s.1, body.clone()).await;
+    let v = chat(&s.base, body.clone()).await;
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "tool_calls", "{v}");
     let call = &c["message"]["tool_calls"][0];
@@ -187,7 +160,7 @@ async fn model_emitted_tool_calls_become_tool_calls() {
     let mut stream = body;
     stream["stream"] = json!(true);
     let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.1))
+        .post(format!("{}/v1/chat/completions", s.base))
         .json(&stream)
         .send()
         .await
@@ -214,7 +187,7 @@ async fn model_emitted_tool_calls_become_tool_calls() {
     assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"].as_str().is_none_or(|t| !t.contains("tool"))));
 
     let a: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", s.1))
+        .post(format!("{}/v1/messages", s.base))
         .json(&json!({"max_tokens": 60, "temperature": 0, "messages": [{"role": "user", "content": "Weather?"}],
             "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}))
         .send()

@@ -1,53 +1,18 @@
 //! `moeserve serve` end to end over raw HTTP: the real binary on a free port.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
+use common::Server;
 use serde_json::{json, Value};
 
-struct Server {
-    child: Child,
-    base: String,
-    _cache: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Start the binary (built-in tiny model) and wait until /health says ready.
+/// The built-in tiny model with a small KV budget plus `extra` flags.
 async fn start(extra: &[&str]) -> Server {
-    let cache = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_moeserve"))
-        .args(["serve", "--port", "0", "--kv-cache-memory", "64MiB"])
-        .args(extra)
-        .env("MOESERVE_CACHE", cache.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited").unwrap();
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    // keep draining stderr so the server never blocks on it
-    std::thread::spawn(move || for _ in lines {});
-    let server = Server { child, base: addr, _cache: cache };
-    for _ in 0..600 {
-        if let Ok(r) = reqwest::get(format!("{}/health", server.base)).await {
-            if r.status() == 200 {
-                return server;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server never became healthy");
+    let mut args = vec!["--kv-cache-memory", "64MiB"];
+    args.extend_from_slice(extra);
+    common::start(&args).await
 }
 
 async fn post(s: &Server, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
