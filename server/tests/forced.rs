@@ -92,18 +92,9 @@ async fn model_emitted_reasoning_is_split_from_content() {
     // streamed: reasoning deltas first, then content deltas, same text
     let mut stream = body;
     stream["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&stream)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::post_stream_text(&s, "/v1/chat/completions", &stream).await;
     let (mut reasoning, mut content) = (String::new(), String::new());
-    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
-        let c: Value = serde_json::from_str(data).unwrap();
+    for c in common::sse_json(&text) {
         let d = &c["choices"][0]["delta"];
         if let Some(r) = d["reasoning_content"].as_str() {
             assert!(content.is_empty(), "reasoning after content");
@@ -159,21 +150,8 @@ async fn model_emitted_tool_calls_become_tool_calls() {
 
     let mut stream = body;
     stream["stream"] = json!(true);
-    let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&stream)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let text = common::post_stream_text(&s, "/v1/chat/completions", &stream).await;
+    let chunks = common::sse_json(&text);
     let calls: Vec<&Value> =
         chunks.iter().filter_map(|c| c["choices"][0]["delta"].get("tool_calls")).flat_map(|v| v.as_array().unwrap()).collect();
     assert!(calls.len() > 2, "arguments stream in several deltas: {text}");

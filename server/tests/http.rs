@@ -83,18 +83,10 @@ async fn streaming_chat_sends_chunks_usage_and_done() {
     let mut b = chat_body(5);
     b["stream"] = json!(true);
     b["stream_options"] = json!({"include_usage": true});
-    let text = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", s.base))
-        .json(&b)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::post_stream_text(&s, "/v1/chat/completions", &b).await;
     let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks = common::sse_json(&text);
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let finish: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).collect();

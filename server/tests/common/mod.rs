@@ -53,3 +53,17 @@ pub async fn start(args: &[&str]) -> Server {
     }
     panic!("server never became healthy");
 }
+
+/// POST `body` to `path` and return the raw SSE text of the response.
+pub async fn post_stream_text(s: &Server, path: &str, body: &serde_json::Value) -> String {
+    reqwest::Client::new().post(format!("{}{path}", s.base)).json(body).send().await.unwrap().text().await.unwrap()
+}
+
+/// The JSON payloads of an SSE body (the final `[DONE]` excluded).
+pub fn sse_json(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
