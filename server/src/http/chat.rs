@@ -374,15 +374,21 @@ pub fn key_of(req: &HttpRequest) -> (String, Option<Arc<KeyUsage>>) {
     (label, req.extensions().get::<Arc<KeyUsage>>().cloned())
 }
 
-/// Charge the key's tokens/min, submit, and set up the collector.
-fn submit(
+/// Charge the key's tokens/min and submit. Structured output compiles a grammar (the first one
+/// also builds the token trie), so that submit runs off the async workers.
+async fn submit(
     app: &AppState,
     ready: &Arc<Ready>,
     key: &(String, Option<Arc<KeyUsage>>),
     request: moeserve_engine::Request,
 ) -> Result<RequestStream, ApiError> {
     app.limiter.admit_tokens(&key.0, request.prompt.len(), request.max_tokens * request.n)?;
-    Ok(ready.engine.submit(request)?)
+    if request.response_format.is_none() {
+        return Ok(ready.engine.submit(request)?);
+    }
+    let r = ready.clone();
+    let submitted = tokio::task::spawn_blocking(move || r.engine.submit(request)).await;
+    Ok(submitted.map_err(|e| ApiError::internal(format!("grammar compilation failed: {e}")))??)
 }
 
 pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, ApiError> {
@@ -407,7 +413,7 @@ pub async fn chat_completions(State(app): State<Arc<AppState>>, req: HttpRequest
     let mut request = openai::engine_request(&ready, prompt, &body.sampling, top)?;
     request.response_format = format;
     let n = request.n;
-    let stream = submit(&app, &ready, &key, request)?;
+    let stream = submit(&app, &ready, &key, request).await?;
     let reasoning = ready.reasoning.then(|| rendered.trim_end().ends_with("<think>"));
     let mut col = Collector::new(Kind::Chat, ready.clone(), n, reasoning, body.logprobs);
     col.key_usage = key.1;
@@ -442,7 +448,7 @@ pub async fn completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> 
     };
     let request = openai::engine_request(&ready, prompt, &body.sampling, body.logprobs)?;
     let n = request.n;
-    let stream = submit(&app, &ready, &key, request)?;
+    let stream = submit(&app, &ready, &key, request).await?;
     let mut col = Collector::new(Kind::Completion, ready.clone(), n, None, body.logprobs.is_some());
     col.key_usage = key.1;
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
