@@ -3,6 +3,8 @@
 //! prompt template or the model emitted `<think>`: with `starts_in_reasoning` (the prompt ended
 //! in `<think>`) everything up to `</think>` is reasoning.
 
+use crate::stop::held_suffix;
+
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
@@ -64,7 +66,7 @@ impl ReasoningParser {
                         self.trim_next = true;
                     }
                     None => {
-                        let keep = partial_suffix(&self.pending, CLOSE);
+                        let keep = held_suffix(&self.pending, &[CLOSE]);
                         let emit = self.pending.len() - keep;
                         out.reasoning.push_str(&self.pending[..emit]);
                         self.pending.drain(..emit);
@@ -97,14 +99,6 @@ impl ReasoningParser {
             _ => Split { reasoning: String::new(), content: rest },
         }
     }
-}
-
-/// Length of the longest suffix of `s` that is a proper prefix of `tag`.
-fn partial_suffix(s: &str, tag: &str) -> usize {
-    (1..tag.len())
-        .rev()
-        .find(|&n| n <= s.len() && s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

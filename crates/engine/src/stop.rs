@@ -7,6 +7,18 @@ pub struct StopMatcher {
     pending: String,
 }
 
+/// Bytes at the end of `s` to hold back: the longest suffix that is a proper prefix of one of
+/// `tags` (it may still grow into a tag). Used for stop strings, `</think>` and tool-call tokens.
+pub fn held_suffix<T: AsRef<str>>(s: &str, tags: &[T]) -> usize {
+    tags.iter()
+        .map(AsRef::as_ref)
+        .flat_map(|tag| {
+            (1..tag.len()).filter(move |&n| n <= s.len() && s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum StopOutcome {
     /// Safe to emit; no stop string seen.
@@ -33,14 +45,9 @@ impl StopMatcher {
             return out;
         }
         // hold back the longest suffix that is a prefix of some stop string
-        let hold = self
-            .pending
-            .char_indices()
-            .map(|(i, _)| i)
-            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.pending[i..])))
-            .unwrap_or(self.pending.len());
-        let out = self.pending[..hold].to_string();
-        self.pending.drain(..hold);
+        let emit = self.pending.len() - held_suffix(&self.pending, &self.stops);
+        let out = self.pending[..emit].to_string();
+        self.pending.drain(..emit);
         StopOutcome::Continue(out)
     }
 

@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use crate::stop::held_suffix;
+
 pub const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 pub const CALLS_END: &str = "<｜tool▁calls▁end｜>";
 pub const CALL_BEGIN: &str = "<｜tool▁call▁begin｜>";
@@ -90,16 +92,6 @@ pub struct ToolCallDetector {
     buffer: String,
     /// per started call: argument bytes already released
     emitted: Vec<usize>,
-}
-
-/// The longest suffix of `s` that is a proper prefix of one of `tags`, in bytes.
-fn held_suffix(s: &str, tags: &[&str]) -> usize {
-    tags.iter()
-        .flat_map(|tag| {
-            (1..tag.len()).filter(move |&n| n <= s.len() && s.is_char_boundary(s.len() - n) && tag.starts_with(&s[s.len() - n..]))
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// (name, argument text certain so far) of every call whose name is complete.
