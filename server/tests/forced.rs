@@ -64,8 +64,8 @@ fn tokenizer() -> Tokenizer {
     Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/deepseek-v3")).unwrap()
 }
 
-async fn chat(base: &str, body: Value) -> Value {
-    reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap()
+async fn chat(s: &Server, body: Value) -> Value {
+    common::post_json(s, "/v1/chat/completions", &body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +80,7 @@ async fn model_emitted_reasoning_is_split_from_content() {
     forced_model(dir.path(), &chain);
     let s = serve(dir.path()).await;
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0});
-    let v = chat(&s.base, body.clone()).await;
+    let v = chat(&s, body.clone()).await;
     let m = &v["choices"][0]["message"];
     assert_eq!(m["reasoning_content"], "Hmm, greeting.", "{v}");
     assert_eq!(m["content"], "Hello there!", "{v}");
@@ -105,15 +105,12 @@ async fn model_emitted_reasoning_is_split_from_content() {
     assert_eq!((reasoning.as_str(), content.as_str()), ("Hmm, greeting.", "Hello there!"));
 
     // Anthropic: a thinking block then a text block
-    let a: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", s.base))
-        .json(&json!({"max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a: Value = common::post_json(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 40, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}),
+    )
+    .await;
     assert_eq!(a["content"][0], json!({"type": "thinking", "thinking": "Hmm, greeting.", "signature": ""}), "{a}");
     assert_eq!(a["content"][1]["text"], "Hello there!");
     assert_eq!(a["stop_reason"], "end_turn");
@@ -138,7 +135,7 @@ async fn model_emitted_tool_calls_become_tool_calls() {
     let tool = json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}});
     let body =
         json!({"messages": [{"role": "user", "content": "Weather?"}], "tools": [tool], "max_tokens": 60, "temperature": 0});
-    let v = chat(&s.base, body.clone()).await;
+    let v = chat(&s, body.clone()).await;
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "tool_calls", "{v}");
     let call = &c["message"]["tool_calls"][0];
@@ -164,16 +161,13 @@ async fn model_emitted_tool_calls_become_tool_calls() {
     assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
     assert!(chunks.iter().all(|c| c["choices"][0]["delta"]["content"].as_str().is_none_or(|t| !t.contains("tool"))));
 
-    let a: Value = reqwest::Client::new()
-        .post(format!("{}/v1/messages", s.base))
-        .json(&json!({"max_tokens": 60, "temperature": 0, "messages": [{"role": "user", "content": "Weather?"}],
-            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let a: Value = common::post_json(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 60, "temperature": 0, "messages": [{"role": "user", "content": "Weather?"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}),
+    )
+    .await;
     assert_eq!(a["stop_reason"], "tool_use", "{a}");
     let block = a["content"].as_array().unwrap().iter().find(|b| b["type"] == "tool_use").unwrap();
     assert_eq!((block["name"].clone(), block["input"].clone()), (json!("get_weather"), json!({"city": "Hangzhou"})));

@@ -5,37 +5,20 @@ usage: page_test.py PATH_TO_MOESERVE_BINARY SCREENSHOT.png"""
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 import websocket
 
-
-def start_server(binary):
-    p = subprocess.Popen([binary, "serve", "--port", "0", "--kv-cache-memory", "64MiB"], stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "MOESERVE_CACHE": tempfile.mkdtemp(prefix="moeserve-page-")})
-    for line in p.stderr:
-        m = re.match(r"listening on (http://\S+)", line)
-        if m:
-            threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-            base = m.group(1)
-            for _ in range(600):
-                try:
-                    if urllib.request.urlopen(base + "/health").status == 200:
-                        return p, base
-                except Exception:
-                    time.sleep(0.05)
-    raise SystemExit("server did not start")
+import server as moeserve
 
 
 def main():
     binary, shot = sys.argv[1], sys.argv[2]
-    server, base = start_server(binary)
+    server, base = moeserve.start(binary)
     profile = tempfile.mkdtemp()
     chrome = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                                "--disable-background-networking", "--disable-component-update", "--disable-sync",

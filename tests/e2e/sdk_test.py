@@ -1,40 +1,14 @@
 #!/usr/bin/env python3
 """End-to-end: the official `openai` and `anthropic` Python SDKs against `moeserve serve`
 (built-in tiny model). usage: sdk_test.py PATH_TO_MOESERVE_BINARY"""
-import os
-import re
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-import urllib.request
 
 import anthropic
 import openai
 
+import server
+
 KEY = "sk-e2e"
-
-
-def start(binary):
-    cache = tempfile.mkdtemp(prefix="moeserve-e2e-")
-    p = subprocess.Popen([binary, "serve", "--port", "0", "--api-key", KEY, "--kv-cache-memory", "64MiB"],
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "MOESERVE_CACHE": cache})
-    base = None
-    for line in p.stderr:
-        m = re.match(r"listening on (http://\S+)", line)
-        if m:
-            base = m.group(1)
-            break
-    assert base, "server did not start"
-    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-    for _ in range(600):
-        try:
-            if urllib.request.urlopen(base + "/health").status == 200:
-                return p, base
-        except Exception:
-            time.sleep(0.05)
-    raise SystemExit("server never became healthy")
 
 
 def check_openai(base):
@@ -102,7 +76,7 @@ def check_anthropic(base, name):
 
 
 def main():
-    p, base = start(sys.argv[1])
+    p, base = server.start(sys.argv[1], "--api-key", KEY)
     try:
         name = check_openai(base)
         check_anthropic(base, name)

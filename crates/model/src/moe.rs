@@ -1,7 +1,7 @@
 //! MoE block: float32 router, grouped routed experts (one matmul per active expert over all the
 //! tokens routed to it), shared experts; expert outputs accumulate in float32.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Result};
 use moeserve_quant::Weights;
 
@@ -109,6 +109,7 @@ pub fn experts_forward_reference(moe: &Moe, x: &Tensor, routing: &Routing) -> Re
 mod tests {
     use std::sync::Arc;
 
+    use candle_core::Device;
     use moeserve_quant::Checkpoint;
 
     use super::*;

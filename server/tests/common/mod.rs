@@ -1,5 +1,8 @@
 //! Shared by the HTTP test files: run `moeserve serve` on a free port and wait until healthy.
 
+// each test file uses a subset of these helpers
+#![allow(dead_code)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -66,4 +69,9 @@ pub fn sse_json(text: &str) -> Vec<serde_json::Value> {
         .filter(|d| *d != "[DONE]")
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
+}
+
+/// POST JSON to `path` and parse the JSON answer.
+pub async fn post_json(s: &Server, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    reqwest::Client::new().post(format!("{}{path}", s.base)).json(body).send().await.unwrap().json().await.unwrap()
 }
