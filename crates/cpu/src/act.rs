@@ -1,0 +1,57 @@
+//! Activations prepared for one format: zero-padded f32 rows, and for the ggml block formats the
+//! rows quantized to 8 bits per block (as llama.cpp does), so the kernels use integer dot products.
+
+use crate::format::Format;
+
+/// `batch` rows of `padded_cols` activations in the layout a format's kernel reads.
+pub struct Activations {
+    pub(crate) batch: usize,
+    pub(crate) padded_cols: usize,
+    /// `[batch, padded_cols]`, zero padded.
+    pub(crate) f32: Vec<f32>,
+    /// `[batch, padded_cols]` 8-bit values (block formats only).
+    pub(crate) qs: Vec<i8>,
+    /// One scale per activation block: 32 values for q8_0, 256 for the k-quants.
+    pub(crate) d: Vec<f32>,
+    /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32).
+    pub(crate) sums16: Vec<i32>,
+    pub(crate) block: usize,
+}
+
+impl Activations {
+    /// `x: [batch, cols]` row-major for a weight of `format` whose rows are `padded_cols` long.
+    pub fn new(format: Format, x: &[f32], batch: usize, cols: usize, padded_cols: usize) -> Self {
+        let mut f = vec![0f32; batch * padded_cols];
+        for b in 0..batch {
+            f[b * padded_cols..b * padded_cols + cols].copy_from_slice(&x[b * cols..(b + 1) * cols]);
+        }
+        let block = match format {
+            Format::Q8_0 => 32,
+            Format::Q4K | Format::Q6K => 256,
+            _ => 0,
+        };
+        let mut a = Activations { batch, padded_cols, f32: f, qs: Vec::new(), d: Vec::new(), sums16: Vec::new(), block };
+        if block > 0 {
+            a.quantize();
+        }
+        a
+    }
+
+    fn quantize(&mut self) {
+        let n = self.f32.len();
+        self.qs = vec![0; n];
+        self.d = Vec::with_capacity(n / self.block);
+        for (src, dst) in self.f32.chunks_exact(self.block).zip(self.qs.chunks_exact_mut(self.block)) {
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (q, v) in dst.iter_mut().zip(src) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            self.d.push(d);
+        }
+        if self.block == 256 {
+            self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i32).sum()).collect();
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! AVX2 + FMA + F16C kernels (x86-64). One weight row is streamed once from memory and then
+//! reused from L1 for every tile of up to four activation rows; each tile keeps its
+//! accumulators in registers.
+//!
+//! - f32 / bf16 / FP8: weights converted to f32 in registers (bf16: a 16-bit shift; FP8: the f16
+//!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`), FMA with f32 activations; FP8 block
+//!   scales are applied once per column block.
+//! - q8_0 / q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`,
+//!   `vpmaddwd`), block scales applied in f32 once per block.
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::arch::x86_64::*;
+
+use crate::act::Activations;
+use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
+
+const F32: u8 = 0;
+const BF16: u8 = 1;
+const FP8: u8 = 2;
+
+/// Whether this CPU runs these kernels.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+
+/// `y[b * y_stride + r] = W[r] · x[b]` for rows `r0..r1` and every activation row.
+///
+/// # Safety
+/// `available()` must be true, and `y` must be valid for those writes.
+pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    for r in r0..r1 {
+        let mut b0 = 0;
+        while b0 < a.batch {
+            let bt = (a.batch - b0).min(4);
+            let mut out = [0f32; 4];
+            match bt {
+                1 => tile::<1>(w, a, r, b0, &mut out),
+                2 => tile::<2>(w, a, r, b0, &mut out),
+                3 => tile::<3>(w, a, r, b0, &mut out),
+                _ => tile::<4>(w, a, r, b0, &mut out),
+            }
+            for (i, v) in out.iter().take(bt).enumerate() {
+                *y.add((b0 + i) * y_stride + r) = *v;
+            }
+            b0 += bt;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const BT: usize>(w: &PackedMatrix, a: &Activations, r: usize, b0: usize, out: &mut [f32; 4]) {
+    let row = w.row(r).as_ptr();
+    let pc = w.padded_cols;
+    match w.format {
+        Format::F32 => float_rows::<F32, BT>(row, &[1.0], pc, pc, a.f32.as_ptr().add(b0 * pc), out),
+        Format::Bf16 => float_rows::<BF16, BT>(row, &[1.0], pc, pc, a.f32.as_ptr().add(b0 * pc), out),
+        Format::Fp8 { block } => float_rows::<FP8, BT>(row, w.fp8_row_scales(r), block[1], pc, a.f32.as_ptr().add(b0 * pc), out),
+        Format::Q8_0 => q8_0_row::<BT>(row, pc / Q8_0_BLOCK.1, a, b0, out),
+        Format::Q4K => q4k_row::<BT>(row, pc / Q4K_BLOCK.1, a, b0, out),
+        Format::Q6K => q6k_row::<BT>(row, pc / Q6K_BLOCK.1, a, b0, out),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Eight weights of row `row` at column `k`, as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
+    match F {
+        F32 => _mm256_loadu_ps((row as *const f32).add(k)),
+        BF16 => {
+            let h = _mm_loadu_si128((row as *const u16).add(k) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+        _ => {
+            let b = _mm_loadl_epi64(row.add(k) as *const __m128i);
+            let h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(0xbf80u16 as i16));
+            _mm256_cvtph_ps(h)
+        }
+    }
+}
+
+/// Float formats: four independent accumulators per activation row for tiles of one or two
+/// rows, two for larger tiles (16 ymm registers in all).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_rows<const F: u8, const BT: usize>(row: *const u8, scales: &[f32], seg: usize, pc: usize, x: *const f32, out: &mut [f32; 4]) {
+    if BT <= 2 {
+        float_row::<F, BT, 4>(row, scales, seg, pc, x, out)
+    } else {
+        float_row::<F, BT, 2>(row, scales, seg, pc, x, out)
+    }
+}
+
+/// Column segments of `seg` share one scale (FP8 blocks; the whole row otherwise).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_row<const F: u8, const BT: usize, const U: usize>(
+    row: *const u8,
+    scales: &[f32],
+    seg: usize,
+    pc: usize,
+    x: *const f32,
+    out: &mut [f32; 4],
+) {
+    let xs = pc;
+    let mut tot = [_mm256_setzero_ps(); BT];
+    let mut k0 = 0;
+    let mut si = 0;
+    while k0 < pc {
+        let k1 = (k0 + seg).min(pc);
+        let mut acc = [[_mm256_setzero_ps(); U]; BT];
+        let mut k = k0;
+        while k < k1 {
+            for u in 0..U {
+                let wv = load8::<F>(row, k + 8 * u);
+                for (b, ab) in acc.iter_mut().enumerate() {
+                    ab[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * xs + k + 8 * u)), ab[u]);
+                }
+            }
+            k += 8 * U;
+        }
+        for (t, ab) in tot.iter_mut().zip(&acc) {
+            let mut s = ab[0];
+            for v in &ab[1..] {
+                s = _mm256_add_ps(s, *v);
+            }
+            *t = if F == FP8 { _mm256_fmadd_ps(s, _mm256_set1_ps(scales[si]), *t) } else { _mm256_add_ps(*t, s) };
+        }
+        k0 = k1;
+        si += 1;
+    }
+    for (o, t) in out.iter_mut().zip(tot) {
+        *o = hsum(t);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = (p as *const u16).read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_row<const BT: usize>(row: *const u8, nb: usize, a: &Activations, b0: usize, out: &mut [f32; 4]) {
+    let pc = a.padded_cols;
+    let nbx = pc / 32;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); BT];
+    for blk in 0..nb {
+        let bp = row.add(blk * Q8_0_BLOCK.0);
+        let dw = f16_at(bp);
+        let wv = _mm256_loadu_si256(bp.add(2) as *const __m256i);
+        let aw = _mm256_sign_epi8(wv, wv);
+        for (b, ab) in acc.iter_mut().enumerate() {
+            let xq = _mm256_loadu_si256(a.qs.as_ptr().add((b0 + b) * pc + blk * 32) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wv)), ones);
+            let d = dw * *a.d.get_unchecked((b0 + b) * nbx + blk);
+            *ab = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(p), *ab);
+        }
+    }
+    for (o, t) in out.iter_mut().zip(acc) {
+        *o = hsum(t);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_row<const BT: usize>(row: *const u8, nsb: usize, a: &Activations, b0: usize, out: &mut [f32; 4]) {
+    let pc = a.padded_cols;
+    let low = _mm256_set1_epi8(0x0f);
+    let mut acc = [_mm256_setzero_ps(); BT];
+    let mut mins = [0f32; BT];
+    for sb in 0..nsb {
+        let bp = row.add(sb * Q4K_BLOCK.0);
+        let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
+        let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+        let qs = bp.add(16);
+        let mut sumi = [_mm256_setzero_si256(); BT];
+        for j in 0..4 {
+            let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+            let lo = _mm256_and_si256(q, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+            let (s_lo, s_hi) = (_mm256_set1_epi16(sc[2 * j] as i16), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+            for (b, s) in sumi.iter_mut().enumerate() {
+                let xp = a.qs.as_ptr().add((b0 + b) * pc + sb * 256 + 64 * j);
+                let x0 = _mm256_loadu_si256(xp as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add(32) as *const __m256i);
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), s_lo);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), s_hi);
+                *s = _mm256_add_epi32(*s, _mm256_add_epi32(p0, p1));
+            }
+        }
+        for b in 0..BT {
+            let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
+            let s16 = a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16);
+            let mut msum = 0i32;
+            for j in 0..8 {
+                msum += m[j] as i32 * (*s16.add(2 * j) + *s16.add(2 * j + 1));
+            }
+            acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi[b]), acc[b]);
+            mins[b] += dmin * dx * msum as f32;
+        }
+    }
+    for b in 0..BT {
+        out[b] = hsum(acc[b]) - mins[b];
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_row<const BT: usize>(row: *const u8, nsb: usize, a: &Activations, b0: usize, out: &mut [f32; 4]) {
+    let pc = a.padded_cols;
+    let low4 = _mm256_set1_epi8(0x0f);
+    let low2 = _mm256_set1_epi8(0x03);
+    let mut acc = [_mm256_setzero_ps(); BT];
+    let mut offs = [0f32; BT];
+    for sb in 0..nsb {
+        let bp = row.add(sb * Q6K_BLOCK.0);
+        let (ql, qh) = (bp, bp.add(128));
+        let sc = std::slice::from_raw_parts(bp.add(192) as *const i8, 16);
+        let d = f16_at(bp.add(208));
+        let mut sumi = [_mm256_setzero_si256(); BT];
+        for h in 0..2 {
+            let ql0 = _mm256_loadu_si256(ql.add(64 * h) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(ql.add(64 * h + 32) as *const __m256i);
+            let qhv = _mm256_loadu_si256(qh.add(32 * h) as *const __m256i);
+            // the two high bits of each weight, moved to bits 4..5
+            let h0 = _mm256_slli_epi16(_mm256_and_si256(qhv, low2), 4);
+            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 2), low2), 4);
+            let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 4), low2), 4);
+            let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qhv, 6), low2), 4);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), h0),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4), h3),
+            ];
+            for (k, qk) in q.iter().enumerate() {
+                let s = 8 * h + 2 * k;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1] as i16), _mm_set1_epi16(sc[s] as i16));
+                for (b, si) in sumi.iter_mut().enumerate() {
+                    let xp = a.qs.as_ptr().add((b0 + b) * pc + sb * 256 + 128 * h + 32 * k);
+                    let p = _mm256_maddubs_epi16(*qk, _mm256_loadu_si256(xp as *const __m256i));
+                    *si = _mm256_add_epi32(*si, _mm256_madd_epi16(p, scale));
+                }
+            }
+        }
+        for b in 0..BT {
+            let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
+            let s16 = a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16);
+            let mut corr = 0i32;
+            for (g, &s) in sc.iter().enumerate() {
+                corr += s as i32 * *s16.add(g);
+            }
+            acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi[b]), acc[b]);
+            offs[b] += d * dx * (32 * corr) as f32;
+        }
+    }
+    for b in 0..BT {
+        out[b] = hsum(acc[b]) - offs[b];
+    }
+}

@@ -1,0 +1,323 @@
+//! Resident weight formats and their packing.
+//!
+//! A [`PackedMatrix`] is a `[rows, cols]` weight (output rows × input columns) stored row by row,
+//! each row padded with zeros to a whole number of blocks (`padded_cols`), so the kernels never
+//! need a column tail. Quantized rows use the GGUF/ggml block layouts byte for byte (`q8_0`,
+//! `q4_K`, `q6_K`), so a GGUF tensor can be used as it is stored.
+
+use half::{bf16, f16};
+
+use crate::Error;
+
+/// Bytes of one ggml block and weights per block.
+pub const Q8_0_BLOCK: (usize, usize) = (34, 32);
+pub const Q4K_BLOCK: (usize, usize) = (144, 256);
+pub const Q6K_BLOCK: (usize, usize) = (210, 256);
+
+/// FP8 weights are decoded through f16 (`(i8 as i16) << 7 & 0xbf80` is the f16 with the same
+/// sign/exponent/mantissa bits, 2^-8 times the E4M3 value, subnormals included), so every block
+/// scale is stored pre-multiplied by 2^8.
+pub(crate) const FP8_VIA_F16_FACTOR: f32 = 256.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Format {
+    F32,
+    Bf16,
+    /// E4M3 with one f32 scale per `[block[0] rows, block[1] cols]` block (DeepSeek's FP8).
+    Fp8 { block: [usize; 2] },
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl Format {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::F32 => "f32",
+            Format::Bf16 => "bf16",
+            Format::Fp8 { .. } => "fp8",
+            Format::Q8_0 => "q8_0",
+            Format::Q4K => "q4k",
+            Format::Q6K => "q6k",
+        }
+    }
+
+    /// Columns are padded to a multiple of this.
+    pub fn col_block(&self) -> usize {
+        match self {
+            Format::F32 | Format::Bf16 | Format::Fp8 { .. } | Format::Q8_0 => 32,
+            Format::Q4K | Format::Q6K => 256,
+        }
+    }
+
+    fn row_bytes(&self, padded_cols: usize) -> usize {
+        match self {
+            Format::F32 => padded_cols * 4,
+            Format::Bf16 => padded_cols * 2,
+            Format::Fp8 { .. } => padded_cols,
+            Format::Q8_0 => padded_cols / Q8_0_BLOCK.1 * Q8_0_BLOCK.0,
+            Format::Q4K => padded_cols / Q4K_BLOCK.1 * Q4K_BLOCK.0,
+            Format::Q6K => padded_cols / Q6K_BLOCK.1 * Q6K_BLOCK.0,
+        }
+    }
+
+    /// Whether the kernels multiply quantized 8-bit activations (integer dot products).
+    pub(crate) fn int_activations(&self) -> bool {
+        matches!(self, Format::Q8_0 | Format::Q4K | Format::Q6K)
+    }
+}
+
+/// A weight matrix in one resident format.
+#[derive(Clone)]
+pub struct PackedMatrix {
+    pub(crate) format: Format,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) padded_cols: usize,
+    pub(crate) row_bytes: usize,
+    pub(crate) data: Vec<u8>,
+    /// FP8 only: `[ceil(rows / block[0]), padded_cols / block[1]]` scales × 2^8.
+    pub(crate) scales: Vec<f32>,
+}
+
+impl std::fmt::Debug for PackedMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedMatrix({} [{}, {}], {} bytes)", self.format.name(), self.rows, self.cols, self.resident_bytes())
+    }
+}
+
+impl PackedMatrix {
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held in memory (weights, padding and scales).
+    pub fn resident_bytes(&self) -> usize {
+        self.data.len() + self.scales.len() * 4
+    }
+
+    fn empty(format: Format, rows: usize, cols: usize) -> Self {
+        let padded_cols = cols.div_ceil(format.col_block()) * format.col_block();
+        let row_bytes = format.row_bytes(padded_cols);
+        PackedMatrix { format, rows, cols, padded_cols, row_bytes, data: vec![0; rows * row_bytes], scales: Vec::new() }
+    }
+
+    fn check_len(what: &str, found: usize, rows: usize, cols: usize) -> Result<(), Error> {
+        if found != rows * cols {
+            return Err(Error(format!("{what}: {found} values for a [{rows}, {cols}] matrix")));
+        }
+        Ok(())
+    }
+
+    /// Pack float weights (row-major `[rows, cols]`) into `format`, quantizing when it is a ggml
+    /// block format. FP8 needs its scales: use [`PackedMatrix::from_fp8`].
+    pub fn from_f32(format: Format, rows: usize, cols: usize, w: &[f32]) -> Result<Self, Error> {
+        Self::check_len("weights", w.len(), rows, cols)?;
+        let mut m = Self::empty(format, rows, cols);
+        let pc = m.padded_cols;
+        match format {
+            Format::F32 => {
+                for (r, src) in w.chunks_exact(cols.max(1)).enumerate().take(rows) {
+                    let dst = &mut m.data[r * m.row_bytes..][..cols * 4];
+                    for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+                        d.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            Format::Bf16 => {
+                for (r, src) in w.chunks_exact(cols.max(1)).enumerate().take(rows) {
+                    let dst = &mut m.data[r * m.row_bytes..][..cols * 2];
+                    for (d, v) in dst.chunks_exact_mut(2).zip(src) {
+                        d.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+                    }
+                }
+            }
+            Format::Fp8 { .. } => return Err(Error("FP8 packing needs the checkpoint's scales (from_fp8)".into())),
+            Format::Q8_0 | Format::Q4K | Format::Q6K => {
+                let dtype = match format {
+                    Format::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+                    Format::Q4K => candle_core::quantized::GgmlDType::Q4K,
+                    _ => candle_core::quantized::GgmlDType::Q6K,
+                };
+                let mut padded = vec![0f32; rows * pc];
+                for r in 0..rows {
+                    padded[r * pc..r * pc + cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
+                }
+                let t = candle_core::Tensor::from_vec(padded, (rows.max(1), pc), &candle_core::Device::Cpu)
+                    .and_then(|t| candle_core::quantized::QTensor::quantize(&t, dtype))
+                    .and_then(|q| q.data().map(|d| d.into_owned()))
+                    .map_err(|e| Error(format!("quantizing to {}: {e}", format.name())))?;
+                if rows > 0 {
+                    m.data = t;
+                }
+                if m.data.len() != rows * m.row_bytes {
+                    return Err(Error(format!("{} quantizer gave {} bytes, expected {}", format.name(), m.data.len(), rows * m.row_bytes)));
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// bf16 weights (raw bits) kept as bf16.
+    pub fn from_bf16(rows: usize, cols: usize, w: &[u16]) -> Result<Self, Error> {
+        Self::check_len("weights", w.len(), rows, cols)?;
+        let mut m = Self::empty(Format::Bf16, rows, cols);
+        for r in 0..rows {
+            let dst = &mut m.data[r * m.row_bytes..][..cols * 2];
+            for (d, v) in dst.chunks_exact_mut(2).zip(&w[r * cols..(r + 1) * cols]) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(m)
+    }
+
+    /// FP8 E4M3 bytes `[rows, cols]` with DeepSeek's `weight_scale_inv`
+    /// `[ceil(rows / block[0]), ceil(cols / block[1])]`, kept at one byte per weight.
+    /// `block[1]` must be a multiple of 32 (DeepSeek uses 128).
+    pub fn from_fp8(rows: usize, cols: usize, w: &[u8], scale_inv: &[f32], block: [usize; 2]) -> Result<Self, Error> {
+        Self::check_len("weights", w.len(), rows, cols)?;
+        if block[0] == 0 || block[1] == 0 || block[1] % 32 != 0 {
+            return Err(Error(format!("FP8 block {block:?}: the column block must be a positive multiple of 32")));
+        }
+        let (srows, scols) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
+        Self::check_len("FP8 scales", scale_inv.len(), srows, scols)?;
+        let mut m = Self::empty(Format::Fp8 { block }, rows, cols);
+        // whole scale blocks per padded row
+        let pscols = m.padded_cols.div_ceil(block[1]);
+        m.scales = vec![0.0; srows * pscols];
+        for br in 0..srows {
+            for bc in 0..scols {
+                m.scales[br * pscols + bc] = scale_inv[br * scols + bc] * FP8_VIA_F16_FACTOR;
+            }
+        }
+        for r in 0..rows {
+            m.data[r * m.row_bytes..][..cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
+        }
+        Ok(m)
+    }
+
+    /// ggml blocks as stored in a GGUF file: `rows` rows of `cols / block` blocks each.
+    pub fn from_blocks(format: Format, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self, Error> {
+        if !format.int_activations() {
+            return Err(Error(format!("{} is not a block format", format.name())));
+        }
+        if cols % format.col_block() != 0 {
+            return Err(Error(format!("{} rows of {cols} columns: not a whole number of {}-blocks", format.name(), format.col_block())));
+        }
+        let mut m = Self::empty(format, rows, cols);
+        if bytes.len() != m.data.len() {
+            return Err(Error(format!("{} [{rows}, {cols}]: {} bytes, expected {}", format.name(), bytes.len(), m.data.len())));
+        }
+        m.data = bytes;
+        Ok(m)
+    }
+
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// FP8 scales of row `r` (one per column block of the padded row).
+    pub(crate) fn fp8_row_scales(&self, r: usize) -> &[f32] {
+        match self.format {
+            Format::Fp8 { block } => {
+                let n = self.padded_cols.div_ceil(block[1]);
+                &self.scales[(r / block[0]) * n..][..n]
+            }
+            _ => &[],
+        }
+    }
+
+    /// Row `r` as f32 (the reference every kernel is tested against), `padded_cols` long.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let row = self.row(r);
+        let pc = self.padded_cols;
+        match self.format {
+            Format::F32 => row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Format::Bf16 => row.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+            Format::Fp8 { block } => {
+                let scales = self.fp8_row_scales(r);
+                (0..pc).map(|c| fp8_via_f16(row[c]) * scales[c / block[1]]).collect()
+            }
+            Format::Q8_0 => {
+                let mut out = Vec::with_capacity(pc);
+                for b in row.chunks_exact(Q8_0_BLOCK.0) {
+                    let d = f16_at(b, 0);
+                    out.extend(b[2..].iter().map(|&q| d * q as i8 as f32));
+                }
+                out
+            }
+            Format::Q4K => {
+                let mut out = Vec::with_capacity(pc);
+                for b in row.chunks_exact(Q4K_BLOCK.0) {
+                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                    let (sc, m) = q4k_scales(&b[4..16]);
+                    let qs = &b[16..];
+                    for j in 0..4 {
+                        let q = &qs[32 * j..32 * j + 32];
+                        let (d1, m1) = (d * sc[2 * j] as f32, dmin * m[2 * j] as f32);
+                        let (d2, m2) = (d * sc[2 * j + 1] as f32, dmin * m[2 * j + 1] as f32);
+                        out.extend(q.iter().map(|&v| d1 * (v & 0xf) as f32 - m1));
+                        out.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
+                    }
+                }
+                out
+            }
+            Format::Q6K => {
+                let mut out = vec![0f32; pc];
+                for (bi, b) in row.chunks_exact(Q6K_BLOCK.0).enumerate() {
+                    let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+                    let d = f16_at(b, 208);
+                    let y = &mut out[bi * 256..];
+                    for half in 0..2 {
+                        let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
+                        for l in 0..32 {
+                            let is = l / 16;
+                            let q1 = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i32 - 32;
+                            let q2 = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                            let base = 128 * half + l;
+                            for (k, q) in [q1, q2, q3, q4].into_iter().enumerate() {
+                                y[base + 32 * k] = d * sc[is + 2 * k] as i8 as f32 * q as f32;
+                            }
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// The FP8 byte decoded through the f16 bit trick (2^-8 × its E4M3 value).
+pub(crate) fn fp8_via_f16(b: u8) -> f32 {
+    let bits = (((b as i8 as i16) << 7) as u16) & 0xbf80;
+    f16::from_bits(bits).to_f32()
+}
+
+/// The eight 6-bit scales and mins of a q4_K block (ggml's `get_scale_min_k4`).
+pub(crate) fn q4k_scales(q: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = q[j] & 63;
+            m[j] = q[j + 4] & 63;
+        } else {
+            sc[j] = (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4);
+            m[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        }
+    }
+    (sc, m)
+}

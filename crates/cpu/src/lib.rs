@@ -1,0 +1,30 @@
+//! CPU hot paths. Decode on a CPU is memory-bound: these kernels read every weight byte once per
+//! call, for one activation row or a batch of up to a few dozen (batched decode, MTP
+//! verification, prefill chunks reuse each weight row from L1).
+//!
+//! - [`format`]: resident weight formats ([`PackedMatrix`]) and their f32 reference dequantization;
+//! - [`matmul`]: the products, threaded over output rows, with run-time CPU feature detection;
+//! - [`bandwidth`]: a streaming-read measurement to compare the kernels against.
+
+pub mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod bandwidth;
+pub mod format;
+pub mod matmul;
+
+pub use act::Activations;
+pub use format::{Format, PackedMatrix};
+pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, Backend, Product};
+
+/// A packing or shape error (the caller adds the tensor name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}

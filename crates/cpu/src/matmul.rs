@@ -1,0 +1,131 @@
+//! Matrix × small batch: `y[b, r] = Σ_k x[b, k] · W[r, k]`, multi-threaded over output rows on
+//! rayon's pool (one pool for the whole process, shared with candle's own kernels, so threads are
+//! never oversubscribed).
+//!
+//! [`matmul_many`] runs several independent products (e.g. every active expert of a MoE layer)
+//! in one parallel region; [`matmul_reference`] is the plain path every kernel is tested against.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::act::Activations;
+use crate::format::PackedMatrix;
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Which implementation runs the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// AVX2 + FMA + F16C kernels.
+    Avx2,
+    /// Dequantize a row, dot in f32: any CPU (and the reference).
+    Portable,
+}
+
+/// The best backend of this CPU; `MOESERVE_CPU_KERNELS=portable` forces the portable one.
+pub fn backend() -> Backend {
+    static B: OnceLock<Backend> = OnceLock::new();
+    *B.get_or_init(|| {
+        if std::env::var("MOESERVE_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+            return Backend::Portable;
+        }
+        if avx2_available() {
+            return Backend::Avx2;
+        }
+        Backend::Portable
+    })
+}
+
+/// One product of a [`matmul_many`] call. `x: [batch, w.cols()]`, `y: [batch, w.rows()]`.
+pub struct Product<'a> {
+    pub w: &'a PackedMatrix,
+    pub x: &'a Activations,
+    pub y: &'a mut [f32],
+}
+
+/// Prepare `x: [batch, w.cols()]` for `w`'s kernel (padding; 8-bit quantization for block formats).
+pub fn activations(w: &PackedMatrix, x: &[f32], batch: usize) -> Activations {
+    Activations::new(w.format, x, batch, w.cols, w.padded_cols)
+}
+
+/// `y: [batch, rows] = x: [batch, cols] · Wᵀ`.
+pub fn matmul(w: &PackedMatrix, x: &[f32], batch: usize, y: &mut [f32]) {
+    let a = activations(w, x, batch);
+    matmul_many(&mut [Product { w, x: &a, y }]);
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: every work unit writes a disjoint set of output rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Run several products in one parallel region, split into row ranges of similar cost.
+pub fn matmul_many(products: &mut [Product<'_>]) {
+    matmul_many_with(backend(), products)
+}
+
+/// [`matmul_many`] on a chosen backend (tests compare them).
+pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
+    let backend = if backend == Backend::Avx2 && !avx2_available() { Backend::Portable } else { backend };
+    for p in products.iter() {
+        assert_eq!(p.x.padded_cols, p.w.padded_cols, "activations prepared for another matrix");
+        assert_eq!(p.y.len(), p.x.batch * p.w.rows, "output size");
+    }
+    let total_bytes: usize = products.iter().map(|p| p.w.data.len()).sum();
+    let threads = rayon::current_num_threads().max(1);
+    // units of ~1/8 of a thread's share (work stealing evens out the rest), at least 16 KiB
+    let unit_bytes = (total_bytes / (threads * 8)).max(16 << 10);
+    let mut units = Vec::new();
+    for (i, p) in products.iter().enumerate() {
+        let rows_per = (unit_bytes / p.w.row_bytes.max(1)).clamp(1, p.w.rows.max(1));
+        let mut r = 0;
+        while r < p.w.rows {
+            units.push((i, r, (r + rows_per).min(p.w.rows)));
+            r += rows_per;
+        }
+    }
+    let outs: Vec<OutPtr> = products.iter_mut().map(|p| OutPtr(p.y.as_mut_ptr())).collect();
+    let run = |&(i, r0, r1): &(usize, usize, usize)| {
+        let p = &products[i];
+        // SAFETY: units cover disjoint row ranges of each product's output.
+        unsafe { rows(backend, p.w, p.x, r0, r1, outs[i].0, p.w.rows) }
+    };
+    if units.len() == 1 || threads == 1 {
+        units.iter().for_each(run);
+    } else {
+        units.par_iter().for_each(run);
+    }
+}
+
+unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => crate::avx2::rows(w, a, r0, r1, y, y_stride),
+        _ => {
+            for r in r0..r1 {
+                let wr = w.dequantize_row(r);
+                for b in 0..a.batch {
+                    let x = &a.f32[b * a.padded_cols..(b + 1) * a.padded_cols];
+                    *y.add(b * y_stride + r) = wr.iter().zip(x).map(|(w, x)| w * x).sum();
+                }
+            }
+        }
+    }
+}
+
+/// The reference: every row dequantized, dot products accumulated in f64.
+pub fn matmul_reference(w: &PackedMatrix, x: &[f32], batch: usize, y: &mut [f32]) {
+    for r in 0..w.rows {
+        let wr = w.dequantize_row(r);
+        for b in 0..batch {
+            let xb = &x[b * w.cols..(b + 1) * w.cols];
+            y[b * w.rows + r] = wr.iter().zip(xb).map(|(&w, &x)| w as f64 * x as f64).sum::<f64>() as f32;
+        }
+    }
+}

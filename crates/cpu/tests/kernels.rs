@@ -1,0 +1,155 @@
+//! Every kernel against the plain reference, on ragged shapes (columns that are not a multiple of
+//! the block or vector width, row counts that do not split evenly, batches of 1..32).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use moeserve_cpu::{activations, matmul_many_with, matmul_reference, Backend, Format, PackedMatrix, Product};
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// E4M3FN decoded by its definition.
+fn e4m3(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (((b >> 3) & 15) as i32, (b & 7) as f32);
+    if e == 0 {
+        sign * m / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+fn pack(format: Format, rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> PackedMatrix {
+    match format {
+        Format::Fp8 { block } => {
+            // finite E4M3 bytes (0x7f / 0xff are NaN)
+            let w: Vec<u8> = (0..rows * cols).map(|_| rng.gen_range(0..=254u8)).map(|b| if b == 0x7f { 0x7e } else { b }).collect();
+            let s: Vec<f32> = (0..rows.div_ceil(block[0]) * cols.div_ceil(block[1])).map(|_| rng.gen_range(0.001f32..0.01)).collect();
+            PackedMatrix::from_fp8(rows, cols, &w, &s, block).unwrap()
+        }
+        _ => PackedMatrix::from_f32(format, rows, cols, &rand_vec(rng, rows * cols)).unwrap(),
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt() as f32
+}
+
+/// Σ_k |W[r, k] x[b, k]| per output: the scale an error of a dot product is judged against
+/// (a relative error of one small dot product of cancelling terms says nothing).
+fn magnitudes(w: &PackedMatrix, x: &[f32], batch: usize) -> Vec<f32> {
+    let cols = w.cols();
+    let mut m = vec![0f32; batch * w.rows()];
+    for r in 0..w.rows() {
+        let wr = w.dequantize_row(r);
+        for b in 0..batch {
+            m[b * w.rows() + r] = x[b * cols..(b + 1) * cols].iter().zip(&wr).map(|(x, w)| (x * w).abs()).sum();
+        }
+    }
+    m
+}
+
+fn scaled_err(got: &[f32], want: &[f32], scale: &[f32]) -> f32 {
+    let num: f64 = got.iter().zip(want).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = scale.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt() as f32
+}
+
+const FORMATS: [(Format, f32); 7] = [
+    (Format::F32, 1e-5),
+    (Format::Bf16, 1e-5),
+    (Format::Fp8 { block: [128, 128] }, 1e-5),
+    (Format::Fp8 { block: [32, 32] }, 1e-5),
+    // 8-bit activations: the reference multiplies unquantized activations
+    (Format::Q8_0, 5e-3),
+    (Format::Q4K, 5e-3),
+    (Format::Q6K, 5e-3),
+];
+
+#[test]
+fn kernels_match_the_reference_on_ragged_shapes() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for (format, tol) in FORMATS {
+        for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048)] {
+            let w = pack(format, &mut rng, rows, cols);
+            for batch in [1, 2, 3, 4, 5, 8, 13, 32] {
+                let x = rand_vec(&mut rng, batch * cols);
+                let mut want = vec![0f32; batch * rows];
+                matmul_reference(&w, &x, batch, &mut want);
+                let scale = magnitudes(&w, &x, batch);
+                for backend in [Backend::Avx2, Backend::Portable] {
+                    let a = activations(&w, &x, batch);
+                    let mut got = vec![f32::NAN; batch * rows];
+                    matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
+                    let e = scaled_err(&got, &want, &scale);
+                    assert!(e < tol, "{format:?} {backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_products_match_separate_ones() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let ws: Vec<PackedMatrix> = (0..5).map(|i| pack(Format::Q4K, &mut rng, 40 + 17 * i, 512)).collect();
+    let xs: Vec<Vec<f32>> = (0..5).map(|i| rand_vec(&mut rng, (i + 1) * 512)).collect();
+    let acts: Vec<_> = ws.iter().zip(&xs).enumerate().map(|(i, (w, x))| activations(w, x, i + 1)).collect();
+    let mut outs: Vec<Vec<f32>> = ws.iter().enumerate().map(|(i, w)| vec![0f32; (i + 1) * w.rows()]).collect();
+    let mut products: Vec<Product> =
+        ws.iter().zip(&acts).zip(outs.iter_mut()).map(|((w, x), y)| Product { w, x, y: y.as_mut_slice() }).collect();
+    matmul_many_with(Backend::Avx2, &mut products);
+    for (i, (w, x)) in ws.iter().zip(&xs).enumerate() {
+        let mut want = vec![0f32; (i + 1) * w.rows()];
+        moeserve_cpu::matmul(w, x, i + 1, &mut want);
+        assert_eq!(outs[i], want, "product {i}");
+    }
+}
+
+#[test]
+fn block_layouts_dequantize_like_ggml() {
+    // our reading of the q8_0 / q4_K / q6_K bytes against candle's (ggml's) dequantization
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (rows, cols) = (6, 512);
+    let w = rand_vec(&mut rng, rows * cols);
+    for (format, dtype) in [(Format::Q8_0, GgmlDType::Q8_0), (Format::Q4K, GgmlDType::Q4K), (Format::Q6K, GgmlDType::Q6K)] {
+        let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let want: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let m = PackedMatrix::from_blocks(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+        assert_eq!(got, want, "{format:?}");
+        // and the quantization error is what the format promises
+        let e = rel_err(&got, &w);
+        let bound = match format {
+            Format::Q8_0 => 0.01,
+            Format::Q6K => 0.02,
+            _ => 0.1,
+        };
+        assert!(e < bound, "{format:?} quantization error {e}");
+    }
+}
+
+#[test]
+fn fp8_decodes_exactly() {
+    // one row of all 254 finite bytes, scale 1: the f16 trick gives the E4M3 values exactly
+    let bytes: Vec<u8> = (0..=255u8).filter(|&b| b & 0x7f != 0x7f).collect();
+    let m = PackedMatrix::from_fp8(1, bytes.len(), &bytes, &[1.0; 2], [1, 128]).unwrap();
+    let row = m.dequantize_row(0);
+    for (i, &b) in bytes.iter().enumerate() {
+        assert_eq!(row[i], e4m3(b), "byte {b:#04x}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(PackedMatrix::from_f32(Format::F32, 2, 3, &[0.0; 5]).is_err());
+    assert!(PackedMatrix::from_fp8(2, 64, &[0; 128], &[1.0], [1, 48]).is_err());
+    assert!(PackedMatrix::from_fp8(2, 64, &[0; 128], &[1.0], [1, 64]).is_err()); // needs 2 scales
+    assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 200, vec![0; 144]).is_err());
+    assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 256, vec![0; 143]).is_err());
+}
