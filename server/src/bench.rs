@@ -28,6 +28,13 @@ pub struct Args {
     /// and print aggregate decode tok/s and time-to-first-token percentiles.
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    /// Only the kernel benchmark: every weight format at batch 1..32 on one matrix, against the
+    /// read bandwidth measured in the same run (no model is loaded).
+    #[arg(long)]
+    pub kernels: bool,
+    /// Matrix of the kernel benchmark, rows x cols.
+    #[arg(long, default_value = "8192x4096", value_parser = parse_shape)]
+    pub kernel_shape: (usize, usize),
     /// Engine settings for the concurrency runs (the KV budget is capped at what the runs need).
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -63,26 +70,48 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Read bandwidth in bytes/s: best of 3 passes summing a 1 GiB buffer on all cores.
+/// Read bandwidth in bytes/s: best of 5 passes over a 1 GiB buffer on the kernels' thread pool.
 fn bandwidth_probe() -> f64 {
-    let n: usize = 128 << 20;
-    let buf: Vec<u64> = (0..n as u64).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let mut best = 0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        // integer sums vectorize (float sums would be a serial dependency chain)
-        let sum: u64 = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
-                .chunks(n.div_ceil(threads))
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0)).fold(0u64, u64::wrapping_add)
-        });
-        std::hint::black_box(sum);
-        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64());
+    moeserve_cpu::bandwidth::read_bandwidth(1 << 30, 5)
+}
+
+fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (r, c) = s.split_once('x').ok_or_else(|| format!("`{s}`: expected ROWSxCOLS"))?;
+    let n = |v: &str| v.parse::<usize>().map_err(|e| format!("`{s}`: {e}"));
+    Ok((n(r)?, n(c)?))
+}
+
+/// `bench --kernels`: the per-format kernel table.
+fn bench_kernels(args: &Args) {
+    use moeserve_cpu::Format;
+    let formats = [
+        Format::F32,
+        Format::Bf16,
+        Format::Fp8 { block: [128, 128] },
+        Format::Q8_0,
+        Format::Q4K,
+        Format::Q6K,
+    ];
+    let (rows, cols) = args.kernel_shape;
+    let backend = moeserve_cpu::backend();
+    let report = moeserve_cpu::bench::run(&formats, &[1, 2, 4, 8, 16, 32], rows, cols, 15, backend);
+    println!(
+        "kernels: {backend:?}, {} threads, weight [{rows}, {cols}], read bandwidth {:.1} GB/s (best of 5 over 1 GiB)",
+        rayon::current_num_threads(),
+        report.read_bandwidth / 1e9
+    );
+    println!("{:<6} {:>5} {:>10} {:>9} {:>12} {:>10}", "format", "batch", "time (us)", "GB/s", "of read bw", "vs batch 1");
+    for r in &report.results {
+        println!(
+            "{:<6} {:>5} {:>10.1} {:>9.2} {:>12.2} {:>10.2}",
+            r.format,
+            r.batch,
+            r.seconds * 1e6,
+            r.bytes_per_s / 1e9,
+            r.bytes_per_s / report.read_bandwidth,
+            r.vs_batch1
+        );
     }
-    best
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -91,6 +120,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.kernels {
+        bench_kernels(&args);
+        return Ok(());
+    }
     let t = Instant::now();
     let loaded = source::load(&args.model, false)?;
     let model = &loaded.model;

@@ -120,7 +120,7 @@ unsafe fn float_row<const F: u8, const BT: usize, const U: usize>(
         let k1 = (k0 + seg).min(pc);
         let mut acc = [[_mm256_setzero_ps(); U]; BT];
         let mut k = k0;
-        while k < k1 {
+        while k + 8 * U <= k1 {
             for u in 0..U {
                 let wv = load8::<F>(row, k + 8 * u);
                 for (b, ab) in acc.iter_mut().enumerate() {
@@ -128,6 +128,14 @@ unsafe fn float_row<const F: u8, const BT: usize, const U: usize>(
                 }
             }
             k += 8 * U;
+        }
+        // segments are whole multiples of 8 columns
+        while k < k1 {
+            let wv = load8::<F>(row, k);
+            for (b, ab) in acc.iter_mut().enumerate() {
+                ab[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * xs + k)), ab[0]);
+            }
+            k += 8;
         }
         for (t, ab) in tot.iter_mut().zip(&acc) {
             let mut s = ab[0];

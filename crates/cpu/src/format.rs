@@ -181,11 +181,11 @@ impl PackedMatrix {
 
     /// FP8 E4M3 bytes `[rows, cols]` with DeepSeek's `weight_scale_inv`
     /// `[ceil(rows / block[0]), ceil(cols / block[1])]`, kept at one byte per weight.
-    /// `block[1]` must be a multiple of 32 (DeepSeek uses 128).
+    /// `block[1]` must be a multiple of 8 (DeepSeek uses 128).
     pub fn from_fp8(rows: usize, cols: usize, w: &[u8], scale_inv: &[f32], block: [usize; 2]) -> Result<Self, Error> {
         Self::check_len("weights", w.len(), rows, cols)?;
-        if block[0] == 0 || block[1] == 0 || block[1] % 32 != 0 {
-            return Err(Error(format!("FP8 block {block:?}: the column block must be a positive multiple of 32")));
+        if block[0] == 0 || block[1] == 0 || block[1] % 8 != 0 {
+            return Err(Error(format!("FP8 block {block:?}: the column block must be a positive multiple of 8")));
         }
         let (srows, scols) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
         Self::check_len("FP8 scales", scale_inv.len(), srows, scols)?;

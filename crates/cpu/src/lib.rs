@@ -10,6 +10,7 @@ pub mod act;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod bandwidth;
+pub mod bench;
 pub mod format;
 pub mod matmul;
 

@@ -59,11 +59,12 @@ fn scaled_err(got: &[f32], want: &[f32], scale: &[f32]) -> f32 {
     (num / den.max(1e-30)).sqrt() as f32
 }
 
-const FORMATS: [(Format, f32); 7] = [
+const FORMATS: [(Format, f32); 8] = [
     (Format::F32, 1e-5),
     (Format::Bf16, 1e-5),
     (Format::Fp8 { block: [128, 128] }, 1e-5),
-    (Format::Fp8 { block: [32, 32] }, 1e-5),
+    (Format::Fp8 { block: [32, 16] }, 1e-5),
+    (Format::Fp8 { block: [1, 24] }, 1e-5),
     // 8-bit activations: the reference multiplies unquantized activations
     (Format::Q8_0, 5e-3),
     (Format::Q4K, 5e-3),
@@ -148,7 +149,7 @@ fn fp8_decodes_exactly() {
 #[test]
 fn bad_shapes_are_errors() {
     assert!(PackedMatrix::from_f32(Format::F32, 2, 3, &[0.0; 5]).is_err());
-    assert!(PackedMatrix::from_fp8(2, 64, &[0; 128], &[1.0], [1, 48]).is_err());
+    assert!(PackedMatrix::from_fp8(2, 64, &[0; 128], &[1.0], [1, 12]).is_err());
     assert!(PackedMatrix::from_fp8(2, 64, &[0; 128], &[1.0], [1, 64]).is_err()); // needs 2 scales
     assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 200, vec![0; 144]).is_err());
     assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 256, vec![0; 143]).is_err());

@@ -22,6 +22,11 @@ impl Mlp {
         })
     }
 
+    /// The gate, up and down weights when all three are resident in a CPU kernel format.
+    pub fn packed(&self) -> Option<[&moeserve_cpu::PackedMatrix; 3]> {
+        Some([self.gate.packed()?, self.up.packed()?, self.down.packed()?])
+    }
+
     /// `x: [n, hidden]` -> `down(silu(gate x) ⊙ up x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = candle_nn::ops::silu(&self.gate.forward(x)?).ctx(|| "silu".into())?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Error, KvLayout, Result};
-use moeserve_quant::{Checkpoint, Linear, Weights};
+use moeserve_quant::{Checkpoint, Linear, LoadReport, QuantSpec, Weights};
 
 use crate::batch::ForwardBatch;
 use crate::cache::{ContiguousLatentCache, LatentKv};
@@ -23,11 +23,13 @@ pub struct LoadOptions {
     pub load_mtp: bool,
     /// Router precision; F32 always in practice (see `RouterConfig::dtype`).
     pub router_dtype: DType,
+    /// Resident weight formats per class (`--quant`); default: the checkpoint's own.
+    pub quant: QuantSpec,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, load_mtp: true, router_dtype: DType::F32 }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, load_mtp: true, router_dtype: DType::F32, quant: QuantSpec::default() }
     }
 }
 
@@ -43,6 +45,7 @@ pub struct DeepSeekModel {
     mtp: Option<Mtp>,
     dtype: DType,
     device: Device,
+    load_report: LoadReport,
 }
 
 impl DeepSeekModel {
@@ -60,10 +63,15 @@ impl DeepSeekModel {
             return Err(Error::Input(format!("unsupported compute dtype {:?} (f32, bf16, f16)", opts.dtype)));
         }
         let block = cfg.quantization_config.as_ref().and_then(|q| q.weight_block_size);
-        let root = Weights::new(ckpt, opts.dtype, opts.device.clone(), block);
+        let root = Weights::new(ckpt, opts.dtype, opts.device.clone(), block).with_spec(opts.quant.clone());
         let m = root.pp("model");
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        let embed = m.tensor("embed_tokens.weight", &[v, d])?;
+        // a bf16 embedding table stays bf16; looked-up rows are cast to the compute dtype
+        let embed_dtype = match root.checkpoint().meta("model.embed_tokens.weight")?.dtype {
+            safetensors::Dtype::BF16 if !cfg.tie_word_embeddings => DType::BF16,
+            _ => opts.dtype,
+        };
+        let embed = m.tensor_as("embed_tokens.weight", &[v, d], embed_dtype)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, cfg.is_moe_layer(i), opts.router_dtype))
             .collect::<Result<Vec<_>>>()?;
@@ -79,7 +87,9 @@ impl DeepSeekModel {
         } else {
             None
         };
+        let load_report = root.report();
         Ok(DeepSeekModel {
+            load_report,
             rope: Rope::new(&cfg),
             cfg,
             embed,
@@ -123,7 +133,7 @@ impl DeepSeekModel {
             return Err(Error::Input(format!("token id {bad} out of range (vocab_size {})", self.cfg.vocab_size)));
         }
         let ids = Tensor::from_slice(tokens, tokens.len(), &self.device).ctx(|| "token ids".into())?;
-        self.embed.index_select(&ids, 0).ctx(|| "embedding".into())
+        self.embed.index_select(&ids, 0).and_then(|e| e.to_dtype(self.dtype)).ctx(|| "embedding".into())
     }
 
     pub(crate) fn check_batch(&self, batch: &ForwardBatch, kv: &[&mut dyn LatentKv]) -> Result<()> {
@@ -177,6 +187,17 @@ impl DeepSeekModel {
     }
 
     /// One-line summary of the loaded model (for logs and reports).
+    /// Formats and resident bytes of every weight behind the Linear seam.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.load_report
+    }
+
+    /// Resident bytes of all weights (projections, embedding, norms and routers are counted by
+    /// the projections plus the embedding table; the rest is negligible).
+    pub fn weight_bytes(&self) -> usize {
+        self.load_report.total_bytes() + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} layers ({} MoE), hidden {}, {} heads, vocab {}, lm_head {}, mtp {}",

@@ -36,6 +36,9 @@ impl Moe {
     /// `x: [n, hidden]` -> `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let routing = self.router.route(x)?;
+        if let Some(out) = self.grouped_forward(x, &routing)? {
+            return out.to_dtype(x.dtype()).ctx(|| "moe out".into());
+        }
         let routed = self.experts_forward(x, &routing)?;
         let out = match &self.shared {
             Some(s) => (routed + s.forward(x)?.to_dtype(DType::F32).ctx(|| "shared".into())?).ctx(|| "moe add".into())?,
@@ -84,6 +87,82 @@ impl Moe {
     }
 }
 
+impl Moe {
+    /// The CPU kernels' path: the gate and up projections of every active expert and the shared
+    /// experts in one parallel call, SiLU·mul, then every down projection in a second call; the
+    /// weighted sum in f32. `None` when the experts are not resident in a kernel format.
+    pub fn grouped_forward(&self, x: &Tensor, routing: &Routing) -> Result<Option<Tensor>> {
+        let Some(shared) = self.shared.as_ref().map_or(Some(None), |s| s.packed().map(Some)) else { return Ok(None) };
+        let experts: Option<Vec<_>> = self.experts.iter().map(Mlp::packed).collect();
+        let Some(experts) = experts else { return Ok(None) };
+        let ctx = || format!("grouped moe {:?}", x.dims());
+        let (n, hidden) = x.dims2().ctx(ctx)?;
+        let (xs, _) = moeserve_quant::packed::rows_f32(x, hidden, "moe")?;
+        // (weights, token rows, routing weight per row); the shared experts take every token at weight 1
+        let mut groups: Vec<([&moeserve_cpu::PackedMatrix; 3], Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut slot_of = vec![usize::MAX; experts.len()];
+        for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
+            let e = e as usize;
+            if slot_of[e] == usize::MAX {
+                slot_of[e] = groups.len();
+                groups.push((experts[e], Vec::new(), Vec::new()));
+            }
+            let g = &mut groups[slot_of[e]];
+            g.1.push(slot / routing.top_k);
+            g.2.push(w);
+        }
+        if let Some(s) = shared {
+            groups.push((s, (0..n).collect(), vec![1.0; n]));
+        }
+        let inputs: Vec<Vec<f32>> =
+            groups.iter().map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect()).collect();
+        // gate and up share their activations when they share a format
+        let mut acts = Vec::with_capacity(2 * groups.len());
+        for ((w, rows, _), input) in groups.iter().zip(&inputs) {
+            acts.push(moeserve_cpu::activations(w[0], input, rows.len()));
+            if w[1].format() != w[0].format() {
+                acts.push(moeserve_cpu::activations(w[1], input, rows.len()));
+            }
+        }
+        let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
+        let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
+        {
+            let mut products = Vec::with_capacity(2 * groups.len());
+            let mut a = acts.iter();
+            for (((w, _, _), g), u) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()) {
+                let ag = a.next().ok_or_else(|| moeserve_core::Error::Input("moe activations".into()))?;
+                let au = if w[1].format() != w[0].format() { a.next().unwrap_or(ag) } else { ag };
+                products.push(moeserve_cpu::Product { w: w[0], x: ag, y: g });
+                products.push(moeserve_cpu::Product { w: w[1], x: au, y: u });
+            }
+            moeserve_cpu::matmul_many(&mut products);
+        }
+        for (g, u) in gate.iter_mut().zip(&up) {
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+        let down_acts: Vec<_> = groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
+        let mut down: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[2].rows()]).collect();
+        let mut products: Vec<_> = groups
+            .iter()
+            .zip(&down_acts)
+            .zip(down.iter_mut())
+            .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y })
+            .collect();
+        moeserve_cpu::matmul_many(&mut products);
+        let mut out = vec![0f32; n * hidden];
+        for ((_, rows, ws), y) in groups.iter().zip(&down) {
+            for ((&t, &w), yr) in rows.iter().zip(ws).zip(y.chunks_exact(hidden)) {
+                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(yr) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(out, (n, hidden), x.device()).ctx(ctx)?))
+    }
+}
+
 /// Reference implementation of the routed sum: a plain per-token loop (for tests).
 pub fn experts_forward_reference(moe: &Moe, x: &Tensor, routing: &Routing) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
@@ -129,6 +208,18 @@ mod tests {
             let num: f32 = fast.iter().zip(&slow).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
             let den: f32 = slow.iter().map(|b| b * b).sum::<f32>().sqrt();
             assert!(den > 0.0 && num / den < 1e-5, "{n} tokens: relative error {}", num / den);
+            // the kernels' grouped call (routed and shared experts at once) against the reference
+            let shared = moe.shared.as_ref().unwrap().forward(&x).unwrap();
+            let want: Vec<f32> = (experts_forward_reference(&moe, &x, &routing).unwrap() + shared)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = moe.grouped_forward(&x, &routing).unwrap().expect("packed experts").flatten_all().unwrap().to_vec1().unwrap();
+            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+            assert!(num / den < 1e-5, "grouped, {n} tokens: relative error {}", num / den);
         }
     }
 }

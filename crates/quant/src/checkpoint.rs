@@ -163,17 +163,9 @@ impl Checkpoint {
         t.to_dtype(dtype).map_err(|e| tensor_err(shard, name, e))
     }
 
-    /// Read a (slice of a) block-scaled FP8 weight, dequantized exactly in f32
-    /// (`f32(q) × scale_inv[block]`), then cast once to `dtype`.
-    pub fn load_fp8(
-        &self,
-        name: &str,
-        scale_name: &str,
-        block: [usize; 2],
-        slice: &Slice,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
+    /// A block-scaled FP8 weight as stored: its `[rows, cols]` E4M3 bytes (memory-mapped) and its
+    /// `weight_scale_inv` `[ceil(rows / block[0]), ceil(cols / block[1])]`, both checked.
+    pub fn fp8_parts(&self, name: &str, scale_name: &str, block: [usize; 2]) -> Result<(&[u8], Vec<f32>, [usize; 2])> {
         let (shard, meta) = self.locate(name)?;
         if meta.dtype != Dtype::F8_E4M3 {
             return Err(Error::Tensor {
@@ -203,12 +195,27 @@ impl Checkpoint {
             });
         }
         let scale = scale.flatten_all().and_then(|s| s.to_vec1::<f32>()).map_err(|e| tensor_err(shard, scale_name, e))?;
+        self.progress.add(meta.bytes.len() as u64, &file_name(&shard.path));
+        Ok((&shard.mmap[meta.bytes.clone()], scale, [rows, cols]))
+    }
+
+    /// Read a (slice of a) block-scaled FP8 weight, dequantized exactly in f32
+    /// (`f32(q) × scale_inv[block]`), then cast once to `dtype`.
+    pub fn load_fp8(
+        &self,
+        name: &str,
+        scale_name: &str,
+        block: [usize; 2],
+        slice: &Slice,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (data, scale, [rows, cols]) = self.fp8_parts(name, scale_name, block)?;
+        let (shard, meta) = self.locate(name)?;
         let (r, c) = slice_ranges(shard, name, &meta.shape, slice)?;
-        let data = &shard.mmap[meta.bytes.clone()];
         let w = Fp8Block { data, rows, cols, scale_inv: &scale, block };
         let shape = [r.len(), c.len()];
         let values = w.dequantize(r, c);
-        self.progress.add(meta.bytes.len() as u64, &file_name(&shard.path));
         let t = Tensor::from_vec(values, &shape[..], device).map_err(|e| tensor_err(shard, name, e))?;
         t.to_dtype(dtype).map_err(|e| tensor_err(shard, name, e))
     }

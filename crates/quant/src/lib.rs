@@ -4,9 +4,13 @@
 pub mod checkpoint;
 pub mod fp8;
 pub mod linear;
+pub mod packed;
 pub mod progress;
+pub mod spec;
 pub mod weights;
 
 pub use checkpoint::{Checkpoint, Slice, TensorMeta};
 pub use linear::{DenseLinear, Linear};
-pub use weights::Weights;
+pub use packed::PackedLinear;
+pub use spec::{QuantSpec, Target, TensorClass};
+pub use weights::{LoadReport, Weights};

@@ -13,6 +13,12 @@ pub trait Linear: Send + Sync + std::fmt::Debug {
     fn format(&self) -> &'static str;
     /// The weight as a dense `[out_dim, in_dim]` tensor (weight absorption, tests).
     fn dense_weight(&self, dtype: DType) -> Result<Tensor>;
+    /// Bytes this weight keeps in memory.
+    fn resident_bytes(&self) -> usize;
+    /// The CPU kernels' weight, when it has one (grouped MoE calls several at once).
+    fn packed(&self) -> Option<&moeserve_cpu::PackedMatrix> {
+        None
+    }
 }
 
 /// A dense weight `[out, in]` held in the compute dtype (f32 / bf16 / f16).
@@ -63,5 +69,9 @@ impl Linear for DenseLinear {
 
     fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         self.weight.to_dtype(dtype).ctx(|| format!("{} to {dtype:?}", self.name))
+    }
+
+    fn resident_bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
     }
 }

@@ -1,13 +1,37 @@
 //! Prefixed weight loader over a checkpoint (mirrors the checkpoint tree: `w.pp("self_attn")`).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use moeserve_core::{Error, Result};
+use moeserve_core::{error::Context, Error, Result};
+use moeserve_cpu::{Format, PackedMatrix};
 use safetensors::Dtype;
 
 use crate::checkpoint::{Checkpoint, Slice};
 use crate::linear::{DenseLinear, Linear};
+use crate::packed::PackedLinear;
+use crate::spec::{QuantSpec, TensorClass};
+
+/// What the loader put behind the Linear seam: tensors and resident bytes per (class, format).
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub entries: BTreeMap<(&'static str, &'static str), (usize, usize)>,
+}
+
+impl LoadReport {
+    pub fn total_bytes(&self) -> usize {
+        self.entries.values().map(|(_, b)| b).sum()
+    }
+
+    /// One line per class, e.g. `experts: q4k 1.03 GB (540 tensors)`.
+    pub fn lines(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|((class, fmt), (n, bytes))| format!("{class}: {fmt} {:.3} GB ({n} tensors)", *bytes as f64 / 1e9))
+            .collect()
+    }
+}
 
 /// DeepSeek's FP8 checkpoints use 128×128 blocks when `weight_block_size` is absent.
 pub const DEFAULT_FP8_BLOCK: [usize; 2] = [128, 128];
@@ -20,11 +44,32 @@ pub struct Weights {
     pub dtype: DType,
     pub device: Device,
     fp8_block: [usize; 2],
+    spec: Arc<QuantSpec>,
+    report: Arc<Mutex<LoadReport>>,
 }
 
 impl Weights {
     pub fn new(ckpt: Arc<Checkpoint>, dtype: DType, device: Device, fp8_block: Option<[usize; 2]>) -> Self {
-        Weights { ckpt, prefix: String::new(), dtype, device, fp8_block: fp8_block.unwrap_or(DEFAULT_FP8_BLOCK) }
+        Weights {
+            ckpt,
+            prefix: String::new(),
+            dtype,
+            device,
+            fp8_block: fp8_block.unwrap_or(DEFAULT_FP8_BLOCK),
+            spec: Arc::new(QuantSpec::default()),
+            report: Arc::default(),
+        }
+    }
+
+    /// Resident formats per weight class (default: the checkpoint's own).
+    pub fn with_spec(mut self, spec: QuantSpec) -> Self {
+        self.spec = Arc::new(spec);
+        self
+    }
+
+    /// What has been loaded behind the Linear seam so far.
+    pub fn report(&self) -> LoadReport {
+        self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
     pub fn checkpoint(&self) -> &Arc<Checkpoint> {
@@ -91,10 +136,44 @@ impl Weights {
         self.ckpt.load(&name, slice, dtype, &self.device)
     }
 
-    /// The projection `{leaf}.weight` of shape `[out_dim, in_dim]` behind the Linear seam.
+    /// The projection `{leaf}.weight` of shape `[out_dim, in_dim]` behind the Linear seam, in the
+    /// resident format the spec asks for its class: the checkpoint's own format by default (FP8
+    /// stays FP8 at one byte per weight, bf16 stays bf16), or quantized in situ at load.
     pub fn linear(&self, leaf: &str, in_dim: usize, out_dim: usize) -> Result<Arc<dyn Linear>> {
         let w = self.pp(leaf);
-        let weight = w.tensor("weight", &[out_dim, in_dim])?;
-        Ok(Arc::new(DenseLinear::new(w.name("weight"), weight)))
+        let name = w.name("weight");
+        let class = TensorClass::of(&w.prefix);
+        let linear: Arc<dyn Linear> = if self.spec.dense_reference || !self.device.is_cpu() {
+            Arc::new(DenseLinear::new(&name, w.tensor("weight", &[out_dim, in_dim])?))
+        } else {
+            Arc::new(PackedLinear::new(&name, self.pack(&w, &name, class, in_dim, out_dim)?))
+        };
+        if let Ok(mut r) = self.report.lock() {
+            let e = r.entries.entry((class.name(), linear.format())).or_default();
+            e.0 += 1;
+            e.1 += linear.resident_bytes();
+        }
+        Ok(linear)
+    }
+
+    fn pack(&self, w: &Weights, name: &str, class: TensorClass, in_dim: usize, out_dim: usize) -> Result<PackedMatrix> {
+        let meta = self.ckpt.meta(name)?;
+        self.check_shape(name, &meta.shape, &[out_dim, in_dim])?;
+        let values = |dtype| w.tensor_as("weight", &[out_dim, in_dim], dtype).and_then(|t| t.flatten_all().ctx(|| name.into()));
+        let f32s = || values(DType::F32).and_then(|t| t.to_vec1::<f32>().ctx(|| name.into()));
+        let packed = match (self.spec.target(class), meta.dtype) {
+            (Some(t), _) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
+            (None, Dtype::F8_E4M3) if self.fp8_block[1] % 8 == 0 => {
+                let (data, scale, _) = self.ckpt.fp8_parts(name, &format!("{name}_scale_inv"), self.fp8_block)?;
+                PackedMatrix::from_fp8(out_dim, in_dim, data, &scale, self.fp8_block)
+            }
+            (None, Dtype::BF16) => {
+                let bits: Vec<u16> = values(DType::BF16)?.to_vec1::<half::bf16>().ctx(|| name.into())?.iter().map(|v| v.to_bits()).collect();
+                PackedMatrix::from_bf16(out_dim, in_dim, &bits)
+            }
+            // f32 / f16, and FP8 whose column block the kernels cannot step through: exact in f32
+            (None, _) => PackedMatrix::from_f32(Format::F32, out_dim, in_dim, &f32s()?),
+        };
+        packed.map_err(|e| Error::Tensor { file: self.ckpt.file_of(name), tensor: name.to_string(), msg: e.0 })
     }
 }

@@ -1,0 +1,76 @@
+//! The kernel benchmark behind `moeserve bench --kernels`: per format and batch size, the weight
+//! bytes read per second against the streaming-read bandwidth measured in the same run.
+
+use std::time::Instant;
+
+use crate::bandwidth::read_bandwidth;
+use crate::format::{Format, PackedMatrix};
+use crate::matmul::{activations, matmul_many_with, Backend, Product};
+
+pub struct KernelRow {
+    pub format: &'static str,
+    pub batch: usize,
+    pub seconds: f64,
+    /// Weight bytes per second.
+    pub bytes_per_s: f64,
+    /// Time relative to batch 1 of the same format.
+    pub vs_batch1: f64,
+}
+
+pub struct KernelReport {
+    pub rows: usize,
+    pub cols: usize,
+    pub read_bandwidth: f64,
+    pub results: Vec<KernelRow>,
+}
+
+/// Pseudo-random weights without pulling a generator into the library.
+fn weights(n: usize) -> Vec<f32> {
+    let mut s = 0x9e3779b97f4a7c15u64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+pub fn run(formats: &[Format], batches: &[usize], rows: usize, cols: usize, reps: usize, backend: Backend) -> KernelReport {
+    let read = read_bandwidth(1 << 30, 5);
+    let w32 = weights(rows * cols);
+    let mut results = Vec::new();
+    for &format in formats {
+        let w = match format {
+            Format::Fp8 { block } => {
+                let bytes: Vec<u8> = w32.iter().map(|v| ((v * 255.0) as i32 as u8) & 0xf7).collect();
+                let scales = vec![0.01f32; rows.div_ceil(block[0]) * cols.div_ceil(block[1])];
+                PackedMatrix::from_fp8(rows, cols, &bytes, &scales, block)
+            }
+            _ => PackedMatrix::from_f32(format, rows, cols, &w32),
+        };
+        let Ok(w) = w else { continue };
+        let mut base = None;
+        for &batch in batches {
+            let x = &w32[..batch * cols];
+            let mut y = vec![0f32; batch * rows];
+            let mut best = f64::INFINITY;
+            for _ in 0..reps.max(1) {
+                let t = Instant::now();
+                let a = activations(&w, x, batch);
+                matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut y }]);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let b1 = *base.get_or_insert(best);
+            results.push(KernelRow {
+                format: format.name(),
+                batch,
+                seconds: best,
+                bytes_per_s: w.resident_bytes() as f64 / best,
+                vs_batch1: best / b1,
+            });
+        }
+    }
+    KernelReport { rows, cols, read_bandwidth: read, results }
+}

@@ -1,0 +1,50 @@
+//! Weights kept resident in the CPU kernels' formats hold exactly the checkpoint's values (bf16
+//! as bf16, FP8 at one byte per weight), and their products match the dense reference.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moeserve_quant::{Checkpoint, QuantSpec, Weights};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn weights(name: &str, spec: QuantSpec) -> Weights {
+    let dir = fixture(name);
+    let block = if name.contains("fp8") { Some([32, 16]) } else { None };
+    Weights::new(Arc::new(Checkpoint::open(&dir).unwrap()), DType::F32, Device::Cpu, block).with_spec(spec)
+}
+
+#[test]
+fn resident_formats_keep_the_checkpoint_values() {
+    for (fixture, format) in [("tiny-v3", "bf16"), ("tiny-v3-fp8", "fp8")] {
+        let packed = weights(fixture, QuantSpec::default());
+        let dense = weights(fixture, QuantSpec { dense_reference: true, ..Default::default() });
+        for (leaf, i, o) in [
+            ("model.layers.0.self_attn.q_a_proj", 64, 48),
+            ("model.layers.0.self_attn.q_b_proj", 48, 96),
+            ("model.layers.1.mlp.experts.3.down_proj", 32, 64),
+            ("lm_head", 64, 4096),
+        ] {
+            let (p, d) = (packed.linear(leaf, i, o).unwrap(), dense.linear(leaf, i, o).unwrap());
+            // DeepSeek's FP8 checkpoints keep lm_head in bf16
+            let want = if leaf == "lm_head" { "bf16" } else { format };
+            assert_eq!(p.format(), want, "{fixture} {leaf}");
+            let (pw, dw): (Vec<f32>, Vec<f32>) = (
+                p.dense_weight(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                d.dense_weight(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(pw, dw, "{fixture} {leaf}");
+            let x = Tensor::randn(0f32, 1.0, (5, i), &Device::Cpu).unwrap();
+            let (py, dy): (Vec<f32>, Vec<f32>) = (
+                p.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+                d.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            let err = py.iter().zip(&dy).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = dy.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-5 * scale.max(1.0), "{fixture} {leaf}: max error {err}");
+        }
+    }
+}
