@@ -40,34 +40,14 @@ pub struct Args {
     pub engine: EngineArgs,
 }
 
-/// Weights read per decoded token: attention, dense MLPs, router + top-k + shared experts,
-/// lm_head (the MTP layer is not used in plain decode).
-pub fn active_params_per_token(c: &DeepSeekConfig) -> u64 {
-    let (d, h) = (c.hidden_size as u64, c.num_attention_heads as u64);
-    let (p, r, v, l) = (c.qk_nope_head_dim as u64, c.qk_rope_head_dim as u64, c.v_head_dim as u64, c.kv_lora_rank as u64);
-    let q = match c.q_lora_rank {
-        Some(qr) => d * qr as u64 + qr as u64 * h * (p + r),
-        None => d * h * (p + r),
-    };
-    let attn = q + d * (l + r) + l * h * (p + v) + h * v * d;
-    let mut total = c.vocab_size as u64 * d;
-    for layer in 0..c.num_hidden_layers {
-        total += attn;
-        total += if c.is_moe_layer(layer) {
-            let im = c.moe_intermediate_size as u64;
-            c.n_routed_experts.unwrap_or(0) as u64 * d + 3 * d * im * (c.num_experts_per_tok + c.n_shared_experts) as u64
-        } else {
-            3 * d * c.intermediate_size as u64
-        };
-    }
-    total
-}
-
-fn peak_rss_bytes() -> Option<u64> {
+/// (current, peak) resident set size of this process.
+fn rss_bytes() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// Read bandwidth in bytes/s: best of 5 passes over a 1 GiB buffer on the kernels' thread pool.
@@ -168,15 +148,21 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     // before the bandwidth probe, whose buffer would count in the high-water mark
-    if let Some(rss) = peak_rss_bytes() {
-        println!("peak resident memory: {:.2} GB", rss as f64 / 1e9);
+    if let Some((rss, peak)) = rss_bytes() {
+        println!(
+            "resident memory: {:.2} GB now, {:.2} GB peak; weights {:.2} GB ({})",
+            rss as f64 / 1e9,
+            peak as f64 / 1e9,
+            model.weight_bytes() as f64 / 1e9,
+            model.load_report().lines().join(", ")
+        );
     }
     let elem = model.dtype().size_in_bytes() as u64;
-    let active = active_params_per_token(cfg) * elem;
+    let active = model.active_bytes_per_token() as u64;
     let bw = bandwidth_probe();
     let roof = bw / active as f64;
     println!(
-        "roofline: {:.0} MB active weights/token at {:.1} GB/s measured read bandwidth = {roof:.1} tok/s; decode reaches {:.2} of it",
+        "roofline: {:.0} MB of weights read per token at {:.1} GB/s measured read bandwidth = {roof:.1} tok/s; decode reaches {:.2} of it",
         active as f64 / 1e6,
         bw / 1e9,
         tg / roof

@@ -9,6 +9,7 @@ use clap::Args;
 use moeserve_engine::Tokenizer;
 use moeserve_model::synth::{self, SynthOptions};
 use moeserve_model::{DeepSeekModel, LoadOptions};
+use moeserve_quant::QuantSpec;
 
 pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../models/deepseek-v3/tokenizer.json");
 pub const TOKENIZER_CONFIG: &[u8] = include_bytes!("../../models/deepseek-v3/tokenizer_config.json");
@@ -22,9 +23,18 @@ pub struct ModelArgs {
     /// Model directory (config.json + safetensors). Default: the built-in tiny random model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Compute dtype on CPU.
+    /// Compute dtype on CPU (activations; weights keep their resident format).
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
+    /// Resident weight formats: `q8_0`, `q4k`, `q6k`, `bf16`, `f32` for every projection, or per
+    /// class, e.g. `experts=q4k,attn=q8_0,shared=q8_0,dense=q8_0,lm_head=q6k` (classes not named
+    /// keep the checkpoint's format). Default: the checkpoint's own (FP8 stays FP8, bf16 stays bf16).
+    #[arg(long, value_parser = parse_quant)]
+    pub quant: Option<QuantSpec>,
+}
+
+fn parse_quant(s: &str) -> std::result::Result<QuantSpec, String> {
+    QuantSpec::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -89,8 +99,14 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
             builtin_dir()?
         }
     };
-    let opts = LoadOptions { dtype: args.dtype, load_mtp, ..Default::default() };
+    let opts = LoadOptions { dtype: args.dtype, load_mtp, quant: args.quant.clone().unwrap_or_default(), ..Default::default() };
     let model = DeepSeekModel::load(&dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
+    let report = model.load_report();
+    eprintln!(
+        "loaded weights: {:.3} GB resident ({})",
+        model.weight_bytes() as f64 / 1e9,
+        report.lines().join(", ")
+    );
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&dir)?) } else { None };
     Ok(Loaded { model, tokenizer, dir })
 }

@@ -27,6 +27,15 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Weight bytes read per decoded token.
+    pub fn active_bytes(&self) -> usize {
+        self.attn.active_bytes()
+            + match &self.ffn {
+                Ffn::Dense(m) => m.resident_bytes(),
+                Ffn::Moe(m) => m.active_bytes(),
+            }
+    }
+
     /// `w` points at `model.layers.L`; `router_dtype` only matters for MoE blocks.
     pub fn load(w: &Weights, cfg: &DeepSeekConfig, moe: bool, router_dtype: DType) -> Result<Self> {
         let d = cfg.hidden_size;

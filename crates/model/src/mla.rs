@@ -26,6 +26,18 @@ enum QProj {
     Full(Arc<dyn Linear>),
 }
 
+impl Mla {
+    /// Weight bytes read per decoded token (absorbed form: W_UK and W_UV instead of kv_b).
+    pub fn active_bytes(&self) -> usize {
+        let q = match &self.q {
+            QProj::LowRank { a, b, .. } => a.resident_bytes() + b.resident_bytes(),
+            QProj::Full(q) => q.resident_bytes(),
+        };
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + t(&self.w_uk) + t(&self.w_uv_t)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Mla {
     q: QProj,

@@ -22,6 +22,10 @@ impl Mlp {
         })
     }
 
+    pub fn resident_bytes(&self) -> usize {
+        self.gate.resident_bytes() + self.up.resident_bytes() + self.down.resident_bytes()
+    }
+
     /// The gate, up and down weights when all three are resident in a CPU kernel format.
     pub fn packed(&self) -> Option<[&moeserve_cpu::PackedMatrix; 3]> {
         Some([self.gate.packed()?, self.up.packed()?, self.down.packed()?])

@@ -198,6 +198,14 @@ impl DeepSeekModel {
         self.load_report.total_bytes() + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
     }
 
+    /// Weight bytes one decoded token reads (attention in absorbed form, the dense MLPs, router,
+    /// `top_k` experts and the shared experts of each MoE layer, lm_head, one embedding row):
+    /// the numerator of the decode roofline.
+    pub fn active_bytes_per_token(&self) -> usize {
+        let row = self.embed.dims().get(1).copied().unwrap_or(0) * self.embed.dtype().size_in_bytes();
+        self.layers.iter().map(DecoderLayer::active_bytes).sum::<usize>() + self.lm_head.resident_bytes() + row
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} layers ({} MoE), hidden {}, {} heads, vocab {}, lm_head {}, mtp {}",

@@ -29,6 +29,13 @@ impl Moe {
         Ok(Moe { router, experts, shared })
     }
 
+    /// Weight bytes read per token: the router, `top_k` experts of average size, the shared experts.
+    pub fn active_bytes(&self) -> usize {
+        let experts: usize = self.experts.iter().map(Mlp::resident_bytes).sum();
+        let per = experts / self.experts.len().max(1);
+        self.router.weight_bytes() + per * self.router.top_k() + self.shared.as_ref().map_or(0, Mlp::resident_bytes)
+    }
+
     pub fn router(&self) -> &Router {
         &self.router
     }

@@ -39,6 +39,16 @@ impl RouterConfig {
     }
 }
 
+impl Router {
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+    }
+
+    pub fn top_k(&self) -> usize {
+        self.cfg.top_k
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Router {
     cfg: RouterConfig,
