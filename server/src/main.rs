@@ -1,6 +1,7 @@
 //! `moeserve`: DeepSeek-V3/R1-class MoE inference.
 
 mod bench;
+mod cli_eval_quant;
 mod cli_generate;
 mod cli_logits;
 mod cli_synth;
@@ -27,6 +28,9 @@ enum Command {
     Synth(cli_synth::Args),
     /// Measure prefill and decode throughput and peak memory.
     Bench(bench::Args),
+    /// Quality of an in-situ quantization against the checkpoint's format: KL divergence, top-1
+    /// agreement, perplexity, resident bytes.
+    EvalQuant(cli_eval_quant::Args),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(http::Args),
 }
@@ -38,6 +42,7 @@ fn main() {
         Command::Logits(a) => cli_logits::run(a),
         Command::Synth(a) => cli_synth::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::EvalQuant(a) => cli_eval_quant::run(a),
         Command::Serve(a) => http::run(a),
     };
     if let Err(e) = result {
