@@ -64,14 +64,7 @@ fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
 /// `bench --kernels`: the per-format kernel table.
 fn bench_kernels(args: &Args) {
     use moeserve_cpu::Format;
-    let formats = [
-        Format::F32,
-        Format::Bf16,
-        Format::Fp8 { block: [128, 128] },
-        Format::Q8_0,
-        Format::Q4K,
-        Format::Q6K,
-    ];
+    let formats = [Format::F32, Format::Bf16, Format::Fp8 { block: [128, 128] }, Format::Q8_0, Format::Q4K, Format::Q6K];
     let (rows, cols) = args.kernel_shape;
     let backend = moeserve_cpu::backend();
     let report = moeserve_cpu::bench::run(&formats, &[1, 2, 4, 8, 16, 32], rows, cols, 15, backend);

@@ -49,7 +49,12 @@ pub fn run(args: Args) -> Result<()> {
     let q = eval::compare(&reference.model, &quantized.model, &windows)?;
     let gb = |m: &DeepSeekModel| m.weight_bytes() as f64 / 1e9;
     println!("reference: checkpoint format, {:.3} GB of weights", gb(&reference.model));
-    println!("quantized: {}, {:.3} GB of weights ({:.2}x)", describe(&spec), gb(&quantized.model), gb(&quantized.model) / gb(&reference.model));
+    println!(
+        "quantized: {}, {:.3} GB of weights ({:.2}x)",
+        describe(&spec),
+        gb(&quantized.model),
+        gb(&quantized.model) / gb(&reference.model)
+    );
     println!(
         "{} windows x {} tokens: mean KLD {:.6} (max {:.4}), top-1 agreement {:.2}%, PPL {:.4} -> {:.4} ({:+.3}%)",
         q.windows,
@@ -67,4 +72,3 @@ pub fn run(args: Args) -> Result<()> {
 fn describe(spec: &QuantSpec) -> String {
     spec.targets.iter().map(|(c, t)| format!("{}={:?}", c.name(), t)).collect::<Vec<_>>().join(",")
 }
-

@@ -102,11 +102,7 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
     let opts = LoadOptions { dtype: args.dtype, load_mtp, quant: args.quant.clone().unwrap_or_default(), ..Default::default() };
     let model = DeepSeekModel::load(&dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
     let report = model.load_report();
-    eprintln!(
-        "loaded weights: {:.3} GB resident ({})",
-        model.weight_bytes() as f64 / 1e9,
-        report.lines().join(", ")
-    );
+    eprintln!("loaded weights: {:.3} GB resident ({})", model.weight_bytes() as f64 / 1e9, report.lines().join(", "));
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&dir)?) } else { None };
     Ok(Loaded { model, tokenizer, dir })
 }

@@ -93,7 +93,14 @@ unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
 /// rows, two for larger tiles (16 ymm registers in all).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn float_rows<const F: u8, const BT: usize>(row: *const u8, scales: &[f32], seg: usize, pc: usize, x: *const f32, out: &mut [f32; 4]) {
+unsafe fn float_rows<const F: u8, const BT: usize>(
+    row: *const u8,
+    scales: &[f32],
+    seg: usize,
+    pc: usize,
+    x: *const f32,
+    out: &mut [f32; 4],
+) {
     if BT <= 2 {
         float_row::<F, BT, 4>(row, scales, seg, pc, x, out)
     } else {
@@ -212,8 +219,8 @@ unsafe fn q4k_row<const BT: usize>(row: *const u8, nsb: usize, a: &Activations, 
             let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
             let s16 = a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16);
             let mut msum = 0i32;
-            for j in 0..8 {
-                msum += m[j] as i32 * (*s16.add(2 * j) + *s16.add(2 * j + 1));
+            for (j, &mj) in m.iter().enumerate() {
+                msum += mj as i32 * (*s16.add(2 * j) + *s16.add(2 * j + 1));
             }
             acc[b] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi[b]), acc[b]);
             mins[b] += dmin * dx * msum as f32;

@@ -24,7 +24,9 @@ pub enum Format {
     F32,
     Bf16,
     /// E4M3 with one f32 scale per `[block[0] rows, block[1] cols]` block (DeepSeek's FP8).
-    Fp8 { block: [usize; 2] },
+    Fp8 {
+        block: [usize; 2],
+    },
     Q8_0,
     Q4K,
     Q6K,
@@ -159,7 +161,12 @@ impl PackedMatrix {
                     m.data = t;
                 }
                 if m.data.len() != rows * m.row_bytes {
-                    return Err(Error(format!("{} quantizer gave {} bytes, expected {}", format.name(), m.data.len(), rows * m.row_bytes)));
+                    return Err(Error(format!(
+                        "{} quantizer gave {} bytes, expected {}",
+                        format.name(),
+                        m.data.len(),
+                        rows * m.row_bytes
+                    )));
                 }
             }
         }
@@ -184,7 +191,7 @@ impl PackedMatrix {
     /// `block[1]` must be a multiple of 8 (DeepSeek uses 128).
     pub fn from_fp8(rows: usize, cols: usize, w: &[u8], scale_inv: &[f32], block: [usize; 2]) -> Result<Self, Error> {
         Self::check_len("weights", w.len(), rows, cols)?;
-        if block[0] == 0 || block[1] == 0 || block[1] % 8 != 0 {
+        if block[0] == 0 || block[1] == 0 || !block[1].is_multiple_of(8) {
             return Err(Error(format!("FP8 block {block:?}: the column block must be a positive multiple of 8")));
         }
         let (srows, scols) = (rows.div_ceil(block[0]), cols.div_ceil(block[1]));
@@ -209,8 +216,12 @@ impl PackedMatrix {
         if !format.int_activations() {
             return Err(Error(format!("{} is not a block format", format.name())));
         }
-        if cols % format.col_block() != 0 {
-            return Err(Error(format!("{} rows of {cols} columns: not a whole number of {}-blocks", format.name(), format.col_block())));
+        if !cols.is_multiple_of(format.col_block()) {
+            return Err(Error(format!(
+                "{} rows of {cols} columns: not a whole number of {}-blocks",
+                format.name(),
+                format.col_block()
+            )));
         }
         let mut m = Self::empty(format, rows, cols);
         if bytes.len() != m.data.len() {

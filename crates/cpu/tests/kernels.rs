@@ -25,8 +25,10 @@ fn pack(format: Format, rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) 
     match format {
         Format::Fp8 { block } => {
             // finite E4M3 bytes (0x7f / 0xff are NaN)
-            let w: Vec<u8> = (0..rows * cols).map(|_| rng.gen_range(0..=254u8)).map(|b| if b == 0x7f { 0x7e } else { b }).collect();
-            let s: Vec<f32> = (0..rows.div_ceil(block[0]) * cols.div_ceil(block[1])).map(|_| rng.gen_range(0.001f32..0.01)).collect();
+            let w: Vec<u8> =
+                (0..rows * cols).map(|_| rng.gen_range(0..=254u8)).map(|b| if b == 0x7f { 0x7e } else { b }).collect();
+            let s: Vec<f32> =
+                (0..rows.div_ceil(block[0]) * cols.div_ceil(block[1])).map(|_| rng.gen_range(0.001f32..0.01)).collect();
             PackedMatrix::from_fp8(rows, cols, &w, &s, block).unwrap()
         }
         _ => PackedMatrix::from_f32(format, rows, cols, &rand_vec(rng, rows * cols)).unwrap(),

@@ -29,7 +29,13 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, load_mtp: true, router_dtype: DType::F32, quant: QuantSpec::default() }
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            load_mtp: true,
+            router_dtype: DType::F32,
+            quant: QuantSpec::default(),
+        }
     }
 }
 

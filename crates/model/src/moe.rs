@@ -121,8 +121,10 @@ impl Moe {
         if let Some(s) = shared {
             groups.push((s, (0..n).collect(), vec![1.0; n]));
         }
-        let inputs: Vec<Vec<f32>> =
-            groups.iter().map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect()).collect();
+        let inputs: Vec<Vec<f32>> = groups
+            .iter()
+            .map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect())
+            .collect();
         // gate and up share their activations when they share a format
         let mut acts = Vec::with_capacity(2 * groups.len());
         for ((w, rows, _), input) in groups.iter().zip(&inputs) {
@@ -149,7 +151,8 @@ impl Moe {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
         }
-        let down_acts: Vec<_> = groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
+        let down_acts: Vec<_> =
+            groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
         let mut down: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[2].rows()]).collect();
         let mut products: Vec<_> = groups
             .iter()
@@ -223,7 +226,8 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let got: Vec<f32> = moe.grouped_forward(&x, &routing).unwrap().expect("packed experts").flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> =
+                moe.grouped_forward(&x, &routing).unwrap().expect("packed experts").flatten_all().unwrap().to_vec1().unwrap();
             let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
             let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
             assert!(num / den < 1e-5, "grouped, {n} tokens: relative error {}", num / den);

@@ -23,8 +23,14 @@ pub enum TensorClass {
 }
 
 impl TensorClass {
-    pub const ALL: [TensorClass; 6] =
-        [TensorClass::Attn, TensorClass::Experts, TensorClass::Shared, TensorClass::Dense, TensorClass::LmHead, TensorClass::Other];
+    pub const ALL: [TensorClass; 6] = [
+        TensorClass::Attn,
+        TensorClass::Experts,
+        TensorClass::Shared,
+        TensorClass::Dense,
+        TensorClass::LmHead,
+        TensorClass::Other,
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {

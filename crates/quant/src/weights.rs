@@ -163,12 +163,13 @@ impl Weights {
         let f32s = || values(DType::F32).and_then(|t| t.to_vec1::<f32>().ctx(|| name.into()));
         let packed = match (self.spec.target(class), meta.dtype) {
             (Some(t), _) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
-            (None, Dtype::F8_E4M3) if self.fp8_block[1] % 8 == 0 => {
+            (None, Dtype::F8_E4M3) if self.fp8_block[1].is_multiple_of(8) => {
                 let (data, scale, _) = self.ckpt.fp8_parts(name, &format!("{name}_scale_inv"), self.fp8_block)?;
                 PackedMatrix::from_fp8(out_dim, in_dim, data, &scale, self.fp8_block)
             }
             (None, Dtype::BF16) => {
-                let bits: Vec<u16> = values(DType::BF16)?.to_vec1::<half::bf16>().ctx(|| name.into())?.iter().map(|v| v.to_bits()).collect();
+                let bits: Vec<u16> =
+                    values(DType::BF16)?.to_vec1::<half::bf16>().ctx(|| name.into())?.iter().map(|v| v.to_bits()).collect();
                 PackedMatrix::from_bf16(out_dim, in_dim, &bits)
             }
             // f32 / f16, and FP8 whose column block the kernels cannot step through: exact in f32
