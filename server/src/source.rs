@@ -20,7 +20,8 @@ const BUILTIN_SEED: u64 = 0x5EED_0001;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (config.json + safetensors). Default: the built-in tiny random model.
+    /// Model directory (config.json + safetensors) or a llama.cpp `deepseek2` GGUF file (split
+    /// files: the first). Default: the built-in tiny random model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Compute dtype on CPU (activations; weights keep their resident format).
@@ -103,7 +104,9 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
     let model = DeepSeekModel::load(&dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
     let report = model.load_report();
     eprintln!("loaded weights: {:.3} GB resident ({})", model.weight_bytes() as f64 / 1e9, report.lines().join(", "));
-    let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&dir)?) } else { None };
+    // a GGUF file uses the tokenizer.json next to it (its embedded ggml vocabulary is not read)
+    let tok_dir = if dir.is_file() { dir.parent().map(Path::to_path_buf).unwrap_or_default() } else { dir.clone() };
+    let tokenizer = if tok_dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&tok_dir)?) } else { None };
     Ok(Loaded { model, tokenizer, dir })
 }
 

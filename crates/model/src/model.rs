@@ -56,9 +56,14 @@ pub struct DeepSeekModel {
 
 impl DeepSeekModel {
     /// Load `config.json` and the checkpoint in `dir`.
+    /// Load a Hugging Face directory (`config.json` + safetensors) or a llama.cpp GGUF file.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let cfg = DeepSeekConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let (cfg, ckpt) = if moeserve_quant::gguf::is_gguf(dir) {
+            let (ckpt, cfg) = moeserve_quant::gguf::open(dir)?;
+            (cfg, Arc::new(ckpt))
+        } else {
+            (DeepSeekConfig::from_file(&dir.join("config.json"))?, Arc::new(Checkpoint::open(dir)?))
+        };
         let model = Self::from_checkpoint(cfg, ckpt.clone(), opts);
         ckpt.finish_progress();
         model

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use moeserve_core::{Error, Result};
@@ -20,16 +21,36 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
+    /// For ggml block-quantized tensors (GGUF), `U8`: see `ggml`.
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     /// Absolute byte range inside the shard file.
     pub bytes: Range<usize>,
+    /// A GGUF tensor in a ggml block format (q8_0, q4_K, ...), stored row by row in blocks.
+    pub ggml: Option<GgmlDType>,
 }
 
-struct Shard {
-    path: PathBuf,
-    mmap: Mmap,
-    tensors: HashMap<String, TensorMeta>,
+/// A shard's bytes: the memory-mapped file, or tensors derived at open time (GGUF's split
+/// `attn_k_b` / `attn_v_b` joined back into `kv_b_proj`).
+pub(crate) enum Backing {
+    Mmap(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+pub(crate) struct Shard {
+    pub(crate) path: PathBuf,
+    pub(crate) mmap: Backing,
+    pub(crate) tensors: HashMap<String, TensorMeta>,
 }
 
 /// Which part of a tensor to read: a range of rows (dim 0) and, for 2-D tensors, of columns.
@@ -106,6 +127,26 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, index, progress })
     }
 
+    /// A checkpoint over already opened shards (GGUF files).
+    pub(crate) fn from_shards(dir: &Path, shards: Vec<Shard>) -> Self {
+        let mut index = HashMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.tensors.keys() {
+                index.insert(name.clone(), i);
+            }
+        }
+        let total: u64 = shards.iter().map(|s| s.mmap.len() as u64).sum();
+        let progress = LoadProgress::new(total, shards.len());
+        Checkpoint { dir: dir.to_path_buf(), shards, index, progress }
+    }
+
+    /// The stored bytes of a tensor (GGUF blocks as they are).
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        let (shard, meta) = self.locate(name)?;
+        self.progress.add(meta.bytes.len() as u64, &file_name(&shard.path));
+        Ok(&shard.mmap[meta.bytes.clone()])
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -146,6 +187,21 @@ impl Checkpoint {
     /// Read a (slice of a) bf16/f16/f32 tensor into `dtype` on `device`.
     pub fn load(&self, name: &str, slice: &Slice, dtype: DType, device: &Device) -> Result<Tensor> {
         let (shard, meta) = self.locate(name)?;
+        if let Some(q) = meta.ggml {
+            // ggml blocks: dequantized by candle, then sliced
+            let data = &shard.mmap[meta.bytes.clone()];
+            self.progress.add(data.len() as u64, &file_name(&shard.path));
+            let t = QStorage::from_data(std::borrow::Cow::Borrowed(data), &Device::Cpu, q)
+                .and_then(|st| QTensor::new(st, meta.shape.as_slice()))
+                .and_then(|qt| qt.dequantize(&Device::Cpu))
+                .map_err(|e| tensor_err(shard, name, e))?;
+            let (r, c) = slice_ranges(shard, name, &meta.shape, slice)?;
+            let mut t = t.narrow(0, r.start, r.len()).map_err(|e| tensor_err(shard, name, e))?;
+            if meta.shape.len() == 2 {
+                t = t.narrow(1, c.start, c.len()).map_err(|e| tensor_err(shard, name, e))?;
+            }
+            return t.to_dtype(dtype).and_then(|t| t.to_device(device)).map_err(|e| tensor_err(shard, name, e));
+        }
         let src = match meta.dtype {
             Dtype::BF16 => DType::BF16,
             Dtype::F16 => DType::F16,
@@ -317,9 +373,9 @@ fn open_shard(path: &Path) -> Result<Shard> {
     let mut tensors = HashMap::new();
     for (name, info) in metadata.tensors() {
         let (s, e) = info.data_offsets;
-        tensors.insert(name, TensorMeta { dtype: info.dtype, shape: info.shape.clone(), bytes: base + s..base + e });
+        tensors.insert(name, TensorMeta { dtype: info.dtype, shape: info.shape.clone(), bytes: base + s..base + e, ggml: None });
     }
-    Ok(Shard { path: path.to_path_buf(), mmap, tensors })
+    Ok(Shard { path: path.to_path_buf(), mmap: Backing::Mmap(mmap), tensors })
 }
 
 /// Name the first tensor whose data runs past the end of a truncated file.

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod fp8;
+pub mod gguf;
 pub mod linear;
 pub mod packed;
 pub mod progress;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, Error, Result};
 use moeserve_cpu::{Format, PackedMatrix};
@@ -161,19 +162,29 @@ impl Weights {
         self.check_shape(name, &meta.shape, &[out_dim, in_dim])?;
         let values = |dtype| w.tensor_as("weight", &[out_dim, in_dim], dtype).and_then(|t| t.flatten_all().ctx(|| name.into()));
         let f32s = || values(DType::F32).and_then(|t| t.to_vec1::<f32>().ctx(|| name.into()));
-        let packed = match (self.spec.target(class), meta.dtype) {
-            (Some(t), _) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
-            (None, Dtype::F8_E4M3) if self.fp8_block[1].is_multiple_of(8) => {
+        let native = meta.ggml.and_then(|q| match q {
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            GgmlDType::Q4K => Some(Format::Q4K),
+            GgmlDType::Q6K => Some(Format::Q6K),
+            _ => None,
+        });
+        let packed = match (self.spec.target(class), native, meta.ggml, meta.dtype) {
+            (Some(t), ..) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
+            // GGUF blocks the kernels read as stored
+            (None, Some(f), ..) => PackedMatrix::from_blocks(f, out_dim, in_dim, self.ckpt.raw(name)?.to_vec()),
+            // other ggml block types (q4_0, q5_K, ...): dequantized once, kept as bf16
+            (None, None, Some(_), _) => PackedMatrix::from_f32(Format::Bf16, out_dim, in_dim, &f32s()?),
+            (None, None, None, Dtype::F8_E4M3) if self.fp8_block[1].is_multiple_of(8) => {
                 let (data, scale, _) = self.ckpt.fp8_parts(name, &format!("{name}_scale_inv"), self.fp8_block)?;
                 PackedMatrix::from_fp8(out_dim, in_dim, data, &scale, self.fp8_block)
             }
-            (None, Dtype::BF16) => {
+            (None, None, None, Dtype::BF16) => {
                 let bits: Vec<u16> =
                     values(DType::BF16)?.to_vec1::<half::bf16>().ctx(|| name.into())?.iter().map(|v| v.to_bits()).collect();
                 PackedMatrix::from_bf16(out_dim, in_dim, &bits)
             }
             // f32 / f16, and FP8 whose column block the kernels cannot step through: exact in f32
-            (None, _) => PackedMatrix::from_f32(Format::F32, out_dim, in_dim, &f32s()?),
+            _ => PackedMatrix::from_f32(Format::F32, out_dim, in_dim, &f32s()?),
         };
         packed.map_err(|e| Error::Tensor { file: self.ckpt.file_of(name), tensor: name.to_string(), msg: e.0 })
     }
