@@ -39,11 +39,28 @@ impl Default for LoadOptions {
     }
 }
 
+/// The token embedding table: a tensor, or (CPU, untied) rows read from the memory-mapped
+/// checkpoint, so that it does not count in resident memory (R1's table is 1.85 GB in bf16).
+#[derive(Debug)]
+enum Embedding {
+    Tensor(Tensor),
+    Mapped(moeserve_quant::MappedRows),
+}
+
+impl Embedding {
+    fn resident_bytes(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Mapped(_) => 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct DeepSeekModel {
     pub cfg: DeepSeekConfig,
     /// [vocab, hidden]
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Arc<dyn Linear>,
@@ -77,18 +94,21 @@ impl DeepSeekModel {
         let root = Weights::new(ckpt, opts.dtype, opts.device.clone(), block).with_spec(opts.quant.clone());
         let m = root.pp("model");
         let (v, d) = (cfg.vocab_size, cfg.hidden_size);
-        // a bf16 embedding table stays bf16; looked-up rows are cast to the compute dtype
-        let embed_dtype = match root.checkpoint().meta("model.embed_tokens.weight")?.dtype {
-            safetensors::Dtype::BF16 if !cfg.tie_word_embeddings => DType::BF16,
-            _ => opts.dtype,
+        // untied embedding tables stay memory-mapped on the CPU: only looked-up rows become resident
+        let mapped = match (cfg.tie_word_embeddings, opts.device.is_cpu()) {
+            (false, true) => root.checkpoint().map_rows("model.embed_tokens.weight")?,
+            _ => None,
         };
-        let embed = m.tensor_as("embed_tokens.weight", &[v, d], embed_dtype)?;
+        let embed = match mapped {
+            Some(rows) if [rows.rows, rows.cols] == [v, d] => Embedding::Mapped(rows),
+            _ => Embedding::Tensor(m.tensor("embed_tokens.weight", &[v, d])?),
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, cfg.is_moe_layer(i), opts.router_dtype))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), d, cfg.rms_norm_eps)?;
         let lm_head: Arc<dyn Linear> = if cfg.tie_word_embeddings {
-            Arc::new(moeserve_quant::DenseLinear::new("model.embed_tokens.weight", embed.clone()))
+            Arc::new(moeserve_quant::DenseLinear::new("model.embed_tokens.weight", m.tensor("embed_tokens.weight", &[v, d])?))
         } else {
             root.linear("lm_head", d, v)?
         };
@@ -143,8 +163,21 @@ impl DeepSeekModel {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::Input(format!("token id {bad} out of range (vocab_size {})", self.cfg.vocab_size)));
         }
-        let ids = Tensor::from_slice(tokens, tokens.len(), &self.device).ctx(|| "token ids".into())?;
-        self.embed.index_select(&ids, 0).and_then(|e| e.to_dtype(self.dtype)).ctx(|| "embedding".into())
+        match &self.embed {
+            Embedding::Tensor(t) => {
+                let ids = Tensor::from_slice(tokens, tokens.len(), &self.device).ctx(|| "token ids".into())?;
+                t.index_select(&ids, 0).ctx(|| "embedding".into())
+            }
+            Embedding::Mapped(rows) => {
+                let mut v = Vec::with_capacity(tokens.len() * rows.cols);
+                for &t in tokens {
+                    rows.read_row(t as usize, &mut v);
+                }
+                Tensor::from_vec(v, (tokens.len(), rows.cols), &self.device)
+                    .and_then(|e| e.to_dtype(self.dtype))
+                    .ctx(|| "embedding".into())
+            }
+        }
     }
 
     pub(crate) fn check_batch(&self, batch: &ForwardBatch, kv: &[&mut dyn LatentKv]) -> Result<()> {
@@ -206,14 +239,14 @@ impl DeepSeekModel {
     /// Resident bytes of all weights (projections, embedding, norms and routers are counted by
     /// the projections plus the embedding table; the rest is negligible).
     pub fn weight_bytes(&self) -> usize {
-        self.load_report.total_bytes() + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
+        self.load_report.total_bytes() + self.embed.resident_bytes()
     }
 
     /// Weight bytes one decoded token reads (attention in absorbed form, the dense MLPs, router,
     /// `top_k` experts and the shared experts of each MoE layer, lm_head, one embedding row):
     /// the numerator of the decode roofline.
     pub fn active_bytes_per_token(&self) -> usize {
-        let row = self.embed.dims().get(1).copied().unwrap_or(0) * self.embed.dtype().size_in_bytes();
+        let row = self.cfg.hidden_size * 2;
         self.layers.iter().map(DecoderLayer::active_bytes).sum::<usize>() + self.lm_head.resident_bytes() + row
     }
 

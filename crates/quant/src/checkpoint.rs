@@ -53,6 +53,34 @@ pub(crate) struct Shard {
     pub(crate) tensors: HashMap<String, TensorMeta>,
 }
 
+/// Rows of a memory-mapped 2-D tensor, converted to f32 on request.
+pub struct MappedRows {
+    mmap: Mmap,
+    skip: usize,
+    dtype: Dtype,
+    pub rows: usize,
+    pub cols: usize,
+    elem: usize,
+}
+
+impl std::fmt::Debug for MappedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedRows({:?} [{}, {}])", self.dtype, self.rows, self.cols)
+    }
+}
+
+impl MappedRows {
+    /// Append row `r` as f32 to `out` (`r < rows`).
+    pub fn read_row(&self, r: usize, out: &mut Vec<f32>) {
+        let b = &self.mmap[self.skip + r * self.cols * self.elem..][..self.cols * self.elem];
+        match self.dtype {
+            Dtype::BF16 => out.extend(b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+            Dtype::F16 => out.extend(b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+            _ => out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        }
+    }
+}
+
 /// Which part of a tensor to read: a range of rows (dim 0) and, for 2-D tensors, of columns.
 #[derive(Debug, Clone, Default)]
 pub struct Slice {
@@ -138,6 +166,36 @@ impl Checkpoint {
         let total: u64 = shards.iter().map(|s| s.mmap.len() as u64).sum();
         let progress = LoadProgress::new(total, shards.len());
         Checkpoint { dir: dir.to_path_buf(), shards, index, progress }
+    }
+
+    /// A plain (bf16 / f16 / f32) 2-D tensor mapped on its own, so that only the rows that are
+    /// read become resident (the embedding table: a lookup touches a few rows of it). `None` for
+    /// derived or block-quantized tensors.
+    pub fn map_rows(&self, name: &str) -> Result<Option<MappedRows>> {
+        let (shard, meta) = self.locate(name)?;
+        if meta.ggml.is_some() || !matches!(shard.mmap, Backing::Mmap(_)) || meta.shape.len() != 2 {
+            return Ok(None);
+        }
+        let elem = match meta.dtype {
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+            _ => return Ok(None),
+        };
+        let file = File::open(&shard.path).map_err(io_err(&shard.path))?;
+        let page = 1usize << 16; // a multiple of every page size in use
+        let start = meta.bytes.start / page * page;
+        // SAFETY: checkpoint files are treated as read-only for the process lifetime.
+        let mmap = unsafe { memmap2::MmapOptions::new().offset(start as u64).len(meta.bytes.end - start).map(&file) }
+            .map_err(io_err(&shard.path))?;
+        self.progress.add(meta.bytes.len() as u64, &file_name(&shard.path));
+        Ok(Some(MappedRows {
+            mmap,
+            skip: meta.bytes.start - start,
+            dtype: meta.dtype,
+            rows: meta.shape[0],
+            cols: meta.shape[1],
+            elem,
+        }))
     }
 
     /// The stored bytes of a tensor (GGUF blocks as they are).

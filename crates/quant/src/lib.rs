@@ -10,7 +10,7 @@ pub mod progress;
 pub mod spec;
 pub mod weights;
 
-pub use checkpoint::{Checkpoint, Slice, TensorMeta};
+pub use checkpoint::{Checkpoint, MappedRows, Slice, TensorMeta};
 pub use linear::{DenseLinear, Linear};
 pub use packed::PackedLinear;
 pub use spec::{QuantSpec, Target, TensorClass};
