@@ -93,7 +93,7 @@ impl RepoCache {
     }
 }
 
-/// The shard files a `model.safetensors.index.json` names, each once, in order.
+/// The shard files a `model.safetensors.index.json` names, each once, sorted.
 pub fn shards_in_index(index: &Path) -> Result<BTreeSet<String>> {
     let bad = |msg: String| Error::CheckpointFile { file: index.to_path_buf(), msg };
     let text = std::fs::read_to_string(index).map_err(|source| Error::Io { path: index.to_path_buf(), source })?;

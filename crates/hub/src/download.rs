@@ -51,10 +51,11 @@ pub fn fetch_snapshot(repo: &RepoSpec, cache: &RepoCache, opts: &HubOptions) -> 
         Some((_, m)) => cache::shards_in_index(&cache.blob(&m.etag))?.into_iter().collect(),
         None => vec![SINGLE_WEIGHTS.to_string()],
     };
+    let has_index = small.iter().any(|(f, _)| f == INDEX);
     let metas = parallel(&shards, opts.parallel, |f| client.head(&commit, f))?;
     let mut weights = Vec::with_capacity(shards.len());
     for (file, meta) in shards.into_iter().zip(metas) {
-        let meta = meta.ok_or_else(|| match small.iter().any(|(f, _)| f == INDEX) {
+        let meta = meta.ok_or_else(|| match has_index {
             true => client.error(&file, format!("{INDEX} names this shard, but the repo has no such file (HTTP 404)")),
             false => client.error(&file, format!("the repo has neither {INDEX} nor {SINGLE_WEIGHTS} (HTTP 404)")),
         })?;

@@ -49,7 +49,9 @@ impl Repo {
 
     /// The tiny DeepSeek-V3 fixture (two shards + index) with the real tokenizer files.
     pub fn tiny_v3(id: &str) -> Self {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        // the workspace root, from whichever crate includes this file
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = here.ancestors().find(|p| p.join("tests/fixtures/tiny-v3").is_dir()).unwrap();
         let mut repo = Repo::new(id);
         let fixture = root.join("tests/fixtures/tiny-v3");
         for f in [
@@ -164,7 +166,7 @@ fn serve_connection(stream: TcpStream, repo: &Mutex<Repo>, log: &Mutex<Vec<Reque
             }
         }
         log.lock().unwrap().push(Request { method: method.clone(), path: path.clone(), range: range.clone(), auth: auth.clone() });
-        let resp = respond(&path, range.as_deref(), auth.as_deref(), &mut repo.lock().unwrap());
+        let resp = respond(method == "HEAD", &path, range.as_deref(), auth.as_deref(), &mut repo.lock().unwrap());
         let mut head = format!("HTTP/1.1 {}\r\n", resp.status);
         for (k, v) in &resp.headers {
             head.push_str(&format!("{k}: {v}\r\n"));
@@ -203,14 +205,14 @@ fn plain(status: &'static str, headers: Vec<(String, String)>) -> Response {
     Response { status, headers, content_length: body.len(), body, cut: false }
 }
 
-fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repo: &mut Repo) -> Response {
+fn respond(head: bool, path: &str, range: Option<&str>, auth: Option<&str>, repo: &mut Repo) -> Response {
     let err = |code: &str| vec![("X-Error-Code".to_string(), code.to_string())];
     if let Some(sha) = path.strip_prefix("/cdn/") {
         let Some((name, bytes)) = repo.files.iter().find(|(_, b)| sha256_hex(b) == sha).map(|(n, b)| (n.clone(), b.clone()))
         else {
             return plain("404 Not Found", vec![]);
         };
-        return content(&name, bytes, range, repo, vec![]);
+        return content(head, &name, bytes, range, repo, vec![]);
     }
     let Some(rest) = path.strip_prefix(&format!("/{}/resolve/", repo.id)) else {
         // the real Hub answers 401 for repos it will not admit exist
@@ -241,11 +243,11 @@ fn respond(path: &str, range: Option<&str>, auth: Option<&str>, repo: &mut Repo)
         return plain("302 Found", headers);
     }
     headers.push(("ETag".into(), format!("\"{}\"", git_sha1_hex(&bytes))));
-    content(file, bytes, range, repo, headers)
+    content(head, file, bytes, range, repo, headers)
 }
 
 /// A file's bytes, honouring `Range: bytes=N-` and the cut/corrupt switches.
-fn content(name: &str, mut bytes: Vec<u8>, range: Option<&str>, repo: &mut Repo, mut headers: Vec<(String, String)>) -> Response {
+fn content(head: bool, name: &str, mut bytes: Vec<u8>, range: Option<&str>, repo: &mut Repo, mut headers: Vec<(String, String)>) -> Response {
     if repo.corrupt.contains(name) {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
@@ -262,6 +264,6 @@ fn content(name: &str, mut bytes: Vec<u8>, range: Option<&str>, repo: &mut Repo,
         status = "206 Partial Content";
     }
     headers.push(("Accept-Ranges".into(), "bytes".into()));
-    let cut = repo.cut_once.remove(name);
+    let cut = !head && repo.cut_once.remove(name);
     Response { status, headers, content_length: bytes.len(), body: bytes, cut }
 }
