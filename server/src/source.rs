@@ -97,7 +97,8 @@ pub fn hub_spec(model: &Path) -> Option<RepoSpec> {
 pub fn model_dir(model: &Path) -> Result<PathBuf> {
     let Some(spec) = hub_spec(model) else { return Ok(model.to_path_buf()) };
     let name = model.display();
-    moeserve_hub::snapshot(&spec, &HubOptions::from_env()).with_context(|| format!("--model {name}: not a local directory; tried the Hugging Face Hub"))
+    moeserve_hub::snapshot(&spec, &HubOptions::from_env())
+        .with_context(|| format!("--model {name}: not a local directory; tried the Hugging Face Hub"))
 }
 
 /// The name the server reports for `--model`: `ORG/NAME` for a Hub id, else the directory's name.

@@ -144,16 +144,12 @@ impl Client {
             .timeout_per_read(Some(Duration::from_secs(60)))
             .user_agent(concat!("moeserve/", env!("CARGO_PKG_VERSION")))
             .build();
-        let label = match repo.revision.as_str() {
-            "main" => repo.repo_id.clone(),
-            rev => format!("{}@{rev}", repo.repo_id),
-        };
         Client {
             agent: Agent::new_with_config(config),
             endpoint: opts.endpoint.trim_end_matches('/').to_string(),
             token: opts.token.clone(),
             repo_id: repo.repo_id.clone(),
-            label,
+            label: repo.label(),
             attempts: opts.attempts.max(1),
         }
     }
@@ -215,7 +211,9 @@ impl Client {
                 return self.status_error(file, status, headers).map(|()| None);
             }
             let commit = header(headers, "x-repo-commit").ok_or_else(|| {
-                Failure::Fatal(self.error(file, format!("{url} sent no X-Repo-Commit header: is HF_ENDPOINT a Hugging Face Hub?")))
+                Failure::Fatal(
+                    self.error(file, format!("{url} sent no X-Repo-Commit header: is HF_ENDPOINT a Hugging Face Hub?")),
+                )
             })?;
             let etag = header(headers, "x-linked-etag")
                 .or_else(|| header(headers, "etag"))
@@ -245,11 +243,13 @@ impl Client {
             None => "set HF_TOKEN (or HF_TOKEN_PATH) to a token with access",
         };
         match (status, code) {
-            (_, "RepoNotFound") => fatal(format!(
-                "repository not found (HTTP {status}); check the name; if it is private or gated, {token_hint}"
-            )),
+            (_, "RepoNotFound") => {
+                fatal(format!("repository not found (HTTP {status}); check the name; if it is private or gated, {token_hint}"))
+            }
             (_, "RevisionNotFound") => fatal(format!("revision not found (HTTP {status})")),
-            (_, "GatedRepo") => fatal(format!("the repository is gated (HTTP {status}): accept its terms on the Hub, and {token_hint}")),
+            (_, "GatedRepo") => {
+                fatal(format!("the repository is gated (HTTP {status}): accept its terms on the Hub, and {token_hint}"))
+            }
             (401 | 403, _) => fatal(format!("access denied (HTTP {status}): {token_hint}")),
             (404, _) => Ok(()),
             (429 | 500..=599, _) => Err(Failure::Retry(format!("HTTP {status} from the Hub"))),
@@ -259,7 +259,10 @@ impl Client {
 
     /// Download the blobs of `files` the cache lacks, with one progress display for all of them.
     fn fetch_all(&self, cache: &RepoCache, files: &[(String, Meta)], opts: &HubOptions) -> Result<()> {
-        let todo: Vec<&(String, Meta)> = files.iter().filter(|(_, m)| !cache.blob(&m.etag).is_file()).collect();
+        let mut seen = std::collections::HashSet::new();
+        // identical files share one blob: fetch it once (two writers on one .incomplete would clash)
+        let todo: Vec<&(String, Meta)> =
+            files.iter().filter(|(_, m)| !cache.blob(&m.etag).is_file() && seen.insert(m.etag.as_str())).collect();
         if todo.is_empty() {
             return Ok(());
         }

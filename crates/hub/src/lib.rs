@@ -89,7 +89,8 @@ impl HubOptions {
         opts.endpoint = var("HF_ENDPOINT").map_or(DEFAULT_ENDPOINT.into(), |e| e.trim_end_matches('/').to_string());
         opts.token = token.map(|t| t.trim().to_string());
         opts.offline = var("HF_HUB_OFFLINE").is_some_and(|v| is_truthy(&v));
-        opts.quiet = std::env::var_os("MOESERVE_QUIET").is_some();
+        opts.quiet =
+            std::env::var_os("MOESERVE_QUIET").is_some() || var("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| is_truthy(&v));
         opts
     }
 }
@@ -124,6 +125,14 @@ impl RepoSpec {
                 && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         };
         (valid(org) && valid(name)).then(|| RepoSpec { repo_id: id.to_string(), revision: revision.to_string() })
+    }
+
+    /// How errors name the repo: `ORG/NAME`, with `@REVISION` unless it is `main`.
+    pub fn label(&self) -> String {
+        match self.revision.as_str() {
+            "main" => self.repo_id.clone(),
+            rev => format!("{}@{rev}", self.repo_id),
+        }
     }
 }
 
@@ -161,7 +170,7 @@ pub fn snapshot(repo: &RepoSpec, opts: &HubOptions) -> Result<PathBuf> {
 
 fn offline_error(repo: &RepoSpec, cache: &RepoCache, file: &str) -> Error {
     Error::Hub {
-        repo: format!("{}@{}", repo.repo_id, repo.revision),
+        repo: repo.label(),
         file: file.to_string(),
         msg: format!(
             "not in the cache at {} and HF_HUB_OFFLINE is set; download it once online, or unset HF_HUB_OFFLINE",

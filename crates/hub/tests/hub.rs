@@ -85,7 +85,8 @@ fn an_interrupted_transfer_resumes_with_a_range_request() {
     let cache = tempfile::tempdir().unwrap();
     let dir = resolve_model(REPO, &opts(cache.path(), &hub)).unwrap();
 
-    let expected = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v3").join(SHARD2)).unwrap();
+    let expected =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v3").join(SHARD2)).unwrap();
     assert_eq!(std::fs::read(dir.join(SHARD2)).unwrap(), expected);
     let sha = sha256_hex(&expected);
     let ranged: Vec<_> = hub.requests().into_iter().filter(|r| r.path == format!("/cdn/{sha}") && r.range.is_some()).collect();

@@ -165,7 +165,12 @@ fn serve_connection(stream: TcpStream, repo: &Mutex<Repo>, log: &Mutex<Vec<Reque
                 }
             }
         }
-        log.lock().unwrap().push(Request { method: method.clone(), path: path.clone(), range: range.clone(), auth: auth.clone() });
+        log.lock().unwrap().push(Request {
+            method: method.clone(),
+            path: path.clone(),
+            range: range.clone(),
+            auth: auth.clone(),
+        });
         let resp = respond(method == "HEAD", &path, range.as_deref(), auth.as_deref(), &mut repo.lock().unwrap());
         let mut head = format!("HTTP/1.1 {}\r\n", resp.status);
         for (k, v) in &resp.headers {
@@ -247,7 +252,14 @@ fn respond(head: bool, path: &str, range: Option<&str>, auth: Option<&str>, repo
 }
 
 /// A file's bytes, honouring `Range: bytes=N-` and the cut/corrupt switches.
-fn content(head: bool, name: &str, mut bytes: Vec<u8>, range: Option<&str>, repo: &mut Repo, mut headers: Vec<(String, String)>) -> Response {
+fn content(
+    head: bool,
+    name: &str,
+    mut bytes: Vec<u8>,
+    range: Option<&str>,
+    repo: &mut Repo,
+    mut headers: Vec<(String, String)>,
+) -> Response {
     if repo.corrupt.contains(name) {
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0xff;
