@@ -24,9 +24,8 @@ mod progress;
 
 use std::path::{Path, PathBuf};
 
+use cache::RepoCache;
 use moeserve_core::{Error, Result};
-
-pub use cache::RepoCache;
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
