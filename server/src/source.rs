@@ -1,5 +1,6 @@
-//! Where the model comes from: a directory, or the built-in tiny model (synthesized once from a
-//! fixed seed into the user's cache directory, with the real DeepSeek-V3/R1 tokenizer).
+//! Where the model comes from: a directory, a Hugging Face Hub model id (downloaded once into the
+//! standard Hub cache), or the built-in tiny model (synthesized once from a fixed seed into the
+//! user's cache directory, with the real DeepSeek-V3/R1 tokenizer).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::Args;
 use moeserve_engine::Tokenizer;
+use moeserve_hub::{HubOptions, RepoSpec};
 use moeserve_model::synth::{self, SynthOptions};
 use moeserve_model::{DeepSeekModel, LoadOptions};
 use moeserve_quant::QuantSpec;
@@ -20,8 +22,9 @@ const BUILTIN_SEED: u64 = 0x5EED_0001;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory (config.json + safetensors) or a llama.cpp `deepseek2` GGUF file (split
-    /// files: the first). Default: the built-in tiny random model.
+    /// Model directory (config.json + safetensors), a llama.cpp `deepseek2` GGUF file (split
+    /// files: the first), or a Hugging Face Hub id ORG/NAME[@REVISION] (honours HF_HOME,
+    /// HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE). Default: the built-in tiny random model.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Compute dtype on CPU (activations; weights keep their resident format).
@@ -92,9 +95,33 @@ pub struct Loaded {
     pub dir: PathBuf,
 }
 
+/// The Hub model `--model` names: not an existing path, but shaped like `ORG/NAME[@REVISION]`.
+pub fn hub_spec(model: &Path) -> Option<RepoSpec> {
+    if model.exists() {
+        return None;
+    }
+    RepoSpec::parse(model.to_str()?)
+}
+
+/// `--model` as a directory: a Hub id is resolved through the cache (downloading what is missing).
+pub fn model_dir(model: &Path) -> Result<PathBuf> {
+    let Some(spec) = hub_spec(model) else { return Ok(model.to_path_buf()) };
+    let name = model.display();
+    moeserve_hub::snapshot(&spec, &HubOptions::from_env())
+        .with_context(|| format!("--model {name}: not a local directory; tried the Hugging Face Hub"))
+}
+
+/// The name the server reports for `--model`: `ORG/NAME` for a Hub id, else the directory's name.
+pub fn model_name(model: &Path) -> String {
+    match hub_spec(model) {
+        Some(spec) => spec.repo_id,
+        None => model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+    }
+}
+
 pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
     let dir = match &args.model {
-        Some(d) => d.clone(),
+        Some(d) => model_dir(d)?,
         None => {
             eprintln!("warning: no --model given: using the built-in tiny DeepSeek-V3 with random weights; its output is noise");
             builtin_dir()?

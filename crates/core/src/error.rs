@@ -30,6 +30,10 @@ pub enum Error {
     #[error("kv cache: {0}")]
     Cache(String),
 
+    /// A Hugging Face Hub model: resolving, downloading or finding it in the cache.
+    #[error("model repo {repo}, file {file}: {msg}")]
+    Hub { repo: String, file: String, msg: String },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -153,7 +153,7 @@ async fn serve(args: Args) -> Result<()> {
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
         let loaded = source::load(&args.model, false)?;
         let name = args.served_model_name.clone().unwrap_or_else(|| match &args.model.model {
-            Some(d) => d.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned()),
+            Some(d) => source::model_name(d),
             None => "moeserve-builtin-tiny".into(),
         });
         let cfg = &loaded.model.cfg;
