@@ -48,3 +48,25 @@ fn resident_formats_keep_the_checkpoint_values() {
         }
     }
 }
+
+#[test]
+fn in_situ_quantization_accepts_bf16_and_fp8_sources() {
+    for fixture in ["tiny-v3", "tiny-v3-fp8"] {
+        let spec = QuantSpec::parse("experts=q4k,attn=q8_0").unwrap();
+        let (q, dense) = (weights(fixture, spec), weights(fixture, QuantSpec { dense_reference: true, ..Default::default() }));
+        for (leaf, i, o, fmt) in
+            [("model.layers.1.mlp.experts.0.up_proj", 64, 32, "q4k"), ("model.layers.0.self_attn.q_a_proj", 64, 48, "q8_0")]
+        {
+            let l = q.linear(leaf, i, o).unwrap();
+            assert_eq!(l.format(), fmt, "{fixture} {leaf}");
+            let x = Tensor::randn(0f32, 1.0, (3, i), &Device::Cpu).unwrap();
+            let got: Vec<f32> = l.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = dense.linear(leaf, i, o).unwrap().forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+            assert!(num / den < 0.1, "{fixture} {leaf} {fmt}: relative error {}", num / den);
+        }
+        let report = q.report();
+        assert!(report.entries.contains_key(&("experts", "q4k")) && report.total_bytes() > 0);
+    }
+}
