@@ -149,16 +149,26 @@ impl PackedMatrix {
                     Format::Q4K => candle_core::quantized::GgmlDType::Q4K,
                     _ => candle_core::quantized::GgmlDType::Q6K,
                 };
-                let mut padded = vec![0f32; rows * pc];
-                for r in 0..rows {
-                    padded[r * pc..r * pc + cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
-                }
-                let t = candle_core::Tensor::from_vec(padded, (rows.max(1), pc), &candle_core::Device::Cpu)
-                    .and_then(|t| candle_core::quantized::QTensor::quantize(&t, dtype))
-                    .and_then(|q| q.data().map(|d| d.into_owned()))
-                    .map_err(|e| Error(format!("quantizing to {}: {e}", format.name())))?;
-                if rows > 0 {
-                    m.data = t;
+                // rows are independent: quantize chunks of them on all threads
+                use rayon::prelude::*;
+                let chunk_rows = 64;
+                let parts: Vec<Result<Vec<u8>, Error>> = (0..rows.div_ceil(chunk_rows))
+                    .into_par_iter()
+                    .map(|c| {
+                        let (r0, r1) = (c * chunk_rows, ((c + 1) * chunk_rows).min(rows));
+                        let mut padded = vec![0f32; (r1 - r0) * pc];
+                        for r in r0..r1 {
+                            padded[(r - r0) * pc..(r - r0) * pc + cols].copy_from_slice(&w[r * cols..(r + 1) * cols]);
+                        }
+                        candle_core::Tensor::from_vec(padded, (r1 - r0, pc), &candle_core::Device::Cpu)
+                            .and_then(|t| candle_core::quantized::QTensor::quantize(&t, dtype))
+                            .and_then(|q| q.data().map(|d| d.into_owned()))
+                            .map_err(|e| Error(format!("quantizing to {}: {e}", format.name())))
+                    })
+                    .collect();
+                m.data = Vec::with_capacity(rows * m.row_bytes);
+                for p in parts {
+                    m.data.extend_from_slice(&p?);
                 }
                 if m.data.len() != rows * m.row_bytes {
                     return Err(Error(format!(
