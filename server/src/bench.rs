@@ -67,7 +67,7 @@ fn bench_kernels(args: &Args) {
     let formats = [Format::F32, Format::Bf16, Format::Fp8 { block: [128, 128] }, Format::Q8_0, Format::Q4K, Format::Q6K];
     let (rows, cols) = args.kernel_shape;
     let backend = moeserve_cpu::backend();
-    let report = moeserve_cpu::bench::run(&formats, &[1, 2, 4, 8, 16, 32], rows, cols, 15, backend);
+    let report = moeserve_cpu::bench::run(&formats, &[1, 2, 4, 8, 16, 32, 64, 128], rows, cols, 3, 1 << 30, backend);
     println!(
         "kernels: {backend:?}, {} threads, weight [{rows}, {cols}], read bandwidth {:.1} GB/s (best of 5 over 1 GiB)",
         rayon::current_num_threads(),

@@ -29,6 +29,9 @@ pub fn available() -> bool {
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    if a.batch >= GEMM_MIN_BATCH {
+        return rows_gemm(w, a, r0, r1, y, y_stride);
+    }
     for r in r0..r1 {
         let mut b0 = 0;
         while b0 < a.batch {
@@ -45,6 +48,88 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
             }
             b0 += bt;
         }
+    }
+}
+
+/// From this many activation rows on, products are compute-bound: panels of weight rows are
+/// decoded to f32 once and multiplied by a register-blocked GEMM (the `gemm` crate).
+pub const GEMM_MIN_BATCH: usize = 64;
+const PANEL_ROWS: usize = 64;
+
+thread_local! {
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+unsafe fn rows_gemm(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    let pc = w.padded_cols;
+    PANEL.with(|panel| {
+        let mut panel = panel.borrow_mut();
+        panel.resize(PANEL_ROWS * pc, 0.0);
+        let mut p0 = r0;
+        while p0 < r1 {
+            let n = (r1 - p0).min(PANEL_ROWS);
+            for i in 0..n {
+                decode_row(w, p0 + i, &mut panel[i * pc..(i + 1) * pc]);
+            }
+            // y[b, p0 + j] = Σ_k x[b, k] · panel[j, k]
+            gemm::gemm(
+                a.batch,
+                n,
+                pc,
+                y.add(p0),
+                1,
+                y_stride as isize,
+                false,
+                a.f32.as_ptr(),
+                1,
+                pc as isize,
+                panel.as_ptr(),
+                pc as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            p0 += n;
+        }
+    });
+}
+
+/// Row `r` as f32 (`padded_cols` values).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
+    let row = w.row(r).as_ptr();
+    let pc = w.padded_cols;
+    let o = out.as_mut_ptr();
+    match w.format {
+        Format::F32 => std::ptr::copy_nonoverlapping(row as *const f32, o, pc),
+        Format::Bf16 => {
+            for k in (0..pc).step_by(8) {
+                _mm256_storeu_ps(o.add(k), load8::<BF16>(row, k));
+            }
+        }
+        Format::Fp8 { block } => {
+            let scales = w.fp8_row_scales(r);
+            for k in (0..pc).step_by(8) {
+                let s = _mm256_set1_ps(scales[k / block[1]]);
+                _mm256_storeu_ps(o.add(k), _mm256_mul_ps(load8::<FP8>(row, k), s));
+            }
+        }
+        Format::Q8_0 => {
+            for blk in 0..pc / 32 {
+                let bp = row.add(blk * Q8_0_BLOCK.0);
+                let d = _mm256_set1_ps(f16_at(bp));
+                for j in 0..4 {
+                    let q = _mm_loadl_epi64(bp.add(2 + 8 * j) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+                    _mm256_storeu_ps(o.add(blk * 32 + 8 * j), _mm256_mul_ps(v, d));
+                }
+            }
+        }
+        Format::Q4K | Format::Q6K => out.copy_from_slice(&w.dequantize_row(r)),
     }
 }
 

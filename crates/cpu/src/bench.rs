@@ -37,7 +37,9 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-pub fn run(formats: &[Format], batches: &[usize], rows: usize, cols: usize, reps: usize, backend: Backend) -> KernelReport {
+/// Each product streams one of enough copies of the matrix to total `min_bytes`, so that no
+/// measurement is served from the last-level cache.
+pub fn run(formats: &[Format], batches: &[usize], rows: usize, cols: usize, reps: usize, min_bytes: usize, backend: Backend) -> KernelReport {
     let read = read_bandwidth(1 << 30, 5);
     let w32 = weights(rows * cols);
     let mut results = Vec::new();
@@ -51,15 +53,19 @@ pub fn run(formats: &[Format], batches: &[usize], rows: usize, cols: usize, reps
             _ => PackedMatrix::from_f32(format, rows, cols, &w32),
         };
         let Ok(w) = w else { continue };
+        // enough copies to stream well past the last-level cache (some CPUs have hundreds of MB)
+        let copies = (min_bytes / w.resident_bytes().max(1)).max(1);
+        let ws: Vec<PackedMatrix> = (0..copies).map(|_| w.clone()).collect();
         let mut base = None;
         for &batch in batches {
             let x = &w32[..batch * cols];
             let mut y = vec![0f32; batch * rows];
             let mut best = f64::INFINITY;
-            for _ in 0..reps.max(1) {
+            for i in 0..reps.max(1) * copies {
+                let w = &ws[i % copies];
                 let t = Instant::now();
-                let a = activations(&w, x, batch);
-                matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut y }]);
+                let a = activations(w, x, batch);
+                matmul_many_with(backend, &mut [Product { w, x: &a, y: &mut y }]);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let b1 = *base.get_or_insert(best);
