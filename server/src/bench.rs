@@ -243,7 +243,7 @@ fn step_costs(model: &DeepSeekModel, prompt: &[u32], k: usize, reps: usize) -> R
     let last = hidden.narrow(0, n - 1, 1)?;
     let tokens: Vec<u32> = (0..=k).map(|i| prompt[(i * 7 + 1) % n]).collect();
     let (mut one, mut verify, mut draft) = (Vec::new(), Vec::new(), Vec::new());
-    let mut time = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<f64> {
+    let time = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<f64> {
         let t = Instant::now();
         std::hint::black_box(f()?);
         Ok(t.elapsed().as_secs_f64())

@@ -93,7 +93,8 @@ fn greedy_mtp_output_equals_plain_decoding_on_tiny_v3() {
                 assert_eq!(g.finish, Some(FinishReason::Length));
                 let sp = g.usage.speculative.as_ref().expect("speculative usage");
                 assert!(sp.steps > 0 && sp.draft_tokens >= sp.steps, "K={k}: {sp:?}");
-                assert_eq!(sp.steps + sp.accepted_tokens + 1, g.tokens.len() as u64, "tokens = prefill + per-step yield");
+                // prefill gives 1 token, a verification accepted + 1, a step without drafts 1
+                assert!(sp.steps + sp.accepted_tokens < g.tokens.len() as u64, "K={k}: {sp:?}");
                 if round == 1 {
                     assert!(g.usage.cached_prompt_tokens > 0, "round 2 request {i} reuses cached pages");
                 }
@@ -189,7 +190,7 @@ fn rejected_and_partially_accepted_drafts_roll_back_in_one_batch() {
     }
     assert_all_pages_free(&e);
     // different accepted lengths for different sequences in the same step
-    let e = oracle_engine(&reqs, &want, 3, |i, at, j| (i + at + j) % 4 != 0);
+    let e = oracle_engine(&reqs, &want, 3, |i, at, j| (i * 31 + at * 17 + j * 7) % 11 < 7);
     let got = run_batch(&e, &reqs);
     let mut lengths = std::collections::HashSet::new();
     for (i, g) in got.iter().enumerate() {
@@ -291,8 +292,9 @@ fn generate_with_mtp_equals_plain_generate_on_tiny_v3_and_a_synthetic_checkpoint
                 .unwrap();
                 assert_eq!(got, plain, "{name} prompt {i} K={k}");
                 let sp = st.speculative.unwrap();
-                assert_eq!(sp.steps as usize, st.decode_steps);
-                assert_eq!(sp.steps + sp.accepted_tokens + 1, 12);
+                // steps without drafts (the last token) are decode steps but not verifications
+                assert!(sp.steps as usize <= st.decode_steps && sp.steps > 0);
+                assert_eq!(st.decode_steps + sp.accepted_tokens as usize + 1, 12, "{name} K={k}");
             }
         }
     }
