@@ -172,9 +172,10 @@ fn a_draft_that_always_agrees_yields_k_plus_one_tokens_per_step() {
         if (n - 1) % (k + 1) == 0 {
             assert!((sp.mean_accepted_length() - (k + 1) as f64).abs() < 1e-9, "{sp:?}");
         }
-        // engine steps: one prefill step plus one per verification
-        assert_eq!(e.metrics().steps as usize, 1 + steps, "K={k}");
+        // engine steps: one prefill step plus one per verification (counted once the step
+        // ends, which the page check waits for)
         assert_all_pages_free(&e);
+        assert_eq!(e.metrics().steps as usize, 1 + steps, "K={k}");
     }
 }
 
