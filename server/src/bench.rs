@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use moeserve_core::DeepSeekConfig;
-use candle_core::Tensor;
 use moeserve_engine::{generate, Engine, Event, GenerateRequest, Request, SamplingParams};
 use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, Mtp};
 use rand::{Rng, SeedableRng};
@@ -185,7 +185,14 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Speculative decode of the same greedy request, and the cost of its steps.
-fn bench_speculative(model: &DeepSeekModel, base: &GenerateRequest, k: usize, runs: usize, plain_tg: f64, plain_ids: &[u32]) -> Result<()> {
+fn bench_speculative(
+    model: &DeepSeekModel,
+    base: &GenerateRequest,
+    k: usize,
+    runs: usize,
+    plain_tg: f64,
+    plain_ids: &[u32],
+) -> Result<()> {
     let req = GenerateRequest { num_draft_tokens: k, ..base.clone() };
     let (mut tps, mut ids, mut stats) = (Vec::new(), Vec::new(), None);
     for _ in 0..runs {

@@ -268,12 +268,10 @@ impl Engine {
     pub fn start(model: DeepSeekModel, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<EngineHandle> {
         let drafter: Option<Box<dyn Drafter>> = match cfg.num_draft_tokens {
             0 => None,
-            _ if model.mtp().is_none() => {
-                return Err(moeserve_core::Error::Input(
-                    "speculative decoding needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1), loaded with load_mtp"
-                        .into(),
-                ))
-            }
+            _ if model.mtp().is_none() => return Err(moeserve_core::Error::Input(
+                "speculative decoding needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1), loaded with load_mtp"
+                    .into(),
+            )),
             _ => Some(Box::new(MtpDrafter)),
         };
         Self::start_with_drafter(model, tokenizer, cfg, drafter)

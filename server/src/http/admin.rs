@@ -83,7 +83,12 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Result<Response, ApiEr
     metric("moeserve_preemptions_total", "counter", "Sequences preempted for KV pages.", m.preemptions.to_string());
     if m.num_draft_tokens > 0 {
         let sp = &m.speculative;
-        metric("moeserve_spec_draft_tokens_per_step", "gauge", "Tokens drafted per speculative step (K).", m.num_draft_tokens.to_string());
+        metric(
+            "moeserve_spec_draft_tokens_per_step",
+            "gauge",
+            "Tokens drafted per speculative step (K).",
+            m.num_draft_tokens.to_string(),
+        );
         metric("moeserve_spec_verify_steps_total", "counter", "Speculative verification steps.", sp.steps.to_string());
         metric("moeserve_spec_draft_tokens_total", "counter", "Draft tokens verified.", sp.draft_tokens.to_string());
         metric("moeserve_spec_accepted_tokens_total", "counter", "Draft tokens accepted.", sp.accepted_tokens.to_string());
