@@ -288,8 +288,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// Concurrency levels through the batching engine; `single` is the single-stream decode tok/s.
 fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: f64) -> Result<()> {
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let per_token = model.kv_layout().bytes_per_token(model.dtype().size_in_bytes());
-    let tokens = max_c * (args.prompt_len + args.gen_len + 16);
+    // the MTP layer (when loaded) has its rows in the same pages; drafts need K slots more
+    let mut layout = model.kv_layout();
+    layout.num_layers += usize::from(model.mtp().is_some());
+    let per_token = layout.bytes_per_token(model.dtype().size_in_bytes());
+    let tokens = max_c * (args.prompt_len + args.gen_len + 16 + args.engine.spec.draft_tokens());
     let cfg = model.cfg.clone();
     let mut engine_cfg = args.engine.config()?;
     engine_cfg.kv_cache_bytes = engine_cfg.kv_cache_bytes.min(tokens * per_token);

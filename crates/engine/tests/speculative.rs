@@ -121,6 +121,23 @@ fn chunked_prefill_and_small_budgets_keep_mtp_output_exact() {
     assert_all_pages_free(&e);
 }
 
+#[test]
+fn preemption_and_prefix_hits_under_a_tiny_page_budget_keep_mtp_output_exact() {
+    let reqs: Vec<Request> = (0..6).map(|i| greedy(prompt(i % 4), 8)).collect();
+    let want = plain_reference(&reqs);
+    // 4-token pages of 3 main + 1 MTP layers × (32 + 8) f32 values: 14 pages for ~35-token requests
+    let page_bytes = 4 * 4 * (32 + 8) * 4;
+    let cfg = EngineConfig { num_draft_tokens: 2, page_size: 4, kv_cache_bytes: 14 * page_bytes, ..Default::default() };
+    let e = Engine::start(tiny_v3(), None, cfg).unwrap();
+    for (i, g) in run_batch(&e, &reqs).iter().enumerate() {
+        assert_eq!(g.tokens, want[i], "request {i}");
+    }
+    let m = e.metrics();
+    assert!(m.preemptions > 0, "the budget should force preemption");
+    assert!(m.speculative.steps > 0);
+    assert_all_pages_free(&e);
+}
+
 /// Drafts from known reference continuations: exact for `agree(prompt index, output len, j)`,
 /// else a wrong token. It writes no draft rows (nothing reads them).
 struct Oracle {
