@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use moeserve_engine::sampling::SamplingParams;
 use moeserve_engine::spec::{DraftSeq, Drafter};
 use moeserve_engine::{
-    generate, Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, Request, RequestStream, Usage,
+    generate, Engine, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, Request, RequestStream, Tokenizer, Usage,
 };
 use moeserve_model::synth::{self, SynthOptions};
 use moeserve_model::{DeepSeekModel, LoadOptions};
@@ -23,6 +23,7 @@ fn tiny_v3() -> DeepSeekModel {
 #[derive(Debug, Clone, Default)]
 struct Choice {
     tokens: Vec<u32>,
+    text: String,
     finish: Option<FinishReason>,
     usage: Usage,
 }
@@ -31,8 +32,12 @@ fn collect(mut s: RequestStream) -> Choice {
     let mut c = Choice::default();
     while let Some(ev) = s.blocking_next() {
         match ev {
-            Event::Token { token, .. } => c.tokens.push(token),
-            Event::Finished { reason, usage, .. } => {
+            Event::Token { token, text, .. } => {
+                c.tokens.push(token);
+                c.text.push_str(&text);
+            }
+            Event::Finished { reason, usage, text, .. } => {
+                c.text.push_str(&text);
                 c.finish = Some(reason);
                 c.usage = usage;
             }
@@ -241,6 +246,35 @@ fn stops_and_max_tokens_inside_an_accepted_run_end_the_output_there() {
         assert_eq!(got.finish, Some(FinishReason::Length));
     }
     assert_all_pages_free(&e);
+}
+
+#[test]
+fn a_stop_string_inside_an_accepted_run_truncates_the_text() {
+    // the tiny preset with the real tokenizer, so stop strings apply
+    let dir = tempfile::tempdir().unwrap();
+    synth::write_checkpoint(&synth::preset("tiny").unwrap(), dir.path(), &SynthOptions::default()).unwrap();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(root.join("models/deepseek-v3").join(f), dir.path().join(f)).unwrap();
+    }
+    let load = || DeepSeekModel::load(dir.path(), &LoadOptions::default()).unwrap();
+    let tok = Arc::new(Tokenizer::from_dir(dir.path()).unwrap());
+    let plain = Engine::start(load(), Some(tok.clone()), EngineConfig::default()).unwrap();
+    let base = greedy(tok.encode("The quick brown fox").unwrap(), 16);
+    let full = collect(plain.submit(base.clone()).unwrap());
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    let (a, b) = (chars[chars.len() / 2].0, chars.get(chars.len() / 2 + 2).map_or(full.text.len(), |c| c.0));
+    let stop = full.text[a..b].to_string();
+    let cut = full.text.find(&stop).unwrap();
+    let refs = HashMap::from([(base.prompt.clone(), (0, full.tokens.clone()))]);
+    let oracle = Oracle { refs, agree: |_, _, _| true, vocab: tok.vocab_size() as u32 };
+    let cfg = EngineConfig { num_draft_tokens: 3, ..Default::default() };
+    let e = Engine::start_with_drafter(load(), Some(tok), cfg, Some(Box::new(oracle))).unwrap();
+    let got = collect(e.submit(Request { stop: vec![stop.clone()], ..base }).unwrap());
+    assert_eq!(got.text, full.text[..cut], "stop string {stop:?}");
+    assert_eq!(got.finish, Some(FinishReason::Stop));
+    assert!(full.tokens.starts_with(&got.tokens) && got.tokens.len() < full.tokens.len());
+    assert!(got.usage.speculative.unwrap().accepted_tokens > 0);
 }
 
 #[test]
