@@ -351,3 +351,35 @@ fn generate_with_mtp_equals_plain_generate_on_tiny_v3_and_a_synthetic_checkpoint
         }
     }
 }
+
+#[test]
+fn mtp_drafter_draft_distribution_matches_the_reference_mtp_logits() {
+    use moeserve_engine::spec::{DraftPicker, MtpDrafter};
+    use moeserve_engine::Sampler;
+    use moeserve_model::{ForwardBatch, LatentKv, Mtp};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v3");
+    let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let model = tiny_v3();
+    for case in ["case0", "case1", "case2"] {
+        let ids: Vec<u32> = reference[&format!("{case}.input_ids")].to_dtype(candle_core::DType::U32).unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = reference[&format!("{case}.mtp_logits_last")].to_vec1().unwrap();
+        // prompt t_0..t_{T-2}; the draft head's rows take t_1..t_{T-1}, the last one is the reference row
+        let t = ids.len();
+        let mut cache = model.new_cache();
+        let hidden = model.forward(&ForwardBatch::single(&ids[..t - 1], 0), &mut [&mut cache]).unwrap();
+        let mut draft_cache = Mtp::new_cache(&model);
+        let mut sampler = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, seed: Some(1), ..Default::default() });
+        let picker = DraftPicker::new(&mut sampler, &ids[..t - 1], &[]);
+        let mut seqs = [DraftSeq { kv: &mut draft_cache, start: 0, next_tokens: ids[1..].to_vec(), hidden_row: 0, k: 2, picker }];
+        MtpDrafter.draft(&model, &hidden, &mut seqs).unwrap();
+        let [s] = seqs;
+        assert_eq!(s.picker.drafts.len(), 2, "K = 2 drafts recursively");
+        // q of draft 1 is softmax of the reference MTP logits (temperature 1, no truncation)
+        let m = want.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = want.iter().map(|x| (x - m).exp()).sum();
+        let worst =
+            s.picker.q[0].probs().iter().map(|&(tok, p)| (p - (want[tok as usize] - m).exp() / z).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{case}: draft distribution differs from the reference by {worst}");
+        assert_eq!(draft_cache.seq_len(), t - 1, "the recursive rows were rolled back");
+    }
+}
