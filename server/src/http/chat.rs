@@ -202,16 +202,8 @@ impl Collector {
             "prompt_tokens_details": {"cached_tokens": self.usage.cached_prompt_tokens},
             "completion_tokens_details": {"reasoning_tokens": reasoning},
         });
-        // extension: draft acceptance of speculatively decoded choices
         if let Some(sp) = &self.usage.speculative {
-            u["speculative"] = json!({
-                "verify_steps": sp.steps,
-                "draft_tokens": sp.draft_tokens,
-                "accepted_tokens": sp.accepted_tokens,
-                "mean_accepted_length": sp.mean_accepted_length(),
-                "acceptance_rate": sp.acceptance_rate(),
-                "acceptance_rate_per_position": sp.acceptance_rate_per_position(),
-            });
+            u["speculative"] = speculative_json(sp);
         }
         u
     }
@@ -468,4 +460,16 @@ pub async fn completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> 
     col.key_usage = key.1;
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
     respond(stream, col, body.sampling.stream, include_usage).await
+}
+
+/// Usage extension: draft acceptance of speculatively decoded choices (summed over choices).
+pub fn speculative_json(sp: &moeserve_engine::spec::SpecStats) -> Value {
+    json!({
+        "verify_steps": sp.steps,
+        "draft_tokens": sp.draft_tokens,
+        "accepted_tokens": sp.accepted_tokens,
+        "mean_accepted_length": sp.mean_accepted_length(),
+        "acceptance_rate": sp.acceptance_rate(),
+        "acceptance_rate_per_position": sp.acceptance_rate_per_position(),
+    })
 }
