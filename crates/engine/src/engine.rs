@@ -39,7 +39,9 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     pub max_n: usize,
     pub max_logprobs: usize,
-    /// Speculative decoding: tokens the MTP head drafts per step (0 = off).
+    /// Speculative decoding: tokens the MTP head drafts per step (0 = off). Up to 3 keeps the
+    /// K + 1-row verify chunks on the absorbed (decode) attention path; larger K verify on the
+    /// naive path, which equals it up to float rounding.
     pub num_draft_tokens: usize,
 }
 
