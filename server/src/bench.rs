@@ -1,13 +1,16 @@
 //! `moeserve bench`: prefill and decode throughput (median of several runs), peak resident
 //! memory, and the decode roofline from the active bytes per token and a bandwidth probe run
-//! in the same process.
+//! in the same process. With `--speculative mtp` it also decodes speculatively (against the plain
+//! decode of the same run) and measures a K+1-token verify step against a 1-token step.
 
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use moeserve_core::DeepSeekConfig;
 use moeserve_engine::{generate, Engine, Event, GenerateRequest, Request, SamplingParams};
+use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, Mtp};
 use rand::{Rng, SeedableRng};
 
 use crate::engine_args::EngineArgs;
@@ -98,7 +101,8 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let t = Instant::now();
-    let loaded = source::load(&args.model, false)?;
+    let spec_k = args.engine.spec.draft_tokens();
+    let loaded = source::load(&args.model, spec_k > 0)?;
     let model = &loaded.model;
     let cfg = &model.cfg;
     println!("model: {} ({})", loaded.dir.display(), model.describe());
@@ -119,12 +123,18 @@ pub fn run(args: Args) -> Result<()> {
         max_tokens,
         sampling: SamplingParams::greedy(),
         stop_tokens: vec![],
+        num_draft_tokens: 0,
     };
 
     generate(model, &GenerateRequest { prompt: prompt[..prompt.len().min(16)].to_vec(), ..req(4) }, |_| Ok(()))?; // warm-up
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut plain_ids = Vec::new();
     for _ in 0..args.runs.max(1) {
-        let s = generate(model, &req(args.gen_len.max(2)), |_| Ok(()))?;
+        plain_ids.clear();
+        let s = generate(model, &req(args.gen_len.max(2)), |t| {
+            plain_ids.push(t);
+            Ok(())
+        })?;
         prefill.push(s.prompt_tokens as f64 / s.prefill.as_secs_f64());
         decode.push((s.generated - 1) as f64 / s.decode.as_secs_f64());
     }
@@ -139,6 +149,10 @@ pub fn run(args: Args) -> Result<()> {
         args.gen_len,
         decode.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>()
     );
+
+    if spec_k > 0 {
+        bench_speculative(model, &req(args.gen_len.max(2)), spec_k, args.runs.max(1), tg, &plain_ids)?;
+    }
 
     // before the bandwidth probe, whose buffer would count in the high-water mark
     if let Some((rss, peak)) = rss_bytes() {
@@ -182,6 +196,97 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Speculative decode of the same greedy request, and the cost of its steps.
+fn bench_speculative(
+    model: &DeepSeekModel,
+    base: &GenerateRequest,
+    k: usize,
+    runs: usize,
+    plain_tg: f64,
+    plain_ids: &[u32],
+) -> Result<()> {
+    let req = GenerateRequest { num_draft_tokens: k, ..base.clone() };
+    let (mut tps, mut ids, mut stats) = (Vec::new(), Vec::new(), None);
+    for _ in 0..runs {
+        ids.clear();
+        let s = generate(model, &req, |t| {
+            ids.push(t);
+            Ok(())
+        })?;
+        tps.push((s.generated - 1) as f64 / s.decode.as_secs_f64());
+        stats = Some(s);
+    }
+    let tg = median(tps.clone());
+    let s = stats.ok_or_else(|| anyhow::anyhow!("no speculative run"))?;
+    let sp = s.speculative.unwrap_or_default();
+    println!(
+        "decode with MTP K={k}: {tg:.2} tok/s ({:.2}x plain decode)   runs: {:?}; output identical to plain greedy: {}",
+        tg / plain_tg.max(1e-9),
+        tps.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>(),
+        if ids == plain_ids { "yes" } else { "NO" }
+    );
+    println!(
+        "  {} verify steps for {} tokens: mean accepted length {:.2}, acceptance rate {:.3}, per position {:?}",
+        sp.steps,
+        s.generated - 1,
+        sp.mean_accepted_length(),
+        sp.acceptance_rate(),
+        sp.acceptance_rate_per_position().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
+    );
+    let (one, verify, draft) = step_costs(model, &base.prompt, k, 5 * runs)?;
+    println!(
+        "  step cost at context {}: 1-token decode {:.2} ms, verify of {} tokens {:.2} ms ({:.2}x), one MTP draft row {:.2} ms ({:.2}x); break-even mean accepted length {:.2}",
+        base.prompt.len(),
+        one * 1e3,
+        k + 1,
+        verify * 1e3,
+        verify / one,
+        draft * 1e3,
+        draft / one,
+        (verify + k as f64 * draft) / one
+    );
+    Ok(())
+}
+
+/// Median seconds of a 1-token main step, a (k+1)-token main step and a 1-row MTP step, each
+/// after `prompt` and rolled back after every timing.
+fn step_costs(model: &DeepSeekModel, prompt: &[u32], k: usize, reps: usize) -> Result<(f64, f64, f64)> {
+    let mtp = model.mtp().ok_or_else(|| anyhow::anyhow!("the model has no MTP layer"))?;
+    let mut cache = model.new_cache();
+    let hidden = model.forward(&ForwardBatch::single(prompt, 0), &mut [&mut cache])?;
+    let mut draft_cache = Mtp::new_cache(model);
+    let n = prompt.len();
+    let mut shifted = prompt[1..].to_vec();
+    shifted.push(prompt[n - 1]);
+    mtp.forward(model, &ForwardBatch::single(&shifted, 0), &hidden, &mut [&mut draft_cache])?;
+    let last = hidden.narrow(0, n - 1, 1)?;
+    let tokens: Vec<u32> = (0..=k).map(|i| prompt[(i * 7 + 1) % n]).collect();
+    let (mut one, mut verify, mut draft) = (Vec::new(), Vec::new(), Vec::new());
+    let time = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<f64> {
+        let t = Instant::now();
+        std::hint::black_box(f()?);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for _ in 0..reps.max(1) {
+        one.push(time(&mut || {
+            let h = model.forward(&ForwardBatch::single(&tokens[..1], n), &mut [&mut cache])?;
+            Ok(model.logits(&h)?)
+        })?);
+        cache.set_seq_len(n)?;
+        verify.push(time(&mut || {
+            let h = model.forward(&ForwardBatch::single(&tokens, n), &mut [&mut cache])?;
+            Ok(model.logits(&h)?)
+        })?);
+        cache.set_seq_len(n)?;
+        draft.push(time(&mut || {
+            let y = mtp.forward(model, &ForwardBatch::single(&tokens[..1], n), &last, &mut [&mut draft_cache])?;
+            Ok(mtp.logits(&y)?)
+        })?);
+        draft_cache.set_seq_len(n)?;
+    }
+    Ok((median(one), median(verify), median(draft)))
+}
+
 fn random_prompt(cfg: &DeepSeekConfig, len: usize, seed: u64) -> Vec<u32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let vocab = cfg.vocab_size.min(128_000) as u32;
@@ -195,8 +300,11 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// Concurrency levels through the batching engine; `single` is the single-stream decode tok/s.
 fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: f64) -> Result<()> {
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
-    let per_token = model.kv_layout().bytes_per_token(model.dtype().size_in_bytes());
-    let tokens = max_c * (args.prompt_len + args.gen_len + 16);
+    // the MTP layer (when loaded) has its rows in the same pages; drafts need K slots more
+    let mut layout = model.kv_layout();
+    layout.num_layers += usize::from(model.mtp().is_some());
+    let per_token = layout.bytes_per_token(model.dtype().size_in_bytes());
+    let tokens = max_c * (args.prompt_len + args.gen_len + 16 + args.engine.spec.draft_tokens());
     let cfg = model.cfg.clone();
     let mut engine_cfg = args.engine.config()?;
     engine_cfg.kv_cache_bytes = engine_cfg.kv_cache_bytes.min(tokens * per_token);
@@ -207,6 +315,7 @@ fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: 
         engine_cfg.max_batch_tokens,
         engine_cfg.max_running
     );
+    let spec_k = engine_cfg.num_draft_tokens;
     let engine = Engine::start(model, None, engine_cfg)?;
     for (level, &c) in args.concurrency.iter().enumerate() {
         let c = c.max(1);
@@ -265,5 +374,14 @@ fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: 
         m.busy_seconds,
         m.generation_tokens_per_second()
     );
+    if spec_k > 0 {
+        let sp = &m.speculative;
+        println!(
+            "engine speculative (K={spec_k}): {} verify steps, mean accepted length {:.2}, acceptance per position {:?}",
+            sp.steps,
+            sp.mean_accepted_length(),
+            sp.acceptance_rate_per_position().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
+        );
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@ use clap::{Args as ClapArgs, ValueEnum};
 use moeserve_engine::{generate, GenerateRequest, SamplingParams, StreamDecoder};
 use serde_json::json;
 
+use crate::engine_args::SpecArgs;
 use crate::source::{self, ModelArgs};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -53,10 +54,12 @@ pub struct Args {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value = "text")]
     pub output: Output,
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let loaded = source::load(&args.model, false)?;
+    let loaded = source::load(&args.model, args.spec.draft_tokens() > 0)?;
     let (model, tok) = (&loaded.model, loaded.tokenizer.as_ref());
     let prompt: Vec<u32> = match (&args.prompt, &args.input_ids) {
         (_, Some(ids)) => source::parse_ids(ids)?,
@@ -90,6 +93,7 @@ pub fn run(args: Args) -> Result<()> {
             ..defaults
         },
         stop_tokens: if args.ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() },
+        num_draft_tokens: args.spec.draft_tokens(),
     };
     let mut ids = Vec::new();
     let mut dec = StreamDecoder::new();
@@ -124,5 +128,15 @@ pub fn run(args: Args) -> Result<()> {
         stats.prefill.as_secs_f64() * 1e3,
         decode_tps
     );
+    if let Some(sp) = &stats.speculative {
+        eprintln!(
+            "[speculative: {} verify steps, {} drafted, {} accepted, mean accepted length {:.2}, acceptance per position {:?}]",
+            sp.steps,
+            sp.draft_tokens,
+            sp.accepted_tokens,
+            sp.mean_accepted_length(),
+            sp.acceptance_rate_per_position().iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>()
+        );
+    }
     Ok(())
 }

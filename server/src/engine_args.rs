@@ -1,7 +1,7 @@
 //! Engine flags shared by the commands that run the batching engine.
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use moeserve_engine::EngineConfig;
 
 #[derive(Args, Debug, Clone)]
@@ -24,6 +24,37 @@ pub struct EngineArgs {
     pub max_waiting: usize,
     #[arg(long)]
     pub no_prefix_cache: bool,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SpecMethod {
+    /// Draft with the checkpoint's MTP (next-n) layer.
+    Mtp,
+}
+
+/// Speculative decoding flags (generate, serve, bench).
+#[derive(Args, Debug, Clone)]
+pub struct SpecArgs {
+    /// Speculative decoding: the draft head proposes tokens that the model verifies in one
+    /// forward (lossless: greedy output is unchanged, sampling keeps its distribution).
+    #[arg(long, value_enum)]
+    pub speculative: Option<SpecMethod>,
+    /// Tokens drafted per step (K > 1 runs the single MTP layer recursively).
+    #[arg(long, default_value_t = 1, requires = "speculative", value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub num_draft_tokens: u16,
+}
+
+impl SpecArgs {
+    /// Drafts per step, 0 without `--speculative`.
+    pub fn draft_tokens(&self) -> usize {
+        if self.speculative.is_some() {
+            self.num_draft_tokens as usize
+        } else {
+            0
+        }
+    }
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.
@@ -70,6 +101,7 @@ impl EngineArgs {
             max_running: self.max_running.max(1),
             max_waiting: self.max_waiting.max(1),
             prefix_caching: !self.no_prefix_cache,
+            num_draft_tokens: self.spec.draft_tokens(),
             ..Default::default()
         })
     }

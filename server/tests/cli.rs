@@ -39,6 +39,14 @@ fn builtin_model_generates_text_and_ids() {
     assert_eq!(ids, again);
     let chat = ok(&moeserve(cache.path(), &["generate", "--chat", "--prompt", "Hi", "--max-tokens", "4", "--dtype", "bf16"]));
     assert!(!chat.is_empty());
+    // speculative decoding gives the same greedy ids and reports acceptance
+    let mut spec = args.to_vec();
+    spec.extend(["--speculative", "mtp", "--num-draft-tokens", "3"]);
+    let out = moeserve(cache.path(), &spec);
+    assert_eq!(serde_json::from_str::<Vec<u32>>(ok(&out).trim()).unwrap(), ids);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mean accepted length"));
+    let bad = moeserve(cache.path(), &["generate", "--input-ids", "0", "--speculative", "mtp", "--num-draft-tokens", "0"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("num-draft-tokens"));
 }
 
 #[test]

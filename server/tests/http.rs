@@ -351,3 +351,23 @@ async fn json_schema_output_is_constrained() {
     .await;
     assert_error(st, &v, 400, "unknown format");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_mtp_reports_usage_and_metrics_and_keeps_greedy_output() {
+    let plain = start(&[]).await;
+    let spec = start(&["--speculative", "mtp", "--num-draft-tokens", "2"]).await;
+    let mut b = chat_body(8);
+    b["temperature"] = json!(0);
+    b["stop"] = json!(["zzzz-never"]);
+    let (_, want) = post(&plain, "/v1/chat/completions", b.clone(), None).await;
+    let (st, got) = post(&spec, "/v1/chat/completions", b, None).await;
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(got["choices"][0]["message"]["content"], want["choices"][0]["message"]["content"]);
+    assert!(want["usage"].get("speculative").is_none());
+    let sp = &got["usage"]["speculative"];
+    assert!(sp["verify_steps"].as_u64().unwrap() > 0, "{sp}");
+    assert!(sp["mean_accepted_length"].as_f64().unwrap() >= 1.0);
+    assert_eq!(sp["acceptance_rate_per_position"].as_array().unwrap().len(), 2);
+    let m = reqwest::get(format!("{}/metrics", spec.base)).await.unwrap().text().await.unwrap();
+    assert!(m.contains("moeserve_spec_verify_steps_total") && m.contains("moeserve_spec_acceptance_rate{position=\"2\"}"), "{m}");
+}

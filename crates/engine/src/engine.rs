@@ -19,8 +19,9 @@ use crate::detok::StreamDecoder;
 use crate::kv::{BlockTable, CachePart, PagePool, PagedSeq};
 use crate::metrics::Metrics;
 use crate::request::{Event, FinishReason, Request, SubmitError, Usage};
-use crate::sampling::{logprobs, Sampler};
+use crate::sampling::{logprobs, Sampler, TokenLogprob};
 use crate::scheduler::{Plan, Scheduler, SchedulerConfig, Seq};
+use crate::spec::{self, DraftPicker, DraftSeq, Drafter, MtpDrafter, SpecState};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::Tokenizer;
 
@@ -38,6 +39,10 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     pub max_n: usize,
     pub max_logprobs: usize,
+    /// Speculative decoding: tokens the MTP head drafts per step (0 = off). Up to 3 keeps the
+    /// K + 1-row verify chunks on the absorbed (decode) attention path; larger K verify on the
+    /// naive path, which equals it up to float rounding.
+    pub num_draft_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +56,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             max_n: 16,
             max_logprobs: 20,
+            num_draft_tokens: 0,
         }
     }
 }
@@ -240,11 +246,47 @@ pub struct Engine {
     rx: Receiver<Command>,
     metrics: Arc<Mutex<Metrics>>,
     queued: Arc<AtomicUsize>,
+    /// Speculative decoding (with `num_draft` drafts per step), when on.
+    drafter: Option<Box<dyn Drafter>>,
+    num_draft: usize,
+}
+
+/// How a sequence ends in this step: (running index, reason, held-back text, stop string).
+type Done = (usize, FinishReason, String, Option<String>);
+
+/// The forward pass of one step.
+struct StepOut {
+    /// Post-norm hidden of every row `[n, hidden]` (the draft head's input).
+    hidden: Tensor,
+    /// Per plan entry: (first row of its chunk, the chunk's start position).
+    chunks: Vec<(usize, usize)>,
+    /// (running index, f32 logits of the rows to sample: the last token, then each draft).
+    rows: Vec<(usize, Vec<Vec<f32>>)>,
 }
 
 impl Engine {
-    /// Start the engine thread; the model and tokenizer move into it.
+    /// Start the engine thread; the model and tokenizer move into it. With
+    /// `cfg.num_draft_tokens > 0` the model's MTP layer drafts (speculative decoding).
     pub fn start(model: DeepSeekModel, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<EngineHandle> {
+        let drafter: Option<Box<dyn Drafter>> = match cfg.num_draft_tokens {
+            0 => None,
+            _ if model.mtp().is_none() => return Err(moeserve_core::Error::Input(
+                "speculative decoding needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1), loaded with load_mtp"
+                    .into(),
+            )),
+            _ => Some(Box::new(MtpDrafter)),
+        };
+        Self::start_with_drafter(model, tokenizer, cfg, drafter)
+    }
+
+    /// Like `start`, with any draft source (`None`, or `cfg.num_draft_tokens == 0`: no speculation).
+    pub fn start_with_drafter(
+        model: DeepSeekModel,
+        tokenizer: Option<Arc<Tokenizer>>,
+        cfg: EngineConfig,
+        drafter: Option<Box<dyn Drafter>>,
+    ) -> Result<EngineHandle> {
+        let drafter = drafter.filter(|_| cfg.num_draft_tokens > 0);
         // the MTP layer (when loaded) gets its own layer in the same pages
         let mut layout = model.kv_layout();
         layout.num_layers += usize::from(model.mtp().is_some());
@@ -272,12 +314,18 @@ impl Engine {
             has_tokenizer: tokenizer.is_some(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.max_waiting.max(1) * 2);
-        let metrics = Arc::new(Mutex::new(Metrics { kv_pages_total: pages, kv_pages_free: pages, ..Default::default() }));
+        let metrics = Arc::new(Mutex::new(Metrics {
+            kv_pages_total: pages,
+            kv_pages_free: pages,
+            num_draft_tokens: if drafter.is_some() { cfg.num_draft_tokens } else { 0 },
+            ..Default::default()
+        }));
         let queued = Arc::new(AtomicUsize::new(0));
         let sched_cfg = SchedulerConfig {
             max_batch_tokens: cfg.max_batch_tokens.max(1),
             max_running: cfg.max_running.max(1),
             prefix_caching: cfg.prefix_caching,
+            draft_rows: drafter.is_some(),
         };
         let mut engine = Engine {
             model,
@@ -286,6 +334,8 @@ impl Engine {
             rx,
             metrics: metrics.clone(),
             queued: queued.clone(),
+            num_draft: cfg.num_draft_tokens,
+            drafter,
         };
         let thread = std::thread::Builder::new()
             .name("moeserve-engine".into())
@@ -375,6 +425,11 @@ impl Engine {
                 last_token: None,
                 queued: true,
                 constraint: constraints.next(),
+                // grammar-constrained and logprobs requests decode without drafts
+                spec: SpecState {
+                    on: self.drafter.is_some() && req.logprobs.is_none() && req.response_format.is_none(),
+                    ..Default::default()
+                },
             });
         }
         if let Ok(mut m) = self.metrics.lock() {
@@ -419,7 +474,32 @@ impl Engine {
             unqueue(&self.queued, &mut self.sched.running[i]);
         }
         match self.forward(plan) {
-            Ok(rows) => self.sample_and_emit(plan, rows),
+            Ok(out) => {
+                let mut done = self.sample_and_emit(&out);
+                let mut failed = Vec::new();
+                if let Err(e) = self.draft(plan, &out, &done) {
+                    // a half-written draft cache is not trusted: fail the sequences still running
+                    failed = plan.iter().map(|p| p.0).filter(|i| !done.iter().any(|d| d.0 == *i)).collect();
+                    for &i in &failed {
+                        let _ = self.sched.running[i].events.try_send(Event::Error(format!("drafting failed: {e}")));
+                    }
+                }
+                for &(i, _) in plan {
+                    self.sched.register_full_pages(i);
+                }
+                let finished = done.len() as u64;
+                done.extend(failed.into_iter().map(|i| (i, FinishReason::Abort, String::new(), None)));
+                done.sort_by_key(|d| std::cmp::Reverse(d.0));
+                for (i, reason, text, stop) in done {
+                    let s = self.sched.remove_running(i);
+                    finish(s, reason, text, stop);
+                }
+                if finished > 0 {
+                    if let Ok(mut m) = self.metrics.lock() {
+                        m.requests_finished += finished;
+                    }
+                }
+            }
             Err(e) => {
                 // fail the sequences of this step; others keep running
                 let mut idx: Vec<usize> = plan.iter().map(|p| p.0).collect();
@@ -436,18 +516,24 @@ impl Engine {
         }
     }
 
-    /// Run the model over the plan; returns the f32 logits of the rows that need sampling, as
-    /// (running index, logits) in plan order.
-    fn forward(&mut self, plan: &Plan) -> Result<Vec<(usize, Vec<f32>)>> {
+    /// Run the model over the plan (each sequence's next tokens, then its pending drafts); returns
+    /// the hidden states and the f32 logits of the rows that need sampling, in plan order.
+    fn forward(&mut self, plan: &Plan) -> Result<StepOut> {
         let mut batch = ForwardBatch::default();
-        let mut sample_rows = Vec::new();
+        let mut sample_rows: Vec<(usize, usize, usize)> = Vec::new();
+        let mut chunks = Vec::with_capacity(plan.len());
         for &(i, n) in plan {
             let s = &self.sched.running[i];
             let start = s.table.len;
-            batch.tokens.extend(s.tokens(start..start + n));
-            batch.chunks.push(SeqChunk { start_pos: start, len: n });
-            if start + n == s.total_len() {
-                sample_rows.push((i, batch.tokens.len() - 1));
+            let real = n.min(s.total_len() - start);
+            chunks.push((batch.tokens.len(), start));
+            batch.tokens.extend(s.tokens(start..start + real));
+            // the scheduler trimmed the drafts to the step's budget
+            let drafts = &s.spec.drafts[..(n - real).min(s.spec.drafts.len())];
+            batch.tokens.extend(drafts);
+            batch.chunks.push(SeqChunk { start_pos: start, len: real + drafts.len() });
+            if start + real == s.total_len() {
+                sample_rows.push((i, batch.tokens.len() - drafts.len() - 1, drafts.len() + 1));
             }
         }
         let pool = &self.sched.pool;
@@ -464,89 +550,178 @@ impl Engine {
         drop(kv);
         drop(views);
         if sample_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(StepOut { hidden, chunks, rows: Vec::new() });
         }
-        let idx: Vec<u32> = sample_rows.iter().map(|r| r.1 as u32).collect();
-        let idx = Tensor::from_vec(idx, sample_rows.len(), hidden.device()).ctx(|| "sample rows".into())?;
+        let idx: Vec<u32> = sample_rows.iter().flat_map(|r| (r.1..r.1 + r.2).map(|x| x as u32)).collect();
+        let idx = Tensor::from_vec(idx.clone(), idx.len(), hidden.device()).ctx(|| "sample rows".into())?;
         let rows = hidden.index_select(&idx, 0).ctx(|| "sample rows".into())?;
-        let logits: Vec<Vec<f32>> = self.model.logits(&rows)?.to_vec2().ctx(|| "logits".into())?;
-        Ok(sample_rows.into_iter().map(|r| r.0).zip(logits).collect())
+        let mut logits = self.model.logits(&rows)?.to_vec2::<f32>().ctx(|| "logits".into())?.into_iter();
+        let rows = sample_rows.into_iter().map(|(i, _, n)| (i, logits.by_ref().take(n).collect())).collect();
+        Ok(StepOut { hidden, chunks, rows })
     }
 
-    fn sample_and_emit(&mut self, plan: &Plan, rows: Vec<(usize, Vec<f32>)>) {
+    /// Sample (or verify drafts) and stream the new tokens; returns the sequences that end.
+    fn sample_and_emit(&mut self, out: &StepOut) -> Vec<Done> {
         let now = Instant::now();
-        let mut done: Vec<(usize, FinishReason, String, Option<String>)> = Vec::new();
-        for &(i, _) in plan {
-            self.sched.register_full_pages(i);
-        }
-        for (i, logits) in rows {
+        let mut done: Vec<Done> = Vec::new();
+        for (i, rows) in &out.rows {
+            let i = *i;
             let s = &mut self.sched.running[i];
-            let lp_raw = s.req.logprobs.map(|_| logits.clone());
-            let mut logits = logits;
-            let constrained = match s.constraint.as_mut().map(|c| c.apply(&mut logits)) {
-                Some(Err(e)) => Err(e),
-                _ => Ok(()),
+            let tokens: Vec<(u32, Option<TokenLogprob>)> = if rows.len() == 1 {
+                let mut logits = rows[0].clone();
+                if let Some(Err(e)) = s.constraint.as_mut().map(|c| c.apply(&mut logits)) {
+                    let _ = s.events.try_send(Event::Error(e.to_string()));
+                    done.push((i, FinishReason::Abort, String::new(), None));
+                    continue;
+                }
+                let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
+                vec![(token, s.req.logprobs.map(|k| logprobs(&rows[0], token, k)))]
+            } else {
+                let drafts = std::mem::take(&mut s.spec.drafts);
+                let q = std::mem::take(&mut s.spec.q);
+                let v = spec::verify(&mut s.sampler, rows, &drafts, &q, &s.req.prompt, &s.output);
+                // the rejected drafts' rows are rolled back (their pages are freed when drafting)
+                s.table.len -= drafts.len() - v.accepted;
+                s.spec.stats.record(drafts.len(), v.accepted);
+                if let Ok(mut m) = self.metrics.lock() {
+                    m.speculative.record(drafts.len(), v.accepted);
+                }
+                v.tokens.into_iter().map(|t| (t, None)).collect()
             };
-            if let Err(e) = constrained {
-                let _ = s.events.try_send(Event::Error(e.to_string()));
-                done.push((i, FinishReason::Abort, String::new(), None));
-                continue;
-            }
-            let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
-            let lp = s.req.logprobs.zip(lp_raw.as_ref()).map(|(k, raw)| logprobs(raw, token, k));
-            let grammar_done = match s.constraint.as_mut() {
-                Some(c) => c.consume(token).is_ok() && c.is_finished(),
-                None => false,
-            };
-            s.output.push(token);
-            if let Ok(mut m) = self.metrics.lock() {
-                m.generated_tokens += 1;
-                match s.last_token {
-                    None => m.time_to_first_token.observe(now - s.arrival),
-                    Some(t) => m.inter_token_latency.observe(now - t),
+            // tokens after a stop or max_tokens inside an accepted run are dropped
+            for (token, lp) in tokens {
+                if let Some(d) = self.emit(i, token, lp, now) {
+                    done.push(d);
+                    break;
                 }
             }
-            s.last_token = Some(now);
-            let is_stop_token = s.stop_ids.contains(&token);
-            let mut stopped_by: Option<String> = None;
-            let text = match (&self.tokenizer, is_stop_token) {
-                (Some(tok), false) => match s.detok.push(tok, token) {
-                    Ok(Some(delta)) => match s.stop.push(&delta) {
-                        StopOutcome::Continue(t) => t,
-                        StopOutcome::Stopped { text, stop } => {
-                            stopped_by = Some(stop);
-                            text
-                        }
-                    },
-                    Ok(None) => String::new(),
-                    Err(e) => {
-                        let _ = s.events.try_send(Event::Error(e.to_string()));
-                        String::new()
+        }
+        done
+    }
+
+    /// Append one token to running sequence `i` and stream it; returns its end if this token ends it.
+    fn emit(&mut self, i: usize, token: u32, lp: Option<TokenLogprob>, now: Instant) -> Option<Done> {
+        let s = &mut self.sched.running[i];
+        let grammar_done = match s.constraint.as_mut() {
+            Some(c) => c.consume(token).is_ok() && c.is_finished(),
+            None => false,
+        };
+        s.output.push(token);
+        if let Ok(mut m) = self.metrics.lock() {
+            m.generated_tokens += 1;
+            match s.last_token {
+                None => m.time_to_first_token.observe(now - s.arrival),
+                Some(t) => m.inter_token_latency.observe(now - t),
+            }
+        }
+        s.last_token = Some(now);
+        let is_stop_token = s.stop_ids.contains(&token);
+        let mut stopped_by: Option<String> = None;
+        let text = match (&self.tokenizer, is_stop_token) {
+            (Some(tok), false) => match s.detok.push(tok, token) {
+                Ok(Some(delta)) => match s.stop.push(&delta) {
+                    StopOutcome::Continue(t) => t,
+                    StopOutcome::Stopped { text, stop } => {
+                        stopped_by = Some(stop);
+                        text
                     }
                 },
-                _ => String::new(),
-            };
-            let _ = s.events.try_send(Event::Token { index: s.index, token, text, logprob: lp });
-            if stopped_by.is_some() || is_stop_token || grammar_done {
-                let tail = if grammar_done && !is_stop_token { held_text(&self.tokenizer, s).0 } else { String::new() };
-                done.push((i, FinishReason::Stop, tail, stopped_by));
-            } else if s.output.len() >= s.req.max_tokens {
-                let (tail, stop) = held_text(&self.tokenizer, s);
-                let reason = if stop.is_some() { FinishReason::Stop } else { FinishReason::Length };
-                done.push((i, reason, tail, stop));
+                Ok(None) => String::new(),
+                Err(e) => {
+                    let _ = s.events.try_send(Event::Error(e.to_string()));
+                    String::new()
+                }
+            },
+            _ => String::new(),
+        };
+        let _ = s.events.try_send(Event::Token { index: s.index, token, text, logprob: lp });
+        if stopped_by.is_some() || is_stop_token || grammar_done {
+            let tail = if grammar_done && !is_stop_token { held_text(&self.tokenizer, s).0 } else { String::new() };
+            Some((i, FinishReason::Stop, tail, stopped_by))
+        } else if s.output.len() >= s.req.max_tokens {
+            let (tail, stop) = held_text(&self.tokenizer, s);
+            let reason = if stop.is_some() { FinishReason::Stop } else { FinishReason::Length };
+            Some((i, reason, tail, stop))
+        } else {
+            None
+        }
+    }
+
+    /// Catch the draft head's cache up with this step's committed rows and draft the next step's
+    /// tokens. Every planned sequence's draft rows are written (even those that do not speculate)
+    /// so that prefix-cached pages always carry them.
+    fn draft(&mut self, plan: &Plan, out: &StepOut, done: &[Done]) -> Result<()> {
+        let Some(drafter) = self.drafter.as_mut() else { return Ok(()) };
+        let mtp_layer = self.model.cfg.num_hidden_layers;
+        let pool = &mut self.sched.pool;
+        // (running index, hidden row, drafts): pages for the next verification are reserved now,
+        // since the recursive draft rows need them already; drafts shrink to what fits
+        let mut jobs: Vec<(usize, usize, usize)> = Vec::new();
+        for (&(i, _), &(off, chunk_start)) in plan.iter().zip(&out.chunks) {
+            if done.iter().any(|d| d.0 == i) {
+                continue;
             }
-        }
-        done.sort_by_key(|d| std::cmp::Reverse(d.0));
-        let finished = done.len() as u64;
-        for (i, reason, text, stop) in done {
-            let s = self.sched.remove_running(i);
-            finish(s, reason, text, stop);
-        }
-        if finished > 0 {
-            if let Ok(mut m) = self.metrics.lock() {
-                m.requests_finished += finished;
+            let s = &mut self.sched.running[i];
+            let (start, len) = (s.table.mtp_len, s.table.len);
+            // the draft cache is committed up to where this step's chunk began
+            if start != chunk_start || start > len {
+                return Err(moeserve_core::Error::Cache(format!(
+                    "draft cache holds {start} rows but the step's chunk starts at {chunk_start}"
+                )));
             }
+            let mut k = 0;
+            if s.spec.on && s.remaining() == 1 {
+                k = self.num_draft.min(s.req.max_tokens.saturating_sub(s.output.len() + 1));
+                let fits = s.table.reserve(pool, len + 1 + k);
+                if !fits {
+                    k = (s.table.capacity(pool.page_size()).saturating_sub(len + 1)).min(k);
+                }
+                s.table.truncate(pool, len + 1 + k);
+            }
+            jobs.push((i, off, k));
         }
+        let pool = &self.sched.pool;
+        let mut views: Vec<PagedSeq> = Vec::with_capacity(jobs.len());
+        let mut pickers: Vec<(usize, Vec<u32>, DraftPicker)> = Vec::with_capacity(jobs.len());
+        let mut next = jobs.iter().peekable();
+        for (i, s) in self.sched.running.iter_mut().enumerate() {
+            let Some(&&(_, off, _)) = next.peek().filter(|j| j.0 == i) else { continue };
+            next.next();
+            let Seq { table, sampler, req, output, .. } = s;
+            let (start, len) = (table.mtp_len, table.len);
+            // row i of the draft head takes token t_{i+1}
+            let p = &req.prompt;
+            let next_tokens: Vec<u32> =
+                (start + 1..len + 1).map(|t| if t < p.len() { p[t] } else { output[t - p.len()] }).collect();
+            pickers.push((off, next_tokens, DraftPicker::new(sampler, p, output)));
+            views.push(PagedSeq { pool, table, part: CachePart::Mtp(mtp_layer) });
+        }
+        let mut seqs: Vec<DraftSeq> = views
+            .iter_mut()
+            .zip(pickers)
+            .zip(&jobs)
+            .map(|((kv, (hidden_row, next_tokens, picker)), &(_, _, k))| DraftSeq {
+                start: kv.seq_len(),
+                kv,
+                next_tokens,
+                hidden_row,
+                k,
+                picker,
+            })
+            .collect();
+        drafter.draft(&self.model, &out.hidden, &mut seqs)?;
+        let drafted: Vec<(Vec<u32>, Vec<crate::sampling::Dist>)> =
+            seqs.into_iter().map(|d| (d.picker.drafts, d.picker.q)).collect();
+        drop(views);
+        for (&(i, _, k), (mut drafts, mut q)) in jobs.iter().zip(drafted) {
+            let s = &mut self.sched.running[i];
+            s.table.mtp_len = s.table.len;
+            drafts.truncate(k);
+            q.truncate(k);
+            s.spec.drafts = drafts;
+            s.spec.q = q;
+        }
+        Ok(())
     }
 
     fn update_metrics(&self) {
@@ -592,6 +767,7 @@ fn finish(s: Seq, reason: FinishReason, text: String, stop: Option<String>) {
         prompt_tokens: s.req.prompt.len(),
         completion_tokens: s.output.len(),
         cached_prompt_tokens: s.cached_prompt_tokens,
+        speculative: s.spec.on.then(|| s.spec.stats.clone()),
     };
     let _ = s.events.try_send(Event::Finished { index: s.index, reason, text, usage, stop });
 }

@@ -1,14 +1,17 @@
 //! The single-sequence generation loop: prefill the prompt, then decode one token at a time
 //! through the latent cache (weight-absorbed attention), sampling from the last row's logits.
+//! With `num_draft_tokens > 0` the MTP head drafts and the main model verifies several tokens
+//! per step (`generate_speculative`); the plain loop is its reference.
 
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use moeserve_core::{error::Context, Error, Result};
-use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv};
+use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, Mtp};
 
 use crate::request::FinishReason;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::spec::{verify, DraftPicker, DraftSeq, Drafter, MtpDrafter, SpecStats};
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -17,6 +20,8 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation stops after emitting one of these (usually EOS); empty: never.
     pub stop_tokens: Vec<u32>,
+    /// Speculative decoding with this many MTP drafts per step (0 = off).
+    pub num_draft_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +33,10 @@ pub struct GenerateStats {
     /// All later steps.
     pub decode: Duration,
     pub finish: FinishReason,
+    /// Forward steps after the prefill (one per token without speculation).
+    pub decode_steps: usize,
+    /// Draft acceptance when decoding speculatively.
+    pub speculative: Option<SpecStats>,
 }
 
 /// f32 logits of the last row of `hidden: [n, hidden]` (lm_head runs on that row only).
@@ -43,6 +52,119 @@ pub fn generate(
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenerateStats> {
+    check(model, req)?;
+    if req.num_draft_tokens > 0 {
+        return generate_speculative(model, &mut MtpDrafter, req, on_token);
+    }
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut cache = model.new_cache();
+    let mut stats = new_stats(req);
+    let mut output = Vec::new();
+    let t0 = Instant::now();
+    let mut batch = ForwardBatch::single(&req.prompt, 0);
+    while stats.generated < req.max_tokens {
+        let step = Instant::now();
+        let hidden = model.forward(&batch, &mut [&mut cache])?;
+        let next = sampler.sample_with_history(&last_logits(model, &hidden)?, &req.prompt, &output);
+        if stats.generated == 0 {
+            stats.prefill = t0.elapsed();
+        } else {
+            stats.decode += step.elapsed();
+            stats.decode_steps += 1;
+        }
+        stats.generated += 1;
+        output.push(next);
+        on_token(next)?;
+        if req.stop_tokens.contains(&next) {
+            stats.finish = FinishReason::Stop;
+            break;
+        }
+        batch = ForwardBatch::single(&[next], cache.seq_len());
+    }
+    Ok(stats)
+}
+
+fn new_stats(req: &GenerateRequest) -> GenerateStats {
+    GenerateStats {
+        prompt_tokens: req.prompt.len(),
+        generated: 0,
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+        finish: FinishReason::Length,
+        decode_steps: 0,
+        speculative: None,
+    }
+}
+
+/// Speculative decoding of one sequence: after each step `drafter` catches its cache up with the
+/// committed tokens and drafts up to `num_draft_tokens`; the main model verifies the pending
+/// token and the drafts in one forward and the rejected rows are rolled back.
+pub fn generate_speculative(
+    model: &DeepSeekModel,
+    drafter: &mut dyn Drafter,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<GenerateStats> {
+    check(model, req)?;
+    if req.max_tokens == 0 {
+        return Ok(new_stats(req));
+    }
+    let prompt = &req.prompt;
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let (mut cache, mut draft_cache) = (model.new_cache(), Mtp::new_cache(model));
+    let mut stats = new_stats(req);
+    let mut spec = SpecStats::default();
+    let t0 = Instant::now();
+    let mut hidden = model.forward(&ForwardBatch::single(prompt, 0), &mut [&mut cache])?;
+    let mut output = vec![sampler.sample_with_history(&last_logits(model, &hidden)?, prompt, &[])];
+    // first row of `hidden` (the last forward's chunk start)
+    let mut chunk_start = 0;
+    stats.prefill = t0.elapsed();
+    stats.generated = 1;
+    on_token(output[0])?;
+    let mut last = output[0];
+    while !req.stop_tokens.contains(&last) && stats.generated < req.max_tokens {
+        let step = Instant::now();
+        let len = cache.seq_len();
+        let start = draft_cache.seq_len();
+        let k = req.num_draft_tokens.min(req.max_tokens - stats.generated - 1);
+        let next_tokens: Vec<u32> =
+            (start + 1..len + 1).map(|t| if t < prompt.len() { prompt[t] } else { output[t - prompt.len()] }).collect();
+        let (drafts, q) = {
+            let picker = DraftPicker::new(&mut sampler, prompt, &output);
+            let mut seqs = [DraftSeq { kv: &mut draft_cache, start, next_tokens, hidden_row: start - chunk_start, k, picker }];
+            drafter.draft(model, &hidden, &mut seqs)?;
+            let [s] = seqs;
+            (s.picker.drafts, s.picker.q)
+        };
+        let (drafts, q) = (&drafts[..drafts.len().min(k)], &q[..q.len().min(k)]);
+        let tokens: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
+        hidden = model.forward(&ForwardBatch::single(&tokens, len), &mut [&mut cache])?;
+        chunk_start = len;
+        let rows: Vec<Vec<f32>> = model.logits(&hidden)?.to_vec2().ctx(|| "logits".into())?;
+        let v = verify(&mut sampler, &rows, drafts, q, prompt, &output);
+        cache.set_seq_len(len + 1 + v.accepted)?;
+        spec.record(drafts.len(), v.accepted);
+        stats.decode_steps += 1;
+        for t in v.tokens {
+            output.push(t);
+            stats.generated += 1;
+            last = t;
+            on_token(t)?;
+            if req.stop_tokens.contains(&t) || stats.generated >= req.max_tokens {
+                break;
+            }
+        }
+        stats.decode += step.elapsed();
+    }
+    if req.stop_tokens.contains(&last) {
+        stats.finish = FinishReason::Stop;
+    }
+    stats.speculative = Some(spec);
+    Ok(stats)
+}
+
+fn check(model: &DeepSeekModel, req: &GenerateRequest) -> Result<()> {
     if req.prompt.is_empty() {
         return Err(Error::Input("empty prompt".into()));
     }
@@ -55,33 +177,5 @@ pub fn generate(
             req.max_tokens
         )));
     }
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut cache = model.new_cache();
-    let mut stats = GenerateStats {
-        prompt_tokens: req.prompt.len(),
-        generated: 0,
-        prefill: Duration::ZERO,
-        decode: Duration::ZERO,
-        finish: FinishReason::Length,
-    };
-    let t0 = Instant::now();
-    let mut batch = ForwardBatch::single(&req.prompt, 0);
-    while stats.generated < req.max_tokens {
-        let step = Instant::now();
-        let hidden = model.forward(&batch, &mut [&mut cache])?;
-        let next = sampler.sample(&last_logits(model, &hidden)?);
-        if stats.generated == 0 {
-            stats.prefill = t0.elapsed();
-        } else {
-            stats.decode += step.elapsed();
-        }
-        stats.generated += 1;
-        on_token(next)?;
-        if req.stop_tokens.contains(&next) {
-            stats.finish = FinishReason::Stop;
-            break;
-        }
-        batch = ForwardBatch::single(&[next], cache.seq_len());
-    }
-    Ok(stats)
+    Ok(())
 }

@@ -170,6 +170,28 @@ impl BlockTable {
         }
         *self = BlockTable::default();
     }
+
+    /// Free the pages beyond those covering `rows` tokens (rolled-back speculative rows); pages
+    /// registered in the prefix cache hold committed tokens only and are never beyond.
+    pub fn truncate(&mut self, pool: &mut PagePool, rows: usize) {
+        let keep = rows.div_ceil(pool.page_size()).max(self.hashed_pages);
+        while self.pages.len() > keep {
+            if let Some(p) = self.pages.pop() {
+                pool.release(p);
+            }
+        }
+    }
+
+    /// Add pages until `rows` tokens fit; false (with what could be added) when the pool runs dry.
+    pub fn reserve(&mut self, pool: &mut PagePool, rows: usize) -> bool {
+        while self.capacity(pool.page_size()) < rows {
+            match pool.allocate() {
+                Some(p) => self.pages.push(p),
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// `LatentKv` over one sequence's block table (pages must already cover what is written).

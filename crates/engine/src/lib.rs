@@ -12,13 +12,14 @@ pub mod reasoning;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod spec;
 pub mod stop;
 pub mod tokenizer;
 pub mod tools;
 
 pub use detok::StreamDecoder;
 pub use engine::{Engine, EngineConfig, EngineHandle, RequestStream};
-pub use generate::{generate, GenerateRequest, GenerateStats};
+pub use generate::{generate, generate_speculative, GenerateRequest, GenerateStats};
 pub use request::{Event, FinishReason, Request, SubmitError, Usage};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::spec::SpecStats;
+
 /// Latency histogram with fixed log-spaced buckets (1 ms .. ~65 s).
 #[derive(Debug, Clone)]
 pub struct Histogram {
@@ -67,6 +69,10 @@ pub struct Metrics {
     pub busy_seconds: f64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Draft acceptance over all speculative verification steps.
+    pub speculative: SpecStats,
+    /// Speculative decoding is on (drafts per step).
+    pub num_draft_tokens: usize,
 }
 
 impl Metrics {

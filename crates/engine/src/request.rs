@@ -2,6 +2,7 @@
 
 use crate::constraint::ResponseFormat;
 use crate::sampling::{SamplingParams, TokenLogprob};
+use crate::spec::SpecStats;
 
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -47,12 +48,14 @@ pub enum FinishReason {
     Abort,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_prompt_tokens: usize,
+    /// Draft acceptance when this choice was decoded speculatively (None: it was not).
+    pub speculative: Option<SpecStats>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

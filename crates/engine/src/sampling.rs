@@ -92,7 +92,7 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn uses_penalties(&self) -> bool {
+    pub fn uses_penalties(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
@@ -126,6 +126,23 @@ impl Sampler {
 
     /// Pick the next token; `prompt` and `output` feed the penalties.
     pub fn sample_with_history(&mut self, logits: &[f32], prompt: &[u32], output: &[u32]) -> u32 {
+        let dist = self.distribution(logits, prompt, output);
+        self.draw(&dist)
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// A uniform draw in [0, 1) from this sequence's generator.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.gen::<f32>()
+    }
+
+    /// The processed distribution the sampler draws from: logit bias, penalties over
+    /// `prompt` + `output`, temperature, top-k, min-p, top-p (speculative decoding verifies
+    /// drafts against exactly this distribution).
+    pub fn distribution(&self, logits: &[f32], prompt: &[u32], output: &[u32]) -> Dist {
         let p = &self.params;
         let mut l = logits.to_vec();
         for &(t, b) in &p.logit_bias {
@@ -137,7 +154,7 @@ impl Sampler {
             apply_penalties(&mut l, p, prompt, output);
         }
         if p.temperature <= 0.0 || p.top_k == 1 {
-            return argmax(&l);
+            return Dist::Point(argmax(&l));
         }
         let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let mut cand: Vec<(u32, f32)> = l
@@ -147,7 +164,7 @@ impl Sampler {
             .map(|(i, &x)| (i as u32, ((x - m) / p.temperature).exp()))
             .collect();
         if cand.is_empty() {
-            return argmax(logits);
+            return Dist::Point(argmax(logits));
         }
         cand.sort_unstable_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
         if p.top_k > 0 {
@@ -167,15 +184,57 @@ impl Sampler {
             });
             cand.truncate(cut.map_or(cand.len(), |i| i + 1));
         }
-        let mass: f32 = cand.iter().map(|c| c.1).sum();
-        let mut u = self.rng.gen::<f32>() * mass;
-        for &(id, w) in &cand {
-            if u < w {
-                return id;
+        Dist::Weights(cand)
+    }
+
+    /// Draw one token from `dist` (a point mass consumes no randomness).
+    pub fn draw(&mut self, dist: &Dist) -> u32 {
+        match dist {
+            Dist::Point(t) => *t,
+            Dist::Weights(cand) => {
+                let mass: f32 = cand.iter().map(|c| c.1).sum();
+                let mut u = self.rng.gen::<f32>() * mass;
+                for &(id, w) in cand {
+                    if u < w {
+                        return id;
+                    }
+                    u -= w;
+                }
+                cand[cand.len() - 1].0
             }
-            u -= w;
         }
-        cand[cand.len() - 1].0
+    }
+}
+
+/// A processed next-token distribution: a point mass (greedy) or unnormalized weights of the
+/// surviving candidates, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dist {
+    Point(u32),
+    Weights(Vec<(u32, f32)>),
+}
+
+impl Dist {
+    /// Normalized probability of `token`.
+    pub fn prob(&self, token: u32) -> f32 {
+        match self {
+            Dist::Point(t) => f32::from(*t == token),
+            Dist::Weights(c) => {
+                let mass: f32 = c.iter().map(|x| x.1).sum();
+                c.iter().find(|x| x.0 == token).map_or(0.0, |x| x.1 / mass.max(f32::MIN_POSITIVE))
+            }
+        }
+    }
+
+    /// Normalized `(token, probability)` pairs.
+    pub fn probs(&self) -> Vec<(u32, f32)> {
+        match self {
+            Dist::Point(t) => vec![(*t, 1.0)],
+            Dist::Weights(c) => {
+                let mass: f32 = c.iter().map(|x| x.1).sum::<f32>().max(f32::MIN_POSITIVE);
+                c.iter().map(|&(t, w)| (t, w / mass)).collect()
+            }
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::detok::StreamDecoder;
 use crate::kv::{page_hash, BlockTable, PagePool};
 use crate::request::{Event, Request};
 use crate::sampling::Sampler;
+use crate::spec::SpecState;
 use crate::stop::StopMatcher;
 
 /// One choice of one request.
@@ -37,6 +38,8 @@ pub struct Seq {
     pub queued: bool,
     /// Structured-output constraint, if the request asked for one.
     pub constraint: Option<crate::constraint::Constraint>,
+    /// Speculative decoding: pending drafts and acceptance statistics.
+    pub spec: SpecState,
 }
 
 impl Seq {
@@ -47,6 +50,12 @@ impl Seq {
     /// Tokens still to run through the model.
     pub fn remaining(&self) -> usize {
         self.total_len() - self.table.len
+    }
+
+    /// Tokens to compute this step: the remaining ones plus the drafts to verify after them
+    /// (drafts exist only while exactly the last sampled token is pending).
+    pub fn wanted(&self) -> usize {
+        self.remaining() + self.spec.drafts.len()
     }
 
     /// Tokens `range` of prompt ++ output.
@@ -61,6 +70,9 @@ pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
     pub max_running: usize,
     pub prefix_caching: bool,
+    /// A draft head keeps rows in the same pages: a page enters the prefix cache only once its
+    /// draft rows are written too.
+    pub draft_rows: bool,
 }
 
 /// (index into `running`, tokens to compute), in increasing index order.
@@ -109,6 +121,7 @@ impl Scheduler {
     fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         seq.table.release(&mut self.pool);
+        seq.spec.clear();
         self.preemptions += 1;
         self.waiting.push_front(seq);
     }
@@ -135,6 +148,9 @@ impl Scheduler {
             }
         }
         seq.table.len = seq.table.pages.len() * ps;
+        // cached pages carry their draft rows; the last one was computed with the next token of
+        // the sequence that filled it, which only perturbs drafts, never outputs
+        seq.table.mtp_len = seq.table.len;
         seq.cached_prompt_tokens = seq.table.len.min(seq.req.prompt.len());
         self.prefix_hit_tokens += seq.table.len as u64;
     }
@@ -144,7 +160,7 @@ impl Scheduler {
         let mut plan = Plan::new();
         let mut i = 0;
         'running: while i < self.running.len() && budget > 0 {
-            let n = self.running[i].remaining().min(budget);
+            let n = self.running[i].wanted().min(budget);
             let target = self.running[i].table.len + n;
             loop {
                 let need = self.pages_needed(&self.running[i].table, target);
@@ -159,6 +175,9 @@ impl Scheduler {
                     break 'running;
                 }
             }
+            let s = &mut self.running[i];
+            let drafts = n.saturating_sub(s.remaining());
+            s.spec.truncate(drafts);
             plan.push((i, n));
             budget -= n;
             i += 1;
@@ -190,7 +209,8 @@ impl Scheduler {
         }
         let ps = self.pool.page_size();
         let seq = &mut self.running[i];
-        while (seq.table.hashed_pages + 1) * ps <= seq.table.len {
+        let written = if self.cfg.draft_rows { seq.table.len.min(seq.table.mtp_len) } else { seq.table.len };
+        while (seq.table.hashed_pages + 1) * ps <= written {
             let p = seq.table.hashed_pages;
             let h = page_hash(seq.table.last_hash, &seq.tokens(p * ps..(p + 1) * ps));
             self.pool.register(seq.table.pages[p], h);

@@ -77,6 +77,17 @@ impl Mtp {
 
     /// Float32 draft logits `[n, vocab]` from the block output.
     pub fn logits(&self, y: &Tensor) -> Result<Tensor> {
-        self.head.forward(&self.head_norm.forward(y)?)?.to_dtype(DType::F32).ctx(|| "mtp logits".into())
+        self.head_logits(&self.norm(y)?)
+    }
+
+    /// `shared_head.norm` of the block output: the head's input, and the hidden that recursive
+    /// drafting feeds back as the next row's h (as SGLang does).
+    pub fn norm(&self, y: &Tensor) -> Result<Tensor> {
+        self.head_norm.forward(y)
+    }
+
+    /// Float32 logits `[n, vocab]` from normed rows (see `norm`).
+    pub fn head_logits(&self, normed: &Tensor) -> Result<Tensor> {
+        self.head.forward(normed)?.to_dtype(DType::F32).ctx(|| "mtp logits".into())
     }
 }

@@ -81,6 +81,29 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Result<Response, ApiEr
     metric("moeserve_requests_aborted_total", "counter", "Sequences aborted.", m.requests_aborted.to_string());
     metric("moeserve_requests_rejected_total", "counter", "Requests rejected as overloaded.", m.requests_rejected.to_string());
     metric("moeserve_preemptions_total", "counter", "Sequences preempted for KV pages.", m.preemptions.to_string());
+    if m.num_draft_tokens > 0 {
+        let sp = &m.speculative;
+        metric(
+            "moeserve_spec_draft_tokens_per_step",
+            "gauge",
+            "Tokens drafted per speculative step (K).",
+            m.num_draft_tokens.to_string(),
+        );
+        metric("moeserve_spec_verify_steps_total", "counter", "Speculative verification steps.", sp.steps.to_string());
+        metric("moeserve_spec_draft_tokens_total", "counter", "Draft tokens verified.", sp.draft_tokens.to_string());
+        metric("moeserve_spec_accepted_tokens_total", "counter", "Draft tokens accepted.", sp.accepted_tokens.to_string());
+        metric(
+            "moeserve_spec_mean_accepted_length",
+            "gauge",
+            "Tokens produced per verification step (accepted drafts + 1).",
+            format!("{}", sp.mean_accepted_length()),
+        );
+        let name = "moeserve_spec_acceptance_rate";
+        let _ = writeln!(out, "# HELP {name} Accepted / proposed drafts per draft position.\n# TYPE {name} gauge");
+        for (j, r) in sp.acceptance_rate_per_position().iter().enumerate() {
+            let _ = writeln!(out, "{name}{{position=\"{}\"}} {r}", j + 1);
+        }
+    }
     let keys = app.limiter.usage();
     for (name, help, get) in [
         ("moeserve_key_requests_total", "Requests per API key.", (|u: &KeyUsage| &u.requests) as fn(&KeyUsage) -> &AtomicU64),

@@ -209,7 +209,11 @@ fn tool_use_block(c: &ToolCall) -> Value {
 }
 
 fn usage_json(u: &Usage) -> Value {
-    json!({"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens, "cache_read_input_tokens": u.cached_prompt_tokens})
+    let mut v = json!({"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens, "cache_read_input_tokens": u.cached_prompt_tokens});
+    if let Some(sp) = &u.speculative {
+        v["speculative"] = super::chat::speculative_json(sp);
+    }
+    v
 }
 
 pub async fn messages(State(app): State<Arc<AppState>>, req: HttpRequest) -> Result<Response, AnthropicError> {

@@ -184,6 +184,9 @@ impl Collector {
         self.usage.prompt_tokens = usage.prompt_tokens;
         self.usage.cached_prompt_tokens = self.usage.cached_prompt_tokens.max(usage.cached_prompt_tokens);
         self.usage.completion_tokens += usage.completion_tokens;
+        if let Some(sp) = &usage.speculative {
+            self.usage.speculative.get_or_insert_with(Default::default).merge(sp);
+        }
         if let Some(k) = &self.key_usage {
             k.completion_tokens.fetch_add(usage.completion_tokens as u64, std::sync::atomic::Ordering::Relaxed);
         }
@@ -192,13 +195,17 @@ impl Collector {
 
     fn usage_json(&self) -> Value {
         let reasoning: usize = self.choices.iter().map(|c| c.reasoning_tokens).sum();
-        json!({
+        let mut u = json!({
             "prompt_tokens": self.usage.prompt_tokens,
             "completion_tokens": self.usage.completion_tokens,
             "total_tokens": self.usage.prompt_tokens + self.usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.usage.cached_prompt_tokens},
             "completion_tokens_details": {"reasoning_tokens": reasoning},
-        })
+        });
+        if let Some(sp) = &self.usage.speculative {
+            u["speculative"] = speculative_json(sp);
+        }
+        u
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -453,4 +460,16 @@ pub async fn completions(State(app): State<Arc<AppState>>, req: HttpRequest) -> 
     col.key_usage = key.1;
     let include_usage = body.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
     respond(stream, col, body.sampling.stream, include_usage).await
+}
+
+/// Usage extension: draft acceptance of speculatively decoded choices (summed over choices).
+pub fn speculative_json(sp: &moeserve_engine::spec::SpecStats) -> Value {
+    json!({
+        "verify_steps": sp.steps,
+        "draft_tokens": sp.draft_tokens,
+        "accepted_tokens": sp.accepted_tokens,
+        "mean_accepted_length": sp.mean_accepted_length(),
+        "acceptance_rate": sp.acceptance_rate(),
+        "acceptance_rate_per_position": sp.acceptance_rate_per_position(),
+    })
 }

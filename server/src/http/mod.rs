@@ -151,7 +151,7 @@ async fn serve(args: Args) -> Result<()> {
     // load in the background: /health answers 503 until the model is ready
     let loader_state = state.clone();
     let loader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let loaded = source::load(&args.model, false)?;
+        let loaded = source::load(&args.model, args.engine.spec.draft_tokens() > 0)?;
         let name = args.served_model_name.clone().unwrap_or_else(|| match &args.model.model {
             Some(d) => source::model_name(d),
             None => "moeserve-builtin-tiny".into(),
