@@ -103,6 +103,7 @@ pub fn run(args: Args) -> Result<()> {
     let t = Instant::now();
     let spec_k = args.engine.spec.draft_tokens();
     let loaded = source::load(&args.model, spec_k > 0)?;
+    let rss_loaded = rss_bytes().map_or(0, |r| r.0);
     let model = &loaded.model;
     let cfg = &model.cfg;
     println!("model: {} ({})", loaded.dir.display(), model.describe());
@@ -157,7 +158,8 @@ pub fn run(args: Args) -> Result<()> {
     // before the bandwidth probe, whose buffer would count in the high-water mark
     if let Some((rss, peak)) = rss_bytes() {
         println!(
-            "resident memory: {:.2} GB now, {:.2} GB peak; weights {:.2} GB ({})",
+            "resident memory: {:.2} GB after loading, {:.2} GB now, {:.2} GB peak; weights {:.2} GB ({})",
+            rss_loaded as f64 / 1e9,
             rss as f64 / 1e9,
             peak as f64 / 1e9,
             model.weight_bytes() as f64 / 1e9,
