@@ -8,7 +8,8 @@
 //! - q8_0 / q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`,
 //!   `vpmaddwd`), block scales applied in f32 once per block.
 
-#![allow(clippy::missing_safety_doc)]
+// Register-blocked loops index several accumulator arrays by the same counters.
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
@@ -148,7 +149,13 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
 static ONE: [f32; 1] = [1.0];
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const BT: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], b0: usize, out: &mut [[f32; 4]; R]) {
+unsafe fn tile<const R: usize, const BT: usize>(
+    w: &PackedMatrix,
+    a: &Activations,
+    rr: [usize; R],
+    b0: usize,
+    out: &mut [[f32; 4]; R],
+) {
     let rows = rr.map(|r| w.row(r).as_ptr());
     let pc = w.padded_cols;
     let x = a.f32.as_ptr().add(b0 * pc);
@@ -285,7 +292,13 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_rows<const R: usize, const BT: usize>(rows: [*const u8; R], nb: usize, a: &Activations, b0: usize, out: &mut [[f32; 4]; R]) {
+unsafe fn q8_0_rows<const R: usize, const BT: usize>(
+    rows: [*const u8; R],
+    nb: usize,
+    a: &Activations,
+    b0: usize,
+    out: &mut [[f32; 4]; R],
+) {
     let pc = a.padded_cols;
     let nbx = pc / 32;
     let ones = _mm256_set1_epi16(1);
@@ -317,7 +330,13 @@ unsafe fn q8_0_rows<const R: usize, const BT: usize>(rows: [*const u8; R], nb: u
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_rows<const R: usize, const BT: usize>(rows: [*const u8; R], nsb: usize, a: &Activations, b0: usize, out: &mut [[f32; 4]; R]) {
+unsafe fn q4k_rows<const R: usize, const BT: usize>(
+    rows: [*const u8; R],
+    nsb: usize,
+    a: &Activations,
+    b0: usize,
+    out: &mut [[f32; 4]; R],
+) {
     let pc = a.padded_cols;
     let low = _mm256_set1_epi8(0x0f);
     let mut acc = [[_mm256_setzero_ps(); BT]; R];
@@ -372,7 +391,13 @@ unsafe fn q4k_rows<const R: usize, const BT: usize>(rows: [*const u8; R], nsb: u
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_rows<const R: usize, const BT: usize>(rows: [*const u8; R], nsb: usize, a: &Activations, b0: usize, out: &mut [[f32; 4]; R]) {
+unsafe fn q6k_rows<const R: usize, const BT: usize>(
+    rows: [*const u8; R],
+    nsb: usize,
+    a: &Activations,
+    b0: usize,
+    out: &mut [[f32; 4]; R],
+) {
     let pc = a.padded_cols;
     let low4 = _mm256_set1_epi8(0x0f);
     let low2 = _mm256_set1_epi8(0x03);

@@ -39,7 +39,15 @@ fn weights(n: usize) -> Vec<f32> {
 
 /// Each product streams one of enough copies of the matrix to total `min_bytes`, so that no
 /// measurement is served from the last-level cache.
-pub fn run(formats: &[Format], batches: &[usize], rows: usize, cols: usize, reps: usize, min_bytes: usize, backend: Backend) -> KernelReport {
+pub fn run(
+    formats: &[Format],
+    batches: &[usize],
+    rows: usize,
+    cols: usize,
+    reps: usize,
+    min_bytes: usize,
+    backend: Backend,
+) -> KernelReport {
     let read = read_bandwidth(1 << 30, 5);
     let w32 = weights(rows * cols);
     let mut results = Vec::new();

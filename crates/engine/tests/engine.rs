@@ -1,6 +1,8 @@
 //! The engine: batching, chunked prefill, prefix caching and preemption give every request the
 //! tokens it gets alone; sampling parameters, stops, aborts and overload behave.
 
+mod common;
+use common::assert_all_pages_free;
 use std::path::PathBuf;
 
 use moeserve_engine::sampling::SamplingParams;
@@ -67,19 +69,6 @@ fn assert_same(a: &Choice, b: &Choice, what: &str) {
             assert!((lx - ly).abs() < 1e-4, "{what}: logprob {ti}/{tj} {lx} vs {ly}");
         }
     }
-}
-
-fn assert_all_pages_free(e: &EngineHandle) {
-    // the engine publishes metrics after each loop; give it a moment to settle
-    for _ in 0..200 {
-        let m = e.metrics();
-        if m.kv_pages_used == 0 && m.running == 0 && m.waiting == 0 {
-            assert_eq!(m.kv_pages_free + m.kv_pages_cached, m.kv_pages_total);
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("pages still in use: {:?}", e.metrics());
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! checkpoint, K = 1..3, batched, with prefix caching and rollback), a draft that always agrees
 //! gives K + 1 tokens per step, and stops inside an accepted run end the output where they should.
 
+mod common;
+use common::assert_all_pages_free;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,18 +66,6 @@ fn greedy(p: Vec<u32>, max_tokens: usize) -> Request {
 fn run_batch(e: &EngineHandle, reqs: &[Request]) -> Vec<Choice> {
     let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
     streams.into_iter().map(collect).collect()
-}
-
-fn assert_all_pages_free(e: &EngineHandle) {
-    for _ in 0..200 {
-        let m = e.metrics();
-        if m.kv_pages_used == 0 && m.running == 0 && m.waiting == 0 {
-            assert_eq!(m.kv_pages_free + m.kv_pages_cached, m.kv_pages_total);
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("pages still in use: {:?}", e.metrics());
 }
 
 fn plain_reference(reqs: &[Request]) -> Vec<Vec<u32>> {

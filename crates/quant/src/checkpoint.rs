@@ -74,7 +74,9 @@ impl MappedRows {
     pub fn read_row(&self, r: usize, out: &mut Vec<f32>) {
         let b = &self.mmap[self.skip + r * self.cols * self.elem..][..self.cols * self.elem];
         match self.dtype {
-            Dtype::BF16 => out.extend(b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
+            Dtype::BF16 => {
+                out.extend(b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
+            }
             Dtype::F16 => out.extend(b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())),
             _ => out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         }
