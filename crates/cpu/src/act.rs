@@ -16,6 +16,9 @@ pub struct Activations {
     /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32).
     pub(crate) sums16: Vec<i32>,
     pub(crate) block: usize,
+    /// FP8 weights with whole 32-column scale blocks: the f32 rows with each 32 columns reordered
+    /// as the kernel decodes them (even columns 0..16, even 16..32, odd 0..16, odd 16..32).
+    pub(crate) fp8_order: Vec<f32>,
 }
 
 impl Activations {
@@ -30,11 +33,20 @@ impl Activations {
             Format::Q4K | Format::Q6K => 256,
             _ => 0,
         };
-        let mut a = Activations { batch, padded_cols, f32: f, qs: Vec::new(), d: Vec::new(), sums16: Vec::new(), block };
+        let fp8_order = match format {
+            Format::Fp8 { block } if block[1] % 32 == 0 => fp8_order(&f),
+            _ => Vec::new(),
+        };
+        let mut a =
+            Activations { batch, padded_cols, f32: f, qs: Vec::new(), d: Vec::new(), sums16: Vec::new(), block, fp8_order };
         if block > 0 {
             a.quantize();
         }
         a
+    }
+
+    pub(crate) fn has_fp8_order(&self) -> bool {
+        !self.fp8_order.is_empty()
     }
 
     fn quantize(&mut self) {
@@ -54,4 +66,15 @@ impl Activations {
             self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i32).sum()).collect();
         }
     }
+}
+
+/// Each 32 values reordered to the FP8 kernel's decode order (see `Activations::fp8_order`).
+fn fp8_order(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for c in x.chunks_exact(32) {
+        for start in [0, 16, 1, 17] {
+            out.extend((0..8).map(|i| c[start + 2 * i]));
+        }
+    }
+    out
 }

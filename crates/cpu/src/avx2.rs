@@ -162,6 +162,9 @@ unsafe fn tile<const R: usize, const BT: usize>(
     match w.format {
         Format::F32 => float_rows::<F32, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
         Format::Bf16 => float_rows::<BF16, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
+        Format::Fp8 { block } if R * BT <= 2 && a.has_fp8_order() => {
+            fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order.as_ptr().add(b0 * pc), out)
+        }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
         Format::Q8_0 => q8_0_rows::<R, BT>(rows, pc / Q8_0_BLOCK.1, a, b0, out),
         Format::Q4K => q4k_rows::<R, BT>(rows, pc / Q4K_BLOCK.1, a, b0, out),
@@ -192,6 +195,66 @@ unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
             let b = _mm_loadl_epi64(row.add(k) as *const __m128i);
             let h = _mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16(0xbf80u16 as i16));
             _mm256_cvtph_ps(h)
+        }
+    }
+}
+
+/// FP8 for one or two outputs (decode): 32 weights per load, converted to f16 bits with 16-bit
+/// shifts and masks on both bytes of each lane (no byte shuffles), stored, and widened by
+/// `vcvtph2ps` from memory, which needs no shuffle port; the activations come pre-ordered to
+/// match (`Activations::fp8_order`). Scale blocks are whole multiples of 32 columns.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fp8_rows<const R: usize, const BT: usize>(
+    rows: [*const u8; R],
+    scales: [&[f32]; R],
+    seg: usize,
+    pc: usize,
+    x: *const f32,
+    out: &mut [[f32; 4]; R],
+) {
+    let (m_lo7, m_sign) = (_mm256_set1_epi16(0x3f80), _mm256_set1_epi16(0x8000u16 as i16));
+    let mut halves = [0u16; 32];
+    let hp = halves.as_mut_ptr();
+    let mut tot = [[_mm256_setzero_ps(); BT]; R];
+    let mut k0 = 0;
+    let mut si = 0;
+    while k0 < pc {
+        let k1 = (k0 + seg).min(pc);
+        let mut acc = [[[_mm256_setzero_ps(); 4]; BT]; R];
+        let mut k = k0;
+        while k < k1 {
+            for j in 0..R {
+                let v = _mm256_loadu_si256(rows[j].add(k) as *const __m256i);
+                // low byte of each lane -> even weights, high byte -> odd weights, as f16 bits
+                let even = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_slli_epi16(v, 7), m_lo7),
+                    _mm256_and_si256(_mm256_slli_epi16(v, 8), m_sign),
+                );
+                let odd = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 1), m_lo7), _mm256_and_si256(v, m_sign));
+                _mm256_storeu_si256(hp as *mut __m256i, even);
+                _mm256_storeu_si256(hp.add(16) as *mut __m256i, odd);
+                for u in 0..4 {
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(hp.add(8 * u) as *const __m128i));
+                    for b in 0..BT {
+                        acc[j][b][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * pc + k + 8 * u)), acc[j][b][u]);
+                    }
+                }
+            }
+            k += 32;
+        }
+        for j in 0..R {
+            for b in 0..BT {
+                let s = _mm256_add_ps(_mm256_add_ps(acc[j][b][0], acc[j][b][1]), _mm256_add_ps(acc[j][b][2], acc[j][b][3]));
+                tot[j][b] = _mm256_fmadd_ps(s, _mm256_set1_ps(scales[j][si]), tot[j][b]);
+            }
+        }
+        k0 = k1;
+        si += 1;
+    }
+    for j in 0..R {
+        for b in 0..BT {
+            out[j][b] = hsum(tot[j][b]);
         }
     }
 }
