@@ -181,6 +181,17 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// `out[j][b] = Σ lanes of acc[j][b] − minus[j][b]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store_sums<const R: usize, const BT: usize>(acc: &[[__m256; BT]; R], minus: &[[f32; BT]; R], out: &mut [[f32; 4]; R]) {
+    for j in 0..R {
+        for b in 0..BT {
+            out[j][b] = hsum(acc[j][b]) - minus[j][b];
+        }
+    }
+}
+
 /// Eight weights of row `row` at column `k`, as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -252,11 +263,7 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
         k0 = k1;
         si += 1;
     }
-    for j in 0..R {
-        for b in 0..BT {
-            out[j][b] = hsum(tot[j][b]);
-        }
-    }
+    store_sums(&tot, &[[0.0; BT]; R], out);
 }
 
 /// Float formats: `R·BT·U` accumulators (at most 8), with `U` independent ones per output so
@@ -340,11 +347,7 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
         k0 = k1;
         si += 1;
     }
-    for j in 0..R {
-        for b in 0..BT {
-            out[j][b] = hsum(tot[j][b]);
-        }
-    }
+    store_sums(&tot, &[[0.0; BT]; R], out);
 }
 
 #[inline]
@@ -385,11 +388,7 @@ unsafe fn q8_0_rows<const R: usize, const BT: usize>(
             }
         }
     }
-    for j in 0..R {
-        for b in 0..BT {
-            out[j][b] = hsum(acc[j][b]);
-        }
-    }
+    store_sums(&acc, &[[0.0; BT]; R], out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -446,11 +445,7 @@ unsafe fn q4k_rows<const R: usize, const BT: usize>(
             }
         }
     }
-    for j in 0..R {
-        for b in 0..BT {
-            out[j][b] = hsum(acc[j][b]) - mins[j][b];
-        }
-    }
+    store_sums(&acc, &mins, out);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -516,9 +511,5 @@ unsafe fn q6k_rows<const R: usize, const BT: usize>(
             }
         }
     }
-    for j in 0..R {
-        for b in 0..BT {
-            out[j][b] = hsum(acc[j][b]) - offs[j][b];
-        }
-    }
+    store_sums(&acc, &offs, out);
 }

@@ -50,43 +50,48 @@ fn split_files(path: &Path) -> Vec<PathBuf> {
     }
 }
 
+/// Model-level tensors: (llama.cpp, ours).
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer tensors: (llama.cpp leaf after `blk.N.`, ours after `model.layers.N.`).
+const LAYER_NAMES: [(&str, &str); 24] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"),
+    ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+    ("ffn_gate_inp.weight", "mlp.gate.weight"),
+    ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    ("ffn_gate_shexp.weight", "mlp.shared_experts.gate_proj.weight"),
+    ("ffn_up_shexp.weight", "mlp.shared_experts.up_proj.weight"),
+    ("ffn_down_shexp.weight", "mlp.shared_experts.down_proj.weight"),
+    ("nextn.eh_proj.weight", "eh_proj.weight"),
+    ("nextn.enorm.weight", "enorm.weight"),
+    ("nextn.hnorm.weight", "hnorm.weight"),
+    ("nextn.embed_tokens.weight", "embed_tokens.weight"),
+    ("nextn.shared_head_head.weight", "shared_head.head.weight"),
+    ("nextn.shared_head_norm.weight", "shared_head.norm.weight"),
+];
+
 /// Our name for a llama.cpp tensor name (None: not used, or handled separately).
 fn map_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((_, ours)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == name) {
+        return Some(ours.to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, leaf) = rest.split_once('.')?;
-    let ours = match leaf {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "attn_q_a.weight" => "self_attn.q_a_proj.weight",
-        "attn_q_a_norm.weight" => "self_attn.q_a_layernorm.weight",
-        "attn_q_b.weight" => "self_attn.q_b_proj.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_kv_a_mqa.weight" => "self_attn.kv_a_proj_with_mqa.weight",
-        "attn_kv_a_norm.weight" => "self_attn.kv_a_layernorm.weight",
-        "attn_kv_b.weight" => "self_attn.kv_b_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "ffn_gate_inp.weight" => "mlp.gate.weight",
-        "exp_probs_b.bias" => "mlp.gate.e_score_correction_bias",
-        "ffn_gate_shexp.weight" => "mlp.shared_experts.gate_proj.weight",
-        "ffn_up_shexp.weight" => "mlp.shared_experts.up_proj.weight",
-        "ffn_down_shexp.weight" => "mlp.shared_experts.down_proj.weight",
-        "nextn.eh_proj.weight" => "eh_proj.weight",
-        "nextn.enorm.weight" => "enorm.weight",
-        "nextn.hnorm.weight" => "hnorm.weight",
-        "nextn.embed_tokens.weight" => "embed_tokens.weight",
-        "nextn.shared_head_head.weight" => "shared_head.head.weight",
-        "nextn.shared_head_norm.weight" => "shared_head.norm.weight",
-        _ => return None,
-    };
+    let (layer, leaf) = name.strip_prefix("blk.")?.split_once('.')?;
+    let (_, ours) = LAYER_NAMES.iter().find(|(g, _)| *g == leaf)?;
     Some(format!("model.layers.{layer}.{ours}"))
 }
 
@@ -397,42 +402,12 @@ pub fn export(dir: &Path, out: &Path, quant: GgmlDType, kv_b: KvB) -> Result<()>
 
 /// llama.cpp's name for one of ours (the inverse of [`map_name`]).
 fn gguf_name(ours: &str) -> Option<String> {
-    match ours {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+    if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, o)| *o == ours) {
+        return Some(g.to_string());
     }
-    let rest = ours.strip_prefix("model.layers.")?;
-    let (layer, _) = rest.split_once('.')?;
-    // find the llama.cpp leaf that maps to this name
-    const LEAVES: [&str; 24] = [
-        "attn_norm.weight",
-        "attn_q_a.weight",
-        "attn_q_a_norm.weight",
-        "attn_q_b.weight",
-        "attn_q.weight",
-        "attn_kv_a_mqa.weight",
-        "attn_kv_a_norm.weight",
-        "attn_kv_b.weight",
-        "attn_output.weight",
-        "ffn_norm.weight",
-        "ffn_gate.weight",
-        "ffn_up.weight",
-        "ffn_down.weight",
-        "ffn_gate_inp.weight",
-        "exp_probs_b.bias",
-        "ffn_gate_shexp.weight",
-        "ffn_up_shexp.weight",
-        "ffn_down_shexp.weight",
-        "nextn.eh_proj.weight",
-        "nextn.enorm.weight",
-        "nextn.hnorm.weight",
-        "nextn.embed_tokens.weight",
-        "nextn.shared_head_head.weight",
-        "nextn.shared_head_norm.weight",
-    ];
-    LEAVES.iter().map(|l| format!("blk.{layer}.{l}")).find(|g| map_name(g).as_deref() == Some(ours))
+    let (layer, leaf) = ours.strip_prefix("model.layers.")?.split_once('.')?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, o)| *o == leaf)?;
+    Some(format!("blk.{layer}.{g}"))
 }
 
 fn metadata_for(c: &DeepSeekConfig) -> Vec<(String, Value)> {
