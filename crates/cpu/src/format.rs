@@ -52,6 +52,11 @@ impl Format {
         }
     }
 
+    /// Bytes of one row of `cols` columns (padded to whole blocks) in this format.
+    pub fn bytes_per_row(&self, cols: usize) -> usize {
+        self.row_bytes(cols.next_multiple_of(self.col_block()))
+    }
+
     fn row_bytes(&self, padded_cols: usize) -> usize {
         match self {
             Format::F32 => padded_cols * 4,

@@ -141,13 +141,21 @@ impl Weights {
     /// resident format the spec asks for its class: the checkpoint's own format by default (FP8
     /// stays FP8 at one byte per weight, bf16 stays bf16), or quantized in situ at load.
     pub fn linear(&self, leaf: &str, in_dim: usize, out_dim: usize) -> Result<Arc<dyn Linear>> {
+        self.linear_part(leaf, in_dim, out_dim, &Slice::full())
+    }
+
+    /// Part of the projection `{leaf}.weight` (full shape `[out_dim, in_dim]`): a range of output
+    /// rows (column-parallel) or of input columns (row-parallel). Only that part is read and kept;
+    /// FP8 and ggml blocks stay in their format when the cut falls on block boundaries.
+    pub fn linear_part(&self, leaf: &str, in_dim: usize, out_dim: usize, part: &Slice) -> Result<Arc<dyn Linear>> {
         let w = self.pp(leaf);
         let name = w.name("weight");
         let class = TensorClass::of(&w.prefix);
         let linear: Arc<dyn Linear> = if self.spec.dense_reference || !self.device.is_cpu() {
-            Arc::new(DenseLinear::new(&name, w.tensor("weight", &[out_dim, in_dim])?))
+            let t = w.tensor_slice_as("weight", &[out_dim, in_dim], part, self.dtype)?;
+            Arc::new(DenseLinear::new(&name, t))
         } else {
-            Arc::new(PackedLinear::new(&name, self.pack(&w, &name, class, in_dim, out_dim)?))
+            Arc::new(PackedLinear::new(&name, self.pack(&w, &name, class, [out_dim, in_dim], part)?))
         };
         if let Ok(mut r) = self.report.lock() {
             let e = r.entries.entry((class.name(), linear.format())).or_default();
@@ -157,10 +165,19 @@ impl Weights {
         Ok(linear)
     }
 
-    fn pack(&self, w: &Weights, name: &str, class: TensorClass, in_dim: usize, out_dim: usize) -> Result<PackedMatrix> {
+    fn pack(&self, w: &Weights, name: &str, class: TensorClass, shape: [usize; 2], part: &Slice) -> Result<PackedMatrix> {
         let meta = self.ckpt.meta(name)?;
-        self.check_shape(name, &meta.shape, &[out_dim, in_dim])?;
-        let values = |dtype| w.tensor_as("weight", &[out_dim, in_dim], dtype).and_then(|t| t.flatten_all().ctx(|| name.into()));
+        self.check_shape(name, &meta.shape, &shape)?;
+        let (rows, cols) = (part.rows.clone().unwrap_or(0..shape[0]), part.cols.clone().unwrap_or(0..shape[1]));
+        if rows.end > shape[0] || cols.end > shape[1] || rows.is_empty() || cols.is_empty() {
+            return Err(Error::Tensor {
+                file: self.ckpt.file_of(name),
+                tensor: name.into(),
+                msg: format!("part rows {rows:?} cols {cols:?} of a {shape:?} weight"),
+            });
+        }
+        let (out_dim, in_dim) = (rows.len(), cols.len());
+        let values = |dtype| w.tensor_slice_as("weight", &shape, part, dtype).and_then(|t| t.flatten_all().ctx(|| name.into()));
         let f32s = || values(DType::F32).and_then(|t| t.to_vec1::<f32>().ctx(|| name.into()));
         let native = meta.ggml.and_then(|q| match q {
             GgmlDType::Q8_0 => Some(Format::Q8_0),
@@ -168,24 +185,48 @@ impl Weights {
             GgmlDType::Q6K => Some(Format::Q6K),
             _ => None,
         });
+        let whole_blocks = |f: Format| cols.start.is_multiple_of(f.col_block()) && cols.end.is_multiple_of(f.col_block());
+        let fp8_aligned = |b: [usize; 2]| {
+            let on = |x: usize, full: usize, step: usize| x.is_multiple_of(step) || x == full;
+            on(rows.start, shape[0], b[0]) && on(rows.end, shape[0], b[0]) && on(cols.start, shape[1], b[1]) && on(cols.end, shape[1], b[1])
+        };
         let packed = match (self.spec.target(class), native, meta.ggml, meta.dtype) {
             (Some(t), ..) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
-            // GGUF blocks the kernels read as stored
-            (None, Some(f), ..) => PackedMatrix::from_blocks(f, out_dim, in_dim, self.ckpt.raw(name)?.to_vec()),
-            // other ggml block types (q4_0, q5_K, ...): dequantized once, kept as bf16
-            (None, None, Some(_), _) => PackedMatrix::from_f32(Format::Bf16, out_dim, in_dim, &f32s()?),
-            (None, None, None, Dtype::F8_E4M3) if self.fp8_block[1].is_multiple_of(8) => {
-                let (data, scale, _) = self.ckpt.fp8_parts(name, &format!("{name}_scale_inv"), self.fp8_block)?;
-                PackedMatrix::from_fp8(out_dim, in_dim, data, &scale, self.fp8_block)
+            // GGUF blocks the kernels read as stored (a column cut must fall between blocks)
+            (None, Some(f), ..) if whole_blocks(f) => {
+                let row_bytes = f.bytes_per_row(shape[1]);
+                let bytes_at = |c: usize| f.bytes_per_row(c);
+                let raw = self.ckpt.raw(name)?;
+                PackedMatrix::from_blocks(f, out_dim, in_dim, cut(raw, row_bytes, &rows, bytes_at(cols.start)..bytes_at(cols.end)))
+            }
+            // other ggml block types (q4_0, q5_K, ...) and cuts inside a block: dequantized once, kept as bf16
+            (None, _, Some(_), _) => PackedMatrix::from_f32(Format::Bf16, out_dim, in_dim, &f32s()?),
+            (None, None, None, Dtype::F8_E4M3) if self.fp8_block[1].is_multiple_of(8) && fp8_aligned(self.fp8_block) => {
+                let b = self.fp8_block;
+                let (data, scale, _) = self.ckpt.fp8_parts(name, &format!("{name}_scale_inv"), b)?;
+                let data = cut(data, shape[1], &rows, cols.clone());
+                let scale_cols = shape[1].div_ceil(b[1]);
+                let scale_rows = rows.start / b[0]..rows.end.div_ceil(b[0]);
+                let scale = cut_f32(&scale, scale_cols, &scale_rows, cols.start / b[1]..cols.end.div_ceil(b[1]));
+                PackedMatrix::from_fp8(out_dim, in_dim, &data, &scale, b)
             }
             (None, None, None, Dtype::BF16) => {
                 let bits: Vec<u16> =
                     values(DType::BF16)?.to_vec1::<half::bf16>().ctx(|| name.into())?.iter().map(|v| v.to_bits()).collect();
                 PackedMatrix::from_bf16(out_dim, in_dim, &bits)
             }
-            // f32 / f16, and FP8 whose column block the kernels cannot step through: exact in f32
+            // f32 / f16, and FP8 whose blocks the kernels cannot step through or the cut splits: exact in f32
             _ => PackedMatrix::from_f32(Format::F32, out_dim, in_dim, &f32s()?),
         };
         packed.map_err(|e| Error::Tensor { file: self.ckpt.file_of(name), tensor: name.to_string(), msg: e.0 })
     }
+}
+
+/// Rows `rows` and, of each, bytes `bytes` of a row-major buffer with `row_len` bytes per row.
+fn cut(data: &[u8], row_len: usize, rows: &std::ops::Range<usize>, bytes: std::ops::Range<usize>) -> Vec<u8> {
+    rows.clone().flat_map(|r| &data[r * row_len + bytes.start..r * row_len + bytes.end]).copied().collect()
+}
+
+fn cut_f32(data: &[f32], row_len: usize, rows: &std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Vec<f32> {
+    rows.clone().flat_map(|r| &data[r * row_len + cols.start..r * row_len + cols.end]).copied().collect()
 }

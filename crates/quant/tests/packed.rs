@@ -70,3 +70,40 @@ fn in_situ_quantization_accepts_bf16_and_fp8_sources() {
         assert!(report.entries.contains_key(&("experts", "q4k")) && report.total_bytes() > 0);
     }
 }
+
+/// Tensor-parallel loading: a part of a weight (a range of output rows, or of input columns)
+/// holds exactly that slice of the full weight, in the checkpoint's format when the cut falls on
+/// FP8 block boundaries, and exactly (in f32) when it does not.
+#[test]
+fn parts_of_a_weight_are_its_slices() {
+    use moeserve_quant::Slice;
+    for fixture in ["tiny-v3", "tiny-v3-fp8"] {
+        let w = weights(fixture, QuantSpec::default());
+        for (leaf, i, o, part, fp8_format) in [
+            ("model.layers.0.self_attn.q_b_proj", 48, 96, Slice::rows(32..64), "fp8"),
+            ("model.layers.0.self_attn.o_proj", 64, 64, Slice::cols(16..32), "fp8"),
+            ("model.layers.1.mlp.experts.2.down_proj", 32, 64, Slice::cols(16..32), "fp8"),
+            ("model.layers.0.self_attn.q_b_proj", 48, 96, Slice::rows(10..20), "f32"),
+            ("model.layers.0.self_attn.o_proj", 64, 64, Slice::cols(8..24), "f32"),
+        ] {
+            let full = w.linear(leaf, i, o).unwrap().dense_weight(DType::F32).unwrap();
+            let p = w.linear_part(leaf, i, o, &part).unwrap();
+            let want = match (&part.rows, &part.cols) {
+                (Some(r), _) => full.narrow(0, r.start, r.len()).unwrap(),
+                (_, Some(c)) => full.narrow(1, c.start, c.len()).unwrap(),
+                _ => unreachable!(),
+            };
+            assert_eq!(p.dense_weight(DType::F32).unwrap().dims(), want.dims(), "{fixture} {leaf} {part:?}");
+            let got: Vec<f32> = p.dense_weight(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, want.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{fixture} {leaf} {part:?}");
+            let expect = if fixture.contains("fp8") { fp8_format } else { "bf16" };
+            assert_eq!(p.format(), expect, "{fixture} {leaf} {part:?}");
+            let whole = w.linear(leaf, i, o).unwrap();
+            if p.format() == whole.format() {
+                assert!(p.resident_bytes() <= whole.resident_bytes(), "{fixture} {leaf} {part:?}");
+            }
+        }
+        let bad = w.linear_part("lm_head", 64, 4096, &Slice::rows(4000..5000));
+        assert!(bad.unwrap_err().to_string().contains("lm_head"));
+    }
+}
