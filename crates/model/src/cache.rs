@@ -14,6 +14,11 @@ pub trait LatentKv {
     fn read(&self, layer: usize, len: usize) -> Result<Tensor>;
     /// Commit (or roll back to) `len` tokens.
     fn set_seq_len(&mut self, len: usize) -> Result<()>;
+    /// A view for another rank of a parallel group: the same rows (every rank computes the same
+    /// latent rows, so in-process ranks share one copy), with its own length bookkeeping.
+    fn fork<'o>(&self) -> Box<dyn LatentKv + Send + 'o>
+    where
+        Self: 'o;
 }
 
 /// One growable contiguous buffer per layer.
@@ -98,5 +103,20 @@ impl LatentKv for ContiguousLatentCache {
         self.len = len;
         self.written = len;
         Ok(())
+    }
+
+    fn fork<'o>(&self) -> Box<dyn LatentKv + Send + 'o>
+    where
+        Self: 'o,
+    {
+        Box::new(ContiguousLatentCache {
+            layout: self.layout,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            layers: self.layers.clone(),
+            capacity: self.capacity,
+            len: self.len,
+            written: self.written,
+        })
     }
 }

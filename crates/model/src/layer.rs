@@ -1,5 +1,7 @@
 //! One decoder block: `h += MLA(norm(h)); h += FFN(norm(h))`, FFN dense or MoE by config.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Result};
 use moeserve_quant::Weights;
@@ -10,6 +12,7 @@ use crate::mla::Mla;
 use crate::mlp::Mlp;
 use crate::moe::Moe;
 use crate::norm::RmsNorm;
+use crate::parallel::Parallel;
 use crate::rope::RopeTables;
 
 #[derive(Debug, Clone)]
@@ -24,6 +27,7 @@ pub struct DecoderLayer {
     attn: Mla,
     post_norm: RmsNorm,
     pub ffn: Ffn,
+    par: Arc<Parallel>,
 }
 
 impl DecoderLayer {
@@ -36,19 +40,30 @@ impl DecoderLayer {
             }
     }
 
-    /// `w` points at `model.layers.L`; `router_dtype` only matters for MoE blocks.
-    pub fn load(w: &Weights, cfg: &DeepSeekConfig, moe: bool, router_dtype: DType) -> Result<Self> {
+    /// `w` points at `model.layers.L`; `router_dtype` only matters for MoE blocks; `par` says
+    /// which part of the block this rank holds.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, moe: bool, router_dtype: DType, par: &Arc<Parallel>) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(DecoderLayer {
             input_norm: RmsNorm::load(&w.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
-            attn: Mla::load(&w.pp("self_attn"), cfg)?,
+            attn: Mla::load(&w.pp("self_attn"), cfg, par)?,
             post_norm: RmsNorm::load(&w.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
             ffn: if moe {
-                Ffn::Moe(Moe::load(&w.pp("mlp"), cfg, router_dtype)?)
+                Ffn::Moe(Moe::load(&w.pp("mlp"), cfg, router_dtype, par)?)
             } else {
-                Ffn::Dense(Mlp::load(&w.pp("mlp"), d, cfg.intermediate_size)?)
+                Ffn::Dense(Mlp::load_part(&w.pp("mlp"), d, cfg.intermediate_size, par.tp())?)
             },
+            par: par.clone(),
         })
+    }
+
+    /// Sum the tensor-parallel partial outputs (attention's o_proj, the dense MLP's down).
+    fn reduce_tp(&self, t: Tensor) -> Result<Tensor> {
+        if self.par.tp().1 > 1 {
+            self.par.all_reduce(&t)
+        } else {
+            Ok(t)
+        }
     }
 
     /// `cache_layer` is this block's layer index inside the caches it is given.
@@ -61,11 +76,11 @@ impl DecoderLayer {
         cache_layer: usize,
     ) -> Result<Tensor> {
         let ctx = || format!("layer {cache_layer} residual");
-        let a = self.attn.forward(&self.input_norm.forward(h)?, batch, rope, kv, cache_layer)?;
+        let a = self.reduce_tp(self.attn.forward(&self.input_norm.forward(h)?, batch, rope, kv, cache_layer)?)?;
         let h = (h + a).ctx(ctx)?;
         let x = self.post_norm.forward(&h)?;
         let f = match &self.ffn {
-            Ffn::Dense(m) => m.forward(&x)?,
+            Ffn::Dense(m) => self.reduce_tp(m.forward(&x)?)?,
             Ffn::Moe(m) => m.forward(&x)?,
         };
         (h + f).ctx(ctx)

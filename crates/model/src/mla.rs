@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Error, Result};
-use moeserve_quant::{Linear, Weights};
+use moeserve_quant::{Linear, Slice, Weights};
 
 use crate::batch::ForwardBatch;
 use crate::cache::LatentKv;
 use crate::norm::RmsNorm;
+use crate::parallel::Parallel;
 use crate::rope::RopeTables;
 
 #[derive(Debug, Clone)]
@@ -57,32 +58,38 @@ pub struct Mla {
 }
 
 impl Mla {
-    /// `w` points at `model.layers.L.self_attn`.
-    pub fn load(w: &Weights, cfg: &DeepSeekConfig) -> Result<Self> {
-        let (h, d) = (cfg.num_attention_heads, cfg.hidden_size);
+    /// `w` points at `model.layers.L.self_attn`. Under tensor parallelism this rank keeps its
+    /// block of heads: their rows of q_b (or q_proj) and kv_b, their input columns of o_proj
+    /// (whose output is then a partial sum, all-reduced by the caller).
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, par: &Parallel) -> Result<Self> {
+        let (all_heads, d) = (cfg.num_attention_heads, cfg.hidden_size);
         let (nope, rope, v, latent) = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
+        let heads = Parallel::split(all_heads, par.tp(), "num_attention_heads")?;
+        let h = heads.len();
+        let per_head = |width: usize| Slice::rows(heads.start * width..heads.end * width);
         let eps = cfg.rms_norm_eps;
         let q = match cfg.q_lora_rank {
             Some(r) => QProj::LowRank {
                 a: w.linear("q_a_proj", d, r)?,
                 norm: RmsNorm::load(&w.pp("q_a_layernorm"), r, eps)?,
-                b: w.linear("q_b_proj", r, h * (nope + rope))?,
+                b: w.linear_part("q_b_proj", r, all_heads * (nope + rope), &per_head(nope + rope))?,
             },
-            None => QProj::Full(w.linear("q_proj", d, h * (nope + rope))?),
+            None => QProj::Full(w.linear_part("q_proj", d, all_heads * (nope + rope), &per_head(nope + rope))?),
         };
         // split kv_b_proj [H*(P+V), L] (dequantized first) into the absorbed factors
-        let kv_b = w.linear("kv_b_proj", latent, h * (nope + v))?;
+        let kv_b = w.linear_part("kv_b_proj", latent, all_heads * (nope + v), &per_head(nope + v))?;
         let ctx = || w.name("kv_b_proj");
         let kvb = kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx)?;
         let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
         let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
+        let o_cols = Slice::cols(heads.start * v..heads.end * v);
         Ok(Mla {
             q,
             kv_a: w.linear("kv_a_proj_with_mqa", d, latent + rope)?,
             kv_a_norm: RmsNorm::load(&w.pp("kv_a_layernorm"), latent, eps)?,
             w_uk,
             w_uv_t,
-            o_proj: w.linear("o_proj", h * v, d)?,
+            o_proj: w.linear_part("o_proj", all_heads * v, d, &o_cols)?,
             heads: h,
             nope,
             rope,

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use moeserve_core::{error::Context, Result};
-use moeserve_quant::{Linear, Weights};
+use moeserve_quant::{Linear, Slice, Weights};
+
+use crate::parallel::{Parallel, Part};
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -15,10 +17,18 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn load(w: &Weights, hidden: usize, intermediate: usize) -> Result<Self> {
+        Self::load_part(w, hidden, intermediate, (0, 1))
+    }
+
+    /// Part `part` of the intermediate dimension: rows of gate and up, columns of down (whose
+    /// output is then a partial sum over the parts).
+    pub fn load_part(w: &Weights, hidden: usize, intermediate: usize, part: Part) -> Result<Self> {
+        let range = Parallel::split(intermediate, part, &format!("{} rows", w.name("gate_proj")))?;
+        let rows = Slice::rows(range.clone());
         Ok(Mlp {
-            gate: w.linear("gate_proj", hidden, intermediate)?,
-            up: w.linear("up_proj", hidden, intermediate)?,
-            down: w.linear("down_proj", intermediate, hidden)?,
+            gate: w.linear_part("gate_proj", hidden, intermediate, &rows)?,
+            up: w.linear_part("up_proj", hidden, intermediate, &rows)?,
+            down: w.linear_part("down_proj", intermediate, hidden, &Slice::cols(range))?,
         })
     }
 

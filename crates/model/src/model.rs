@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Error, KvLayout, Result};
-use moeserve_quant::{Checkpoint, Linear, LoadReport, QuantSpec, Weights};
+use moeserve_quant::{Checkpoint, Linear, LoadReport, QuantSpec, Slice, Weights};
 
 use crate::batch::ForwardBatch;
 use crate::cache::{ContiguousLatentCache, LatentKv};
 use crate::layer::DecoderLayer;
 use crate::mtp::Mtp;
 use crate::norm::RmsNorm;
+use crate::parallel::Parallel;
 use crate::rope::Rope;
 
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct LoadOptions {
     pub router_dtype: DType,
     /// Resident weight formats per class (`--quant`); default: the checkpoint's own.
     pub quant: QuantSpec,
+    /// This rank's place in a tensor/expert-parallel group (default: the whole model).
+    pub parallel: Arc<Parallel>,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +38,7 @@ impl Default for LoadOptions {
             load_mtp: true,
             router_dtype: DType::F32,
             quant: QuantSpec::default(),
+            parallel: Arc::default(),
         }
     }
 }
@@ -47,6 +51,12 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// This rank's rows of a vocab-parallel head (`ceil(vocab / tp)` each, the last may be shorter).
+pub(crate) fn vocab_part(vocab: usize, par: &Parallel) -> std::ops::Range<usize> {
+    let (i, n) = par.tp();
+    moeserve_core::comm::part_range(vocab, n, i)
 }
 
 /// The token embedding table: a tensor, or (CPU, untied) rows read from the memory-mapped
@@ -79,6 +89,7 @@ pub struct DeepSeekModel {
     dtype: DType,
     device: Device,
     load_report: LoadReport,
+    par: Arc<Parallel>,
 }
 
 impl DeepSeekModel {
@@ -115,18 +126,21 @@ impl DeepSeekModel {
             Some(rows) if [rows.rows, rows.cols] == [v, d] => Embedding::Mapped(rows),
             _ => Embedding::Tensor(m.tensor("embed_tokens.weight", &[v, d])?),
         };
+        let par = &opts.parallel;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, cfg.is_moe_layer(i), opts.router_dtype))
+            .map(|i| DecoderLayer::load(&m.pp("layers").pp(i), &cfg, cfg.is_moe_layer(i), opts.router_dtype, par))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&m.pp("norm"), d, cfg.rms_norm_eps)?;
         let lm_head: Arc<dyn Linear> = if cfg.tie_word_embeddings {
-            Arc::new(moeserve_quant::DenseLinear::new("model.embed_tokens.weight", m.tensor("embed_tokens.weight", &[v, d])?))
+            let rows = vocab_part(v, par);
+            let t = m.tensor_slice_as("embed_tokens.weight", &[v, d], &Slice::rows(rows), opts.dtype)?;
+            Arc::new(moeserve_quant::DenseLinear::new("model.embed_tokens.weight", t))
         } else {
-            root.linear("lm_head", d, v)?
+            root.linear_part("lm_head", d, v, &Slice::rows(vocab_part(v, par)))?
         };
         let mtp_prefix = m.pp("layers").pp(cfg.mtp_layer_index());
         let mtp = if opts.load_mtp && cfg.has_mtp() && mtp_prefix.contains("eh_proj.weight") {
-            Some(Mtp::load(&mtp_prefix, &cfg, opts.router_dtype)?)
+            Some(Mtp::load(&mtp_prefix, &cfg, opts.router_dtype, par)?)
         } else {
             None
         };
@@ -142,7 +156,13 @@ impl DeepSeekModel {
             mtp,
             dtype: opts.dtype,
             device: opts.device.clone(),
+            par: par.clone(),
         })
+    }
+
+    /// This rank's place in its parallel group.
+    pub fn parallel(&self) -> &Arc<Parallel> {
+        &self.par
     }
 
     pub fn dtype(&self) -> DType {
@@ -237,9 +257,10 @@ impl DeepSeekModel {
         self.norm.forward(&h)
     }
 
-    /// Float32 logits `[n, vocab]` from post-norm hidden states.
+    /// Float32 logits `[n, vocab]` from post-norm hidden states (vocab parts gathered).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)?.to_dtype(DType::F32).ctx(|| "logits".into())
+        let local = self.lm_head.forward(hidden)?.to_dtype(DType::F32).ctx(|| "logits".into())?;
+        self.par.gather_columns(&local)
     }
 
     /// One-line summary of the loaded model (for logs and reports).

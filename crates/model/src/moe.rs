@@ -1,32 +1,57 @@
 //! MoE block: float32 router, grouped routed experts (one matmul per active expert over all the
 //! tokens routed to it), shared experts; expert outputs accumulate in float32.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Result};
+use moeserve_cpu::PackedMatrix;
 use moeserve_quant::Weights;
 
+mod dispatch;
+
 use crate::mlp::Mlp;
+use crate::parallel::Parallel;
 use crate::router::{Router, Routing};
 
 #[derive(Debug, Clone)]
 pub struct Moe {
     router: Router,
+    /// The routed experts this rank holds (all of them on one rank): global ids `first..`.
     experts: Vec<Mlp>,
+    first: usize,
+    n_experts: usize,
     shared: Option<Mlp>,
+    par: Arc<Parallel>,
 }
 
+/// Gate, up and down weights of one expert, the rows of the input it takes, and the weight of
+/// its output in each row's sum.
+type Group<'a> = ([&'a PackedMatrix; 3], Vec<usize>, Vec<f32>);
+
 impl Moe {
-    /// `w` points at `model.layers.L.mlp`.
-    pub fn load(w: &Weights, cfg: &DeepSeekConfig, router_dtype: DType) -> Result<Self> {
+    /// `w` points at `model.layers.L.mlp`. A rank loads only the experts of its expert group,
+    /// each only in its part (see `parallel`), and its tensor-parallel part of the shared experts.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, router_dtype: DType, par: &Arc<Parallel>) -> Result<Self> {
         let n = cfg.n_routed_experts.unwrap_or(0);
         let router = Router::load(&w.pp("gate"), cfg, router_dtype)?;
-        let experts = (0..n)
-            .map(|e| Mlp::load(&w.pp("experts").pp(e), cfg.hidden_size, cfg.moe_intermediate_size))
+        let owned = Parallel::split(n, par.ep(), "n_routed_experts")?;
+        let experts = owned
+            .clone()
+            .map(|e| Mlp::load_part(&w.pp("experts").pp(e), cfg.hidden_size, cfg.moe_intermediate_size, par.moe_tp()))
             .collect::<Result<Vec<_>>>()?;
         let shared = (cfg.n_shared_experts > 0)
-            .then(|| Mlp::load(&w.pp("shared_experts"), cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts))
+            .then(|| {
+                let inter = cfg.moe_intermediate_size * cfg.n_shared_experts;
+                Mlp::load_part(&w.pp("shared_experts"), cfg.hidden_size, inter, par.tp())
+            })
             .transpose()?;
-        Ok(Moe { router, experts, shared })
+        Ok(Moe { router, experts, first: owned.start, n_experts: n, shared, par: par.clone() })
+    }
+
+    /// Routed experts held by this rank (global ids).
+    pub fn held_experts(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.experts.len()
     }
 
     /// Weight bytes read per token: the router, `top_k` experts of average size, the shared experts.
@@ -42,6 +67,9 @@ impl Moe {
 
     /// `x: [n, hidden]` -> `[n, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.par.world() > 1 {
+            return self.forward_parallel(x)?.to_dtype(x.dtype()).ctx(|| "moe out".into());
+        }
         let routing = self.router.route(x)?;
         if let Some(out) = self.grouped_forward(x, &routing)? {
             return out.to_dtype(x.dtype()).ctx(|| "moe out".into());
@@ -106,7 +134,7 @@ impl Moe {
         let (n, hidden) = x.dims2().ctx(ctx)?;
         let (xs, _) = moeserve_quant::packed::rows_f32(x, hidden, "moe")?;
         // (weights, token rows, routing weight per row); the shared experts take every token at weight 1
-        let mut groups: Vec<([&moeserve_cpu::PackedMatrix; 3], Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         let mut slot_of = vec![usize::MAX; experts.len()];
         for (slot, (&e, &w)) in routing.experts.iter().zip(&routing.weights).enumerate() {
             let e = e as usize;
@@ -121,56 +149,64 @@ impl Moe {
         if let Some(s) = shared {
             groups.push((s, (0..n).collect(), vec![1.0; n]));
         }
-        let inputs: Vec<Vec<f32>> = groups
-            .iter()
-            .map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect())
-            .collect();
-        // gate and up share their activations when they share a format
-        let mut acts = Vec::with_capacity(2 * groups.len());
-        for ((w, rows, _), input) in groups.iter().zip(&inputs) {
-            acts.push(moeserve_cpu::activations(w[0], input, rows.len()));
-            if w[1].format() != w[0].format() {
-                acts.push(moeserve_cpu::activations(w[1], input, rows.len()));
-            }
-        }
-        let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
-        let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
-        {
-            let mut products = Vec::with_capacity(2 * groups.len());
-            let mut a = acts.iter();
-            for (((w, _, _), g), u) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()) {
-                let ag = a.next().ok_or_else(|| moeserve_core::Error::Input("moe activations".into()))?;
-                let au = if w[1].format() != w[0].format() { a.next().unwrap_or(ag) } else { ag };
-                products.push(moeserve_cpu::Product { w: w[0], x: ag, y: g });
-                products.push(moeserve_cpu::Product { w: w[1], x: au, y: u });
-            }
-            moeserve_cpu::matmul_many(&mut products);
-        }
-        for (g, u) in gate.iter_mut().zip(&up) {
-            for (g, u) in g.iter_mut().zip(u) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        }
-        let down_acts: Vec<_> =
-            groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
-        let mut down: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[2].rows()]).collect();
-        let mut products: Vec<_> = groups
-            .iter()
-            .zip(&down_acts)
-            .zip(down.iter_mut())
-            .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y })
-            .collect();
-        moeserve_cpu::matmul_many(&mut products);
-        let mut out = vec![0f32; n * hidden];
-        for ((_, rows, ws), y) in groups.iter().zip(&down) {
-            for ((&t, &w), yr) in rows.iter().zip(ws).zip(y.chunks_exact(hidden)) {
-                for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(yr) {
-                    *o += w * v;
-                }
-            }
-        }
+        let out = run_groups(&groups, &xs, n, hidden)?;
         Ok(Some(Tensor::from_vec(out, (n, hidden), x.device()).ctx(ctx)?))
     }
+}
+
+/// `Σ_g w_g[i] · FFN_g(xs[rows_g[i]])` into row `rows_g[i]` of an `[n, hidden]` f32 output: the
+/// gate and up projections of every group in one parallel kernel call, SiLU·mul, then every down
+/// projection in a second call.
+fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<Vec<f32>> {
+    let inputs: Vec<Vec<f32>> = groups
+        .iter()
+        .map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect())
+        .collect();
+    // gate and up share their activations when they share a format
+    let mut acts = Vec::with_capacity(2 * groups.len());
+    for ((w, rows, _), input) in groups.iter().zip(&inputs) {
+        acts.push(moeserve_cpu::activations(w[0], input, rows.len()));
+        if w[1].format() != w[0].format() {
+            acts.push(moeserve_cpu::activations(w[1], input, rows.len()));
+        }
+    }
+    let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
+    let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
+    {
+        let mut products = Vec::with_capacity(2 * groups.len());
+        let mut a = acts.iter();
+        for (((w, _, _), g), u) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()) {
+            let ag = a.next().ok_or_else(|| moeserve_core::Error::Input("moe activations".into()))?;
+            let au = if w[1].format() != w[0].format() { a.next().unwrap_or(ag) } else { ag };
+            products.push(moeserve_cpu::Product { w: w[0], x: ag, y: g });
+            products.push(moeserve_cpu::Product { w: w[1], x: au, y: u });
+        }
+        moeserve_cpu::matmul_many(&mut products);
+    }
+    for (g, u) in gate.iter_mut().zip(&up) {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+    let down_acts: Vec<_> =
+        groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
+    let mut down: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[2].rows()]).collect();
+    let mut products: Vec<_> = groups
+        .iter()
+        .zip(&down_acts)
+        .zip(down.iter_mut())
+        .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y })
+        .collect();
+    moeserve_cpu::matmul_many(&mut products);
+    let mut out = vec![0f32; n * hidden];
+    for ((_, rows, ws), y) in groups.iter().zip(&down) {
+        for ((&t, &w), yr) in rows.iter().zip(ws).zip(y.chunks_exact(hidden)) {
+            for (o, v) in out[t * hidden..(t + 1) * hidden].iter_mut().zip(yr) {
+                *o += w * v;
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Reference implementation of the routed sum: a plain per-token loop (for tests).
@@ -208,7 +244,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v3");
         let cfg = DeepSeekConfig::from_file(&dir.join("config.json")).unwrap();
         let w = Weights::new(Arc::new(Checkpoint::open(&dir).unwrap()), DType::F32, Device::Cpu, None);
-        let moe = Moe::load(&w.pp("model.layers.1.mlp"), &cfg, DType::F32).unwrap();
+        let moe = Moe::load(&w.pp("model.layers.1.mlp"), &cfg, DType::F32, &Arc::default()).unwrap();
         // ragged token counts, including one token and more tokens than experts
         for n in [1, 5, 13, 37] {
             let x = Tensor::randn(0f32, 1.0, (n, cfg.hidden_size), &Device::Cpu).unwrap();

@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Error, KvLayout, Result};
-use moeserve_quant::{Linear, Weights};
+use moeserve_quant::{Linear, Slice, Weights};
 
 use crate::batch::ForwardBatch;
 use crate::cache::{ContiguousLatentCache, LatentKv};
 use crate::layer::DecoderLayer;
-use crate::model::DeepSeekModel;
+use crate::model::{vocab_part, DeepSeekModel};
 use crate::norm::RmsNorm;
+use crate::parallel::Parallel;
 
 #[derive(Debug)]
 pub struct Mtp {
@@ -24,20 +25,25 @@ pub struct Mtp {
     eh_proj: Arc<dyn Linear>,
     block: DecoderLayer,
     head_norm: RmsNorm,
+    /// Vocab-parallel like lm_head.
     head: Arc<dyn Linear>,
+    par: Arc<Parallel>,
 }
 
 impl Mtp {
     /// `w` points at `model.layers.{num_hidden_layers}`.
-    pub fn load(w: &Weights, cfg: &DeepSeekConfig, router_dtype: DType) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    /// Under parallelism the block is split like the main layers, the head like lm_head, and
+    /// eh_proj is replicated.
+    pub fn load(w: &Weights, cfg: &DeepSeekConfig, router_dtype: DType, par: &Arc<Parallel>) -> Result<Self> {
+        let (d, eps, v) = (cfg.hidden_size, cfg.rms_norm_eps, cfg.vocab_size);
         Ok(Mtp {
             enorm: RmsNorm::load(&w.pp("enorm"), d, eps)?,
             hnorm: RmsNorm::load(&w.pp("hnorm"), d, eps)?,
             eh_proj: w.linear("eh_proj", 2 * d, d)?,
-            block: DecoderLayer::load(w, cfg, cfg.n_routed_experts.is_some(), router_dtype)?,
+            block: DecoderLayer::load(w, cfg, cfg.n_routed_experts.is_some(), router_dtype, par)?,
             head_norm: RmsNorm::load(&w.pp("shared_head").pp("norm"), d, eps)?,
-            head: w.pp("shared_head").linear("head", d, cfg.vocab_size)?,
+            head: w.pp("shared_head").linear_part("head", d, v, &Slice::rows(vocab_part(v, par)))?,
+            par: par.clone(),
         })
     }
 
@@ -88,6 +94,7 @@ impl Mtp {
 
     /// Float32 logits `[n, vocab]` from normed rows (see `norm`).
     pub fn head_logits(&self, normed: &Tensor) -> Result<Tensor> {
-        self.head.forward(normed)?.to_dtype(DType::F32).ctx(|| "mtp logits".into())
+        let local = self.head.forward(normed)?.to_dtype(DType::F32).ctx(|| "mtp logits".into())?;
+        self.par.gather_columns(&local)
     }
 }

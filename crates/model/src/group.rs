@@ -1,0 +1,160 @@
+//! A model split over the ranks of an in-process tensor/expert-parallel group: one
+//! `DeepSeekModel` per rank, each holding only its part of the weights, run in lock-step (SPMD).
+//!
+//! Every call runs the same method on every rank: rank 0 on the calling thread, the others on
+//! scoped threads, each with a fork of the caller's latent caches. Rank 0's result is returned;
+//! all ranks compute the same one. A rank that fails aborts the group's collectives, so the
+//! others return errors instead of waiting, and the group is reset for the next call.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use moeserve_core::{DeepSeekConfig, Error, Result, ThreadGroup};
+use moeserve_quant::Checkpoint;
+
+use crate::batch::ForwardBatch;
+use crate::cache::LatentKv;
+use crate::model::{DeepSeekModel, LoadOptions};
+use crate::parallel::Parallel;
+
+#[derive(Debug)]
+pub struct ModelGroup {
+    ranks: Vec<DeepSeekModel>,
+    group: Option<ThreadGroup>,
+}
+
+impl From<DeepSeekModel> for ModelGroup {
+    fn from(model: DeepSeekModel) -> Self {
+        ModelGroup { ranks: vec![model], group: None }
+    }
+}
+
+impl ModelGroup {
+    /// Load `dir` split over `max(tp, ep)` ranks (see `parallel` for the layout); each rank
+    /// reads only its own part of the checkpoint. `tp = ep = 1` is the plain model.
+    pub fn load(dir: &Path, opts: &LoadOptions, tp: usize, ep: usize) -> Result<Self> {
+        let world = Parallel::check_sizes(tp, ep)?;
+        if world == 1 {
+            return DeepSeekModel::load(dir, opts).map(Self::from);
+        }
+        if moeserve_quant::gguf::is_gguf(dir) {
+            return Err(Error::Input("tensor/expert parallelism needs a safetensors checkpoint directory, not GGUF".into()));
+        }
+        let cfg = DeepSeekConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let group = ThreadGroup::new(world);
+        let ranks = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .comms()
+                .into_iter()
+                .map(|comm| {
+                    let (cfg, ckpt) = (cfg.clone(), ckpt.clone());
+                    s.spawn(move || -> Result<DeepSeekModel> {
+                        let parallel = Arc::new(Parallel::new(Arc::new(comm), tp, ep)?);
+                        DeepSeekModel::from_checkpoint(cfg, ckpt, &LoadOptions { parallel, ..opts.clone() })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("a rank panicked while loading".into()))))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        ckpt.finish_progress();
+        Ok(ModelGroup { ranks, group: Some(group) })
+    }
+
+    /// Rank 0's model: the config, dtype, device and MTP presence of the whole group.
+    pub fn lead(&self) -> &DeepSeekModel {
+        &self.ranks[0]
+    }
+
+    pub fn ranks(&self) -> &[DeepSeekModel] {
+        &self.ranks
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Resident weight bytes of every rank.
+    pub fn weight_bytes(&self) -> usize {
+        self.ranks.iter().map(DeepSeekModel::weight_bytes).sum()
+    }
+
+    /// Run `f` on every rank with its view of `kv`; rank 0's result.
+    pub fn spmd<'o, R: Send>(
+        &self,
+        kv_in: &mut [&mut (dyn LatentKv + 'o)],
+        f: impl Fn(&DeepSeekModel, &mut [&mut dyn LatentKv]) -> Result<R> + Sync,
+    ) -> Result<R> {
+        let forks: Vec<Vec<Box<dyn LatentKv + Send + 'o>>> =
+            self.ranks[1..].iter().map(|_| kv_in.iter().map(|k| k.fork()).collect()).collect();
+        let mut kv: Vec<&mut dyn LatentKv> = kv_in.iter_mut().map(|k| &mut **k as &mut dyn LatentKv).collect();
+        let Some(group) = &self.group else { return f(&self.ranks[0], &mut kv) };
+        let abort_on_error = |model: &DeepSeekModel, r: Result<R>| {
+            if r.is_err() {
+                model.parallel().comm().abort();
+            }
+            r
+        };
+        let (lead, others) = std::thread::scope(|s| {
+            let handles: Vec<_> = self.ranks[1..]
+                .iter()
+                .zip(forks)
+                .map(|(model, mut views)| {
+                    let f = &f;
+                    s.spawn(move || {
+                        let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v.as_mut() as &mut dyn LatentKv).collect();
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(model, &mut kv)))
+                            .unwrap_or_else(|_| Err(Error::Input(format!("rank {} panicked", model.parallel().rank()))));
+                        abort_on_error(model, r).map(drop)
+                    })
+                })
+                .collect();
+            let lead = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&self.ranks[0], &mut kv)))
+                .unwrap_or_else(|_| Err(Error::Input("rank 0 panicked".into())));
+            let lead = abort_on_error(&self.ranks[0], lead);
+            let others: Vec<Result<()>> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("a rank thread panicked".into()))))
+                .collect();
+            (lead, others)
+        });
+        if lead.is_err() || others.iter().any(Result::is_err) {
+            group.reset();
+        }
+        // the first error that is not only the echo of another rank's abort
+        let first_err = others.into_iter().filter_map(Result::err).find(|e| !e.to_string().contains("aborted"));
+        match (lead, first_err) {
+            (Ok(_), Some(e)) => Err(e),
+            (Err(e), Some(other)) if e.to_string().contains("aborted") => Err(other),
+            (r, _) => r,
+        }
+    }
+
+    /// `DeepSeekModel::forward` on every rank.
+    pub fn forward(&self, batch: &ForwardBatch, kv: &mut [&mut dyn LatentKv]) -> Result<Tensor> {
+        self.spmd(kv, |m, kv| m.forward(batch, kv))
+    }
+
+    /// `DeepSeekModel::logits` on every rank (the vocab parts are gathered).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.spmd(&mut [], |m, _| m.logits(hidden))
+    }
+
+    /// `Mtp::forward` on every rank.
+    pub fn mtp_forward(&self, batch: &ForwardBatch, hidden: &Tensor, kv: &mut [&mut dyn LatentKv]) -> Result<Tensor> {
+        self.spmd(kv, |m, kv| m.mtp().ok_or_else(no_mtp)?.forward(m, batch, hidden, kv))
+    }
+
+    /// `Mtp::head_logits` on every rank.
+    pub fn mtp_head_logits(&self, normed: &Tensor) -> Result<Tensor> {
+        self.spmd(&mut [], |m, _| m.mtp().ok_or_else(no_mtp)?.head_logits(normed))
+    }
+}
+
+fn no_mtp() -> Error {
+    Error::Input("the model has no MTP layer loaded".into())
+}
