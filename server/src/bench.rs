@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use clap::Args as ClapArgs;
 use moeserve_core::DeepSeekConfig;
 use moeserve_engine::{generate, Engine, Event, GenerateRequest, Request, SamplingParams};
-use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, Mtp};
+use moeserve_model::{ForwardBatch, LatentKv, ModelGroup, Mtp};
 use rand::{Rng, SeedableRng};
 
 use crate::engine_args::EngineArgs;
@@ -105,12 +105,14 @@ pub fn run(args: Args) -> Result<()> {
     let loaded = source::load(&args.model, spec_k > 0)?;
     let rss_loaded = rss_bytes().map_or(0, |r| r.0);
     let model = &loaded.model;
-    let cfg = &model.cfg;
-    println!("model: {} ({})", loaded.dir.display(), model.describe());
+    let lead = model.lead();
+    let cfg = &lead.cfg;
+    println!("model: {} ({})", loaded.dir.display(), lead.describe());
     println!(
-        "dtype: {:?}, threads: {}, load {:.2} s",
-        model.dtype(),
+        "dtype: {:?}, threads: {}, ranks: {}, load {:.2} s",
+        lead.dtype(),
         std::thread::available_parallelism().map_or(1, |t| t.get()),
+        model.world_size(),
         t.elapsed().as_secs_f64()
     );
 
@@ -163,11 +165,12 @@ pub fn run(args: Args) -> Result<()> {
             rss as f64 / 1e9,
             peak as f64 / 1e9,
             model.weight_bytes() as f64 / 1e9,
-            model.load_report().lines().join(", ")
+            lead.load_report().lines().join(", ")
         );
     }
-    let elem = model.dtype().size_in_bytes() as u64;
-    let active = model.active_bytes_per_token() as u64;
+    let elem = lead.dtype().size_in_bytes() as u64;
+    // every rank reads its own share (and its replicas) per token
+    let active = model.ranks().iter().map(|m| m.active_bytes_per_token() as u64).sum::<u64>();
     let bw = bandwidth_probe();
     let roof = bw / active as f64;
     println!(
@@ -200,7 +203,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Speculative decode of the same greedy request, and the cost of its steps.
 fn bench_speculative(
-    model: &DeepSeekModel,
+    model: &ModelGroup,
     base: &GenerateRequest,
     k: usize,
     runs: usize,
@@ -252,15 +255,15 @@ fn bench_speculative(
 
 /// Median seconds of a 1-token main step, a (k+1)-token main step and a 1-row MTP step, each
 /// after `prompt` and rolled back after every timing.
-fn step_costs(model: &DeepSeekModel, prompt: &[u32], k: usize, reps: usize) -> Result<(f64, f64, f64)> {
-    let mtp = model.mtp().ok_or_else(|| anyhow::anyhow!("the model has no MTP layer"))?;
-    let mut cache = model.new_cache();
+fn step_costs(model: &ModelGroup, prompt: &[u32], k: usize, reps: usize) -> Result<(f64, f64, f64)> {
+    let mtp = model.lead().mtp().ok_or_else(|| anyhow::anyhow!("the model has no MTP layer"))?;
+    let mut cache = model.lead().new_cache();
     let hidden = model.forward(&ForwardBatch::single(prompt, 0), &mut [&mut cache])?;
-    let mut draft_cache = Mtp::new_cache(model);
+    let mut draft_cache = Mtp::new_cache(model.lead());
     let n = prompt.len();
     let mut shifted = prompt[1..].to_vec();
     shifted.push(prompt[n - 1]);
-    mtp.forward(model, &ForwardBatch::single(&shifted, 0), &hidden, &mut [&mut draft_cache])?;
+    model.mtp_forward(&ForwardBatch::single(&shifted, 0), &hidden, &mut [&mut draft_cache])?;
     let last = hidden.narrow(0, n - 1, 1)?;
     let tokens: Vec<u32> = (0..=k).map(|i| prompt[(i * 7 + 1) % n]).collect();
     let (mut one, mut verify, mut draft) = (Vec::new(), Vec::new(), Vec::new());
@@ -281,8 +284,8 @@ fn step_costs(model: &DeepSeekModel, prompt: &[u32], k: usize, reps: usize) -> R
         })?);
         cache.set_seq_len(n)?;
         draft.push(time(&mut || {
-            let y = mtp.forward(model, &ForwardBatch::single(&tokens[..1], n), &last, &mut [&mut draft_cache])?;
-            Ok(mtp.logits(&y)?)
+            let y = model.mtp_forward(&ForwardBatch::single(&tokens[..1], n), &last, &mut [&mut draft_cache])?;
+            Ok(model.mtp_head_logits(&mtp.norm(&y)?)?)
         })?);
         draft_cache.set_seq_len(n)?;
     }
@@ -300,14 +303,15 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Concurrency levels through the batching engine; `single` is the single-stream decode tok/s.
-fn bench_concurrency(model: moeserve_model::DeepSeekModel, args: &Args, single: f64) -> Result<()> {
+fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> {
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
     // the MTP layer (when loaded) has its rows in the same pages; drafts need K slots more
-    let mut layout = model.kv_layout();
-    layout.num_layers += usize::from(model.mtp().is_some());
-    let per_token = layout.bytes_per_token(model.dtype().size_in_bytes());
+    let lead = model.lead();
+    let mut layout = lead.kv_layout();
+    layout.num_layers += usize::from(lead.mtp().is_some());
+    let per_token = layout.bytes_per_token(lead.dtype().size_in_bytes());
     let tokens = max_c * (args.prompt_len + args.gen_len + 16 + args.engine.spec.draft_tokens());
-    let cfg = model.cfg.clone();
+    let cfg = lead.cfg.clone();
     let mut engine_cfg = args.engine.config()?;
     engine_cfg.kv_cache_bytes = engine_cfg.kv_cache_bytes.min(tokens * per_token);
     engine_cfg.max_waiting = engine_cfg.max_waiting.max(max_c);

@@ -29,10 +29,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let spec = args.model.quant.clone().context("eval-quant needs --quant (e.g. q8_0, q4k, experts=q4k,attn=q8_0)")?;
+    if args.model.tp * args.model.ep > 1 {
+        anyhow::bail!("eval-quant runs on one rank: drop --tensor-parallel-size / --expert-parallel-size");
+    }
     let quantized = source::load(&args.model, false)?;
     let reference_args = ModelArgs { quant: None, ..args.model.clone() };
     let reference = source::load(&reference_args, false)?;
-    let cfg = &reference.model.cfg;
+    let cfg = &reference.model.lead().cfg;
     let tokens: Vec<u32> = match (&args.text_file, &reference.tokenizer) {
         (Some(f), Some(tok)) => {
             let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -46,14 +49,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let windows: Vec<Vec<u32>> =
         tokens.chunks(args.window_len.max(2)).filter(|w| w.len() >= 2).take(args.windows.max(1)).map(<[u32]>::to_vec).collect();
-    let q = eval::compare(&reference.model, &quantized.model, &windows)?;
+    let q = eval::compare(reference.model.lead(), quantized.model.lead(), &windows)?;
     let gb = |m: &DeepSeekModel| m.weight_bytes() as f64 / 1e9;
-    println!("reference: checkpoint format, {:.3} GB of weights", gb(&reference.model));
+    println!("reference: checkpoint format, {:.3} GB of weights", gb(reference.model.lead()));
     println!(
         "quantized: {}, {:.3} GB of weights ({:.2}x)",
         describe(&spec),
-        gb(&quantized.model),
-        gb(&quantized.model) / gb(&reference.model)
+        gb(quantized.model.lead()),
+        gb(quantized.model.lead()) / gb(reference.model.lead())
     );
     println!(
         "{} windows x {} tokens: mean KLD {:.6} (max {:.4}), top-1 agreement {:.2}%, PPL {:.4} -> {:.4} ({:+.3}%)",

@@ -69,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
                 let rendered = tok.apply_chat_template(&[json!({"role": "user", "content": text})], true)?;
                 tok.encode(&rendered)?
             } else {
-                let mut ids: Vec<u32> = model.cfg.bos_token_id.into_iter().collect();
+                let mut ids: Vec<u32> = model.lead().cfg.bos_token_id.into_iter().collect();
                 ids.extend(tok.encode(text)?);
                 ids
             }
@@ -92,7 +92,7 @@ pub fn run(args: Args) -> Result<()> {
             seed: args.seed,
             ..defaults
         },
-        stop_tokens: if args.ignore_eos { vec![] } else { model.cfg.eos_token_ids.clone() },
+        stop_tokens: if args.ignore_eos { vec![] } else { model.lead().cfg.eos_token_ids.clone() },
         num_draft_tokens: args.spec.draft_tokens(),
     };
     let mut ids = Vec::new();

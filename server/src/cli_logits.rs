@@ -29,15 +29,15 @@ pub fn run(args: Args) -> Result<()> {
     }
     let loaded = source::load(&args.model, true)?;
     let model = &loaded.model;
-    let mut cache = model.new_cache();
+    let mut cache = model.lead().new_cache();
     let hidden = model.forward(&ForwardBatch::single(&ids, 0), &mut [&mut cache])?;
     let mut out = HashMap::new();
     out.insert("logits".to_string(), model.logits(&hidden)?);
-    if let (Some(mtp), true) = (model.mtp(), ids.len() > 1) {
+    if let (Some(mtp), true) = (model.lead().mtp(), ids.len() > 1) {
         let t = ids.len();
-        let mut mtp_cache = Mtp::new_cache(model);
-        let y = mtp.forward(model, &ForwardBatch::single(&ids[1..], 0), &hidden.narrow(0, 0, t - 1)?, &mut [&mut mtp_cache])?;
-        out.insert("mtp_logits".to_string(), mtp.logits(&y)?);
+        let mut mtp_cache = Mtp::new_cache(model.lead());
+        let y = model.mtp_forward(&ForwardBatch::single(&ids[1..], 0), &hidden.narrow(0, 0, t - 1)?, &mut [&mut mtp_cache])?;
+        out.insert("mtp_logits".to_string(), model.mtp_head_logits(&mtp.norm(&y)?)?);
     }
     candle_core::safetensors::save(&out, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let mut names: Vec<_> = out.iter().map(|(k, v)| format!("{k} {:?}", v.dims())).collect();

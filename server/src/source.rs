@@ -10,7 +10,7 @@ use clap::Args;
 use moeserve_engine::Tokenizer;
 use moeserve_hub::{HubOptions, RepoSpec};
 use moeserve_model::synth::{self, SynthOptions};
-use moeserve_model::{DeepSeekModel, LoadOptions};
+use moeserve_model::{LoadOptions, ModelGroup};
 use moeserve_quant::QuantSpec;
 
 pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../models/deepseek-v3/tokenizer.json");
@@ -35,6 +35,14 @@ pub struct ModelArgs {
     /// keep the checkpoint's format). Default: the checkpoint's own (FP8 stays FP8, bf16 stays bf16).
     #[arg(long, value_parser = parse_quant)]
     pub quant: Option<QuantSpec>,
+    /// Split attention heads, dense MLPs, shared experts and lm_head over this many ranks (1 or
+    /// the group size). Ranks are threads of this process, each holding only its part.
+    #[arg(long = "tensor-parallel-size", visible_alias = "tp", default_value_t = 1)]
+    pub tp: usize,
+    /// Split the routed experts over this many expert groups (divides the group size, which is
+    /// max(tp, ep)); tokens are dispatched to the ranks that hold their experts.
+    #[arg(long = "expert-parallel-size", visible_alias = "ep", default_value_t = 1)]
+    pub ep: usize,
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantSpec, String> {
@@ -90,7 +98,7 @@ pub fn builtin_dir() -> Result<PathBuf> {
 }
 
 pub struct Loaded {
-    pub model: DeepSeekModel,
+    pub model: ModelGroup,
     pub tokenizer: Option<Tokenizer>,
     pub dir: PathBuf,
 }
@@ -128,9 +136,13 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
         }
     };
     let opts = LoadOptions { dtype: args.dtype, load_mtp, quant: args.quant.clone().unwrap_or_default(), ..Default::default() };
-    let model = DeepSeekModel::load(&dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
-    let report = model.load_report();
-    eprintln!("loaded weights: {:.3} GB resident ({})", model.weight_bytes() as f64 / 1e9, report.lines().join(", "));
+    let model =
+        ModelGroup::load(&dir, &opts, args.tp, args.ep).with_context(|| format!("loading model from {}", dir.display()))?;
+    for (r, m) in model.ranks().iter().enumerate() {
+        let rank = if model.world_size() > 1 { format!("rank {r}: ") } else { String::new() };
+        let lines = m.load_report().lines().join(", ");
+        eprintln!("{rank}loaded weights: {:.3} GB resident ({lines})", m.weight_bytes() as f64 / 1e9);
+    }
     // a GGUF file uses the tokenizer.json next to it (its embedded ggml vocabulary is not read)
     let tok_dir = if dir.is_file() { dir.parent().map(Path::to_path_buf).unwrap_or_default() } else { dir.clone() };
     let tokenizer = if tok_dir.join("tokenizer.json").exists() { Some(Tokenizer::from_dir(&tok_dir)?) } else { None };

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use moeserve_core::{error::Context, Result};
-use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, SeqChunk};
+use moeserve_model::{ForwardBatch, LatentKv, ModelGroup, SeqChunk};
 use tokio::sync::mpsc;
 
 use crate::constraint::{Constraint, GrammarCompiler};
@@ -240,7 +240,7 @@ impl Drop for EngineHandle {
 }
 
 pub struct Engine {
-    model: DeepSeekModel,
+    model: ModelGroup,
     tokenizer: Option<Arc<Tokenizer>>,
     sched: Scheduler,
     rx: Receiver<Command>,
@@ -266,11 +266,13 @@ struct StepOut {
 
 impl Engine {
     /// Start the engine thread; the model and tokenizer move into it. With
-    /// `cfg.num_draft_tokens > 0` the model's MTP layer drafts (speculative decoding).
-    pub fn start(model: DeepSeekModel, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<EngineHandle> {
+    /// `cfg.num_draft_tokens > 0` the model's MTP layer drafts (speculative decoding). The model
+    /// is one `DeepSeekModel` or a tensor/expert-parallel `ModelGroup`.
+    pub fn start(model: impl Into<ModelGroup>, tokenizer: Option<Arc<Tokenizer>>, cfg: EngineConfig) -> Result<EngineHandle> {
+        let model = model.into();
         let drafter: Option<Box<dyn Drafter>> = match cfg.num_draft_tokens {
             0 => None,
-            _ if model.mtp().is_none() => return Err(moeserve_core::Error::Input(
+            _ if model.lead().mtp().is_none() => return Err(moeserve_core::Error::Input(
                 "speculative decoding needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1), loaded with load_mtp"
                     .into(),
             )),
@@ -281,36 +283,38 @@ impl Engine {
 
     /// Like `start`, with any draft source (`None`, or `cfg.num_draft_tokens == 0`: no speculation).
     pub fn start_with_drafter(
-        model: DeepSeekModel,
+        model: impl Into<ModelGroup>,
         tokenizer: Option<Arc<Tokenizer>>,
         cfg: EngineConfig,
         drafter: Option<Box<dyn Drafter>>,
     ) -> Result<EngineHandle> {
+        let model = model.into();
+        let lead = model.lead();
         let drafter = drafter.filter(|_| cfg.num_draft_tokens > 0);
         // the MTP layer (when loaded) gets its own layer in the same pages
-        let mut layout = model.kv_layout();
-        layout.num_layers += usize::from(model.mtp().is_some());
+        let mut layout = lead.kv_layout();
+        layout.num_layers += usize::from(lead.mtp().is_some());
         // never more than every running sequence at full context could use
-        let useful = (cfg.max_running * model.cfg.max_position_embeddings).div_ceil(cfg.page_size.max(1));
-        let pages = PagePool::pages_for_budget(layout, cfg.page_size, model.dtype(), cfg.kv_cache_bytes).min(useful);
+        let useful = (cfg.max_running * lead.cfg.max_position_embeddings).div_ceil(cfg.page_size.max(1));
+        let pages = PagePool::pages_for_budget(layout, cfg.page_size, lead.dtype(), cfg.kv_cache_bytes).min(useful);
         if pages == 0 {
             return Err(moeserve_core::Error::Cache(format!(
                 "kv cache budget of {} bytes holds no page of {} tokens",
                 cfg.kv_cache_bytes, cfg.page_size
             )));
         }
-        let pool = PagePool::new(layout, cfg.page_size, pages, model.dtype(), model.device())?;
+        let pool = PagePool::new(layout, cfg.page_size, pages, lead.dtype(), lead.device())?;
         let grammars = Grammars {
             tokenizer: tokenizer.clone(),
-            vocab: model.cfg.vocab_size,
-            eos: model.cfg.eos_token_ids.clone(),
+            vocab: lead.cfg.vocab_size,
+            eos: lead.cfg.eos_token_ids.clone(),
             compiler: std::sync::OnceLock::new(),
         };
         let limits = Limits {
-            vocab: model.cfg.vocab_size,
-            max_positions: model.cfg.max_position_embeddings,
+            vocab: lead.cfg.vocab_size,
+            max_positions: lead.cfg.max_position_embeddings,
             capacity_tokens: pages * cfg.page_size,
-            eos: model.cfg.eos_token_ids.clone(),
+            eos: lead.cfg.eos_token_ids.clone(),
             has_tokenizer: tokenizer.is_some(),
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(cfg.max_waiting.max(1) * 2);
@@ -402,7 +406,7 @@ impl Engine {
         let mut constraints = constraints.into_iter();
         let mut stop_ids = req.stop_token_ids.clone();
         if !req.ignore_eos {
-            stop_ids.extend(&self.model.cfg.eos_token_ids);
+            stop_ids.extend(&self.model.lead().cfg.eos_token_ids);
         }
         let stop_ids = Arc::new(stop_ids);
         let now = Instant::now();
@@ -652,7 +656,7 @@ impl Engine {
     /// so that prefix-cached pages always carry them.
     fn draft(&mut self, plan: &Plan, out: &StepOut, done: &[Done]) -> Result<()> {
         let Some(drafter) = self.drafter.as_mut() else { return Ok(()) };
-        let mtp_layer = self.model.cfg.num_hidden_layers;
+        let mtp_layer = self.model.lead().cfg.num_hidden_layers;
         let pool = &mut self.sched.pool;
         // (running index, hidden row, drafts): pages for the next verification are reserved now,
         // since the recursive draft rows need them already; drafts shrink to what fits

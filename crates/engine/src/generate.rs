@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use moeserve_core::{error::Context, Error, Result};
-use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, Mtp};
+use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, ModelGroup, Mtp};
 
 use crate::request::FinishReason;
 use crate::sampling::{Sampler, SamplingParams};
@@ -40,24 +40,20 @@ pub struct GenerateStats {
 }
 
 /// f32 logits of the last row of `hidden: [n, hidden]` (lm_head runs on that row only).
-fn last_logits(model: &DeepSeekModel, hidden: &Tensor) -> Result<Vec<f32>> {
+fn last_logits(model: &ModelGroup, hidden: &Tensor) -> Result<Vec<f32>> {
     let n = hidden.dims()[0];
     let last = hidden.narrow(0, n - 1, 1).ctx(|| "last row".into())?;
     model.logits(&last)?.squeeze(0).ctx(|| "logits row".into())?.to_vec1().ctx(|| "logits".into())
 }
 
 /// Generate up to `max_tokens` tokens; `on_token` sees each one as soon as it is sampled.
-pub fn generate(
-    model: &DeepSeekModel,
-    req: &GenerateRequest,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<GenerateStats> {
-    check(model, req)?;
+pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<GenerateStats> {
+    check(model.lead(), req)?;
     if req.num_draft_tokens > 0 {
         return generate_speculative(model, &mut MtpDrafter, req, on_token);
     }
     let mut sampler = Sampler::new(req.sampling.clone());
-    let mut cache = model.new_cache();
+    let mut cache = model.lead().new_cache();
     let mut stats = new_stats(req);
     let mut output = Vec::new();
     let t0 = Instant::now();
@@ -100,18 +96,18 @@ fn new_stats(req: &GenerateRequest) -> GenerateStats {
 /// committed tokens and drafts up to `num_draft_tokens`; the main model verifies the pending
 /// token and the drafts in one forward and the rejected rows are rolled back.
 pub fn generate_speculative(
-    model: &DeepSeekModel,
+    model: &ModelGroup,
     drafter: &mut dyn Drafter,
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<GenerateStats> {
-    check(model, req)?;
+    check(model.lead(), req)?;
     if req.max_tokens == 0 {
         return Ok(new_stats(req));
     }
     let prompt = &req.prompt;
     let mut sampler = Sampler::new(req.sampling.clone());
-    let (mut cache, mut draft_cache) = (model.new_cache(), Mtp::new_cache(model));
+    let (mut cache, mut draft_cache) = (model.lead().new_cache(), Mtp::new_cache(model.lead()));
     let mut stats = new_stats(req);
     let mut spec = SpecStats::default();
     let t0 = Instant::now();

@@ -5,6 +5,7 @@
 //! request with the same prefix reuses them (refcounted); unreferenced cached pages are evicted
 //! least-recently-used when the free list runs dry.
 
+use std::borrow::BorrowMut;
 use std::collections::{HashMap, VecDeque};
 
 use candle_core::{DType, Device, Tensor};
@@ -197,9 +198,10 @@ impl BlockTable {
 /// `LatentKv` over one sequence's block table (pages must already cover what is written).
 /// `Main` sees the pool's first `num_hidden_layers` layers; `Mtp` sees the MTP layer as its
 /// layer 0, with its own committed length.
-pub struct PagedSeq<'a> {
+/// The table is borrowed from the sequence, or owned by a fork for another parallel rank.
+pub struct PagedSeq<'a, T: BorrowMut<BlockTable> = &'a mut BlockTable> {
     pub pool: &'a PagePool,
-    pub table: &'a mut BlockTable,
+    pub table: T,
     pub part: CachePart,
 }
 
@@ -210,7 +212,7 @@ pub enum CachePart {
     Mtp(usize),
 }
 
-impl PagedSeq<'_> {
+impl<T: BorrowMut<BlockTable>> PagedSeq<'_, T> {
     fn pool_layer(&self, layer: usize) -> Result<&Tensor> {
         let l = match self.part {
             CachePart::Main => layer,
@@ -221,19 +223,21 @@ impl PagedSeq<'_> {
     }
 }
 
-impl LatentKv for PagedSeq<'_> {
+impl<T: BorrowMut<BlockTable> + Send> LatentKv for PagedSeq<'_, T> {
     fn seq_len(&self) -> usize {
+        let table = self.table.borrow();
         match self.part {
-            CachePart::Main => self.table.len,
-            CachePart::Mtp(_) => self.table.mtp_len,
+            CachePart::Main => table.len,
+            CachePart::Mtp(_) => table.mtp_len,
         }
     }
 
     fn write(&mut self, layer: usize, start: usize, rows: &Tensor) -> Result<()> {
         let n = rows.dims()[0];
         let ps = self.pool.page_size;
-        if start + n > self.table.capacity(ps) {
-            return Err(Error::Cache(format!("write to {} beyond {} allocated slots", start + n, self.table.capacity(ps))));
+        let table = self.table.borrow();
+        if start + n > table.capacity(ps) {
+            return Err(Error::Cache(format!("write to {} beyond {} allocated slots", start + n, table.capacity(ps))));
         }
         let buf = self.pool_layer(layer)?;
         let rows = rows.to_dtype(buf.dtype()).ctx(|| "kv rows".into())?;
@@ -241,7 +245,7 @@ impl LatentKv for PagedSeq<'_> {
         let mut p = start;
         while p < start + n {
             let run = (ps - p % ps).min(start + n - p);
-            let dst = self.table.pages[p / ps] as usize * ps + p % ps;
+            let dst = table.pages[p / ps] as usize * ps + p % ps;
             buf.slice_set(&rows.narrow(0, p - start, run).ctx(|| "kv run".into())?, 0, dst).ctx(|| "kv page write".into())?;
             p += run;
         }
@@ -249,24 +253,35 @@ impl LatentKv for PagedSeq<'_> {
     }
 
     fn read(&self, layer: usize, len: usize) -> Result<Tensor> {
-        if len > self.table.capacity(self.pool.page_size) {
+        let table = self.table.borrow();
+        if len > table.capacity(self.pool.page_size) {
             return Err(Error::Cache(format!("read of {len} rows beyond the block table")));
         }
         let buf = self.pool_layer(layer)?;
-        let idx = self.pool.rows(&self.table.pages, 0..len);
+        let idx = self.pool.rows(&table.pages, 0..len);
         let idx = Tensor::from_vec(idx, len, buf.device()).ctx(|| "kv gather".into())?;
         buf.index_select(&idx, 0).ctx(|| "kv gather".into())
     }
 
     fn set_seq_len(&mut self, len: usize) -> Result<()> {
-        if len > self.table.capacity(self.pool.page_size) {
+        let page_size = self.pool.page_size;
+        let table = self.table.borrow_mut();
+        if len > table.capacity(page_size) {
             return Err(Error::Cache(format!("length {len} beyond the block table")));
         }
         match self.part {
-            CachePart::Main => self.table.len = len,
-            CachePart::Mtp(_) => self.table.mtp_len = len,
+            CachePart::Main => table.len = len,
+            CachePart::Mtp(_) => table.mtp_len = len,
         }
         Ok(())
+    }
+
+    /// Parallel ranks share the pool (their latent rows are identical) with their own table copy.
+    fn fork<'o>(&self) -> Box<dyn LatentKv + Send + 'o>
+    where
+        Self: 'o,
+    {
+        Box::new(PagedSeq { pool: self.pool, table: self.table.borrow().clone(), part: self.part })
     }
 }
 

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use moeserve_core::{error::Context, Error, Result};
-use moeserve_model::{DeepSeekModel, ForwardBatch, LatentKv, SeqChunk};
+use moeserve_model::{ForwardBatch, LatentKv, ModelGroup, SeqChunk};
 
 use crate::sampling::{Dist, Sampler};
 
@@ -173,7 +173,7 @@ pub struct DraftSeq<'a> {
 /// (`start + next_tokens.len()`); the caller guarantees capacity for `k - 1` rows beyond.
 pub trait Drafter: Send {
     /// `hidden: [n, hidden]` is the main model's post-norm hidden of this step's forward.
-    fn draft(&mut self, model: &DeepSeekModel, hidden: &Tensor, seqs: &mut [DraftSeq]) -> Result<()>;
+    fn draft(&mut self, model: &ModelGroup, hidden: &Tensor, seqs: &mut [DraftSeq]) -> Result<()>;
 }
 
 /// Drafts with the checkpoint's MTP layer.
@@ -181,13 +181,14 @@ pub trait Drafter: Send {
 pub struct MtpDrafter;
 
 impl Drafter for MtpDrafter {
-    fn draft(&mut self, model: &DeepSeekModel, hidden: &Tensor, seqs: &mut [DraftSeq]) -> Result<()> {
-        let mtp = model.mtp().ok_or_else(|| Error::Input("speculative decoding needs the checkpoint's MTP layer".into()))?;
+    fn draft(&mut self, model: &ModelGroup, hidden: &Tensor, seqs: &mut [DraftSeq]) -> Result<()> {
+        let mtp =
+            model.lead().mtp().ok_or_else(|| Error::Input("speculative decoding needs the checkpoint's MTP layer".into()))?;
         let mut live: Vec<&mut DraftSeq> = seqs.iter_mut().filter(|s| !s.next_tokens.is_empty()).collect();
         if live.is_empty() {
             return Ok(());
         }
-        let dev = model.device();
+        let dev = model.lead().device();
         // catch up: every sequence's new rows in one MTP forward
         let mut batch = ForwardBatch::default();
         let mut rows: Vec<u32> = Vec::new();
@@ -203,7 +204,7 @@ impl Drafter for MtpDrafter {
         let h = hidden.index_select(&idx, 0).ctx(|| "mtp hidden rows".into())?; // [n, hidden]
         let y = {
             let mut kv: Vec<&mut dyn LatentKv> = live.iter_mut().map(|s| &mut *s.kv as &mut dyn LatentKv).collect();
-            mtp.forward(model, &batch, &h, &mut kv)?
+            model.mtp_forward(&batch, &h, &mut kv)?
         };
         // draft 1 from the last new row of each drafting sequence
         let mut cur: Vec<usize> = (0..live.len()).filter(|&j| live[j].k > 0).collect();
@@ -213,7 +214,7 @@ impl Drafter for MtpDrafter {
             let mut g = mtp.norm(&y.index_select(&idx, 0).ctx(|| "mtp last rows".into())?)?; // [m, hidden]
             let mut step = 1;
             loop {
-                let logits: Vec<Vec<f32>> = mtp.head_logits(&g)?.to_vec2().ctx(|| "mtp logits".into())?;
+                let logits: Vec<Vec<f32>> = model.mtp_head_logits(&g)?.to_vec2().ctx(|| "mtp logits".into())?;
                 for (&j, row) in cur.iter().zip(&logits) {
                     live[j].picker.pick(row);
                 }
@@ -240,7 +241,7 @@ impl Drafter for MtpDrafter {
                         .filter(|(j, _)| sel.contains(j))
                         .map(|(_, s)| &mut *s.kv as &mut dyn LatentKv)
                         .collect();
-                    mtp.forward(model, &batch, &h, &mut kv)?
+                    model.mtp_forward(&batch, &h, &mut kv)?
                 };
                 g = mtp.norm(&y)?;
                 step += 1;

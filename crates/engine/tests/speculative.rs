@@ -142,7 +142,7 @@ struct Oracle {
 }
 
 impl Drafter for Oracle {
-    fn draft(&mut self, _: &DeepSeekModel, _: &Tensor, seqs: &mut [DraftSeq]) -> moeserve_core::Result<()> {
+    fn draft(&mut self, _: &moeserve_model::ModelGroup, _: &Tensor, seqs: &mut [DraftSeq]) -> moeserve_core::Result<()> {
         for s in seqs.iter_mut() {
             let (idx, r) = &self.refs[s.picker.prompt];
             let at = s.picker.output.len();
@@ -308,7 +308,8 @@ fn generate_with_mtp_equals_plain_generate_on_tiny_v3_and_a_synthetic_checkpoint
     let cfg = synth::preset("tiny").unwrap();
     synth::write_checkpoint(&cfg, dir.path(), &SynthOptions { seed: 11, ..Default::default() }).unwrap();
     let synth_model = DeepSeekModel::load(dir.path(), &LoadOptions::default()).unwrap();
-    let models = [("tiny-v3", Arc::new(tiny_v3())), ("synth tiny", Arc::new(synth_model))];
+    let group = |m: DeepSeekModel| Arc::new(moeserve_model::ModelGroup::from(m));
+    let models = [("tiny-v3", group(tiny_v3())), ("synth tiny", group(synth_model))];
     for (name, model) in &models {
         for i in 0..3 {
             let req = GenerateRequest {
@@ -349,7 +350,8 @@ fn mtp_drafter_draft_distribution_matches_the_reference_mtp_logits() {
     use moeserve_model::{ForwardBatch, LatentKv, Mtp};
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-v3");
     let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let model = tiny_v3();
+    let group = moeserve_model::ModelGroup::from(tiny_v3());
+    let model = group.lead();
     for case in ["case0", "case1", "case2"] {
         let ids: Vec<u32> = reference[&format!("{case}.input_ids")].to_dtype(candle_core::DType::U32).unwrap().to_vec1().unwrap();
         let want: Vec<f32> = reference[&format!("{case}.mtp_logits_last")].to_vec1().unwrap();
@@ -357,11 +359,11 @@ fn mtp_drafter_draft_distribution_matches_the_reference_mtp_logits() {
         let t = ids.len();
         let mut cache = model.new_cache();
         let hidden = model.forward(&ForwardBatch::single(&ids[..t - 1], 0), &mut [&mut cache]).unwrap();
-        let mut draft_cache = Mtp::new_cache(&model);
+        let mut draft_cache = Mtp::new_cache(model);
         let mut sampler = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, seed: Some(1), ..Default::default() });
         let picker = DraftPicker::new(&mut sampler, &ids[..t - 1], &[]);
         let mut seqs = [DraftSeq { kv: &mut draft_cache, start: 0, next_tokens: ids[1..].to_vec(), hidden_row: 0, k: 2, picker }];
-        MtpDrafter.draft(&model, &hidden, &mut seqs).unwrap();
+        MtpDrafter.draft(&group, &hidden, &mut seqs).unwrap();
         let [s] = seqs;
         assert_eq!(s.picker.drafts.len(), 2, "K = 2 drafts recursively");
         // q of draft 1 is softmax of the reference MTP logits (temperature 1, no truncation)

@@ -44,7 +44,10 @@ impl Parallel {
         let world = comm.world_size();
         Self::check_sizes(tp, ep)?;
         if world != tp.max(ep) {
-            return Err(Error::Input(format!("tensor-parallel {tp} x expert-parallel {ep} needs {} ranks, not {world}", tp.max(ep))));
+            return Err(Error::Input(format!(
+                "tensor-parallel {tp} x expert-parallel {ep} needs {} ranks, not {world}",
+                tp.max(ep)
+            )));
         }
         Ok(Parallel { comm, tp, ep })
     }

@@ -188,7 +188,10 @@ impl Weights {
         let whole_blocks = |f: Format| cols.start.is_multiple_of(f.col_block()) && cols.end.is_multiple_of(f.col_block());
         let fp8_aligned = |b: [usize; 2]| {
             let on = |x: usize, full: usize, step: usize| x.is_multiple_of(step) || x == full;
-            on(rows.start, shape[0], b[0]) && on(rows.end, shape[0], b[0]) && on(cols.start, shape[1], b[1]) && on(cols.end, shape[1], b[1])
+            on(rows.start, shape[0], b[0])
+                && on(rows.end, shape[0], b[0])
+                && on(cols.start, shape[1], b[1])
+                && on(cols.end, shape[1], b[1])
         };
         let packed = match (self.spec.target(class), native, meta.ggml, meta.dtype) {
             (Some(t), ..) => PackedMatrix::from_f32(t.format(), out_dim, in_dim, &f32s()?),
@@ -197,7 +200,12 @@ impl Weights {
                 let row_bytes = f.bytes_per_row(shape[1]);
                 let bytes_at = |c: usize| f.bytes_per_row(c);
                 let raw = self.ckpt.raw(name)?;
-                PackedMatrix::from_blocks(f, out_dim, in_dim, cut(raw, row_bytes, &rows, bytes_at(cols.start)..bytes_at(cols.end)))
+                PackedMatrix::from_blocks(
+                    f,
+                    out_dim,
+                    in_dim,
+                    cut(raw, row_bytes, &rows, bytes_at(cols.start)..bytes_at(cols.end)),
+                )
             }
             // other ggml block types (q4_0, q5_K, ...) and cuts inside a block: dequantized once, kept as bf16
             (None, _, Some(_), _) => PackedMatrix::from_f32(Format::Bf16, out_dim, in_dim, &f32s()?),

@@ -156,7 +156,7 @@ async fn serve(args: Args) -> Result<()> {
             Some(d) => source::model_name(d),
             None => "moeserve-builtin-tiny".into(),
         });
-        let cfg = &loaded.model.cfg;
+        let cfg = &loaded.model.lead().cfg;
         let (context, bos) = (cfg.max_position_embeddings, cfg.bos_token_id);
         let defaults = SamplingParams::from_generation_config(&loaded.dir);
         let tokenizer = loaded.tokenizer.map(Arc::new);

@@ -77,7 +77,8 @@ impl Moe {
 
         // this rank's experts over every token it received
         let entries: Vec<Vec<Entry>> = recv.iter().map(|m| parse(m, hidden)).collect::<Result<_>>()?;
-        let rows: Vec<(usize, &Entry)> = entries.iter().enumerate().flat_map(|(src, es)| es.iter().map(move |e| (src, e))).collect();
+        let rows: Vec<(usize, &Entry)> =
+            entries.iter().enumerate().flat_map(|(src, es)| es.iter().map(move |e| (src, e))).collect();
         let mut inputs = Vec::with_capacity(rows.len() * hidden);
         for (src, e) in &rows {
             inputs.extend_from_slice(&recv[*src][e.row..e.row + hidden]);
@@ -117,7 +118,14 @@ impl Moe {
 
     /// `Σ w · expert(row)` for `assigned` = (row, global expert, weight) over `m` input rows;
     /// the kernels' grouped call when the experts are resident in a kernel format.
-    fn local_experts(&self, inputs: &[f32], m: usize, hidden: usize, assigned: &[(usize, usize, f32)], x: &Tensor) -> Result<Vec<f32>> {
+    fn local_experts(
+        &self,
+        inputs: &[f32],
+        m: usize,
+        hidden: usize,
+        assigned: &[(usize, usize, f32)],
+        x: &Tensor,
+    ) -> Result<Vec<f32>> {
         let local = |e: usize| {
             e.checked_sub(self.first)
                 .filter(|&l| l < self.experts.len())
