@@ -45,6 +45,16 @@ fn builtin_model_generates_text_and_ids() {
     let out = moeserve(cache.path(), &spec);
     assert_eq!(serde_json::from_str::<Vec<u32>>(ok(&out).trim()).unwrap(), ids);
     assert!(String::from_utf8_lossy(&out.stderr).contains("mean accepted length"));
+    // tensor and expert parallel ranks give the same greedy ids, with and without drafts
+    for extra in [&["--tp", "2", "--ep", "2"][..], &["--expert-parallel-size", "4", "--speculative", "mtp"][..]] {
+        let mut par = args.to_vec();
+        par.extend(extra);
+        let out = moeserve(cache.path(), &par);
+        assert_eq!(serde_json::from_str::<Vec<u32>>(ok(&out).trim()).unwrap(), ids, "{extra:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("rank 1: loaded weights"));
+    }
+    let e = failure(&moeserve(cache.path(), &["generate", "--input-ids", "0", "--tp", "3"]));
+    assert!(e.contains("num_attention_heads (4) is not divisible by the parallel size 3"), "{e}");
     let bad = moeserve(cache.path(), &["generate", "--input-ids", "0", "--speculative", "mtp", "--num-draft-tokens", "0"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("num-draft-tokens"));
 }
