@@ -8,7 +8,7 @@
 
 pub mod act;
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+mod simd;
 pub mod bandwidth;
 pub mod bench;
 pub mod format;

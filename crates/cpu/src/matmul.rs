@@ -12,33 +12,39 @@ use rayon::prelude::*;
 use crate::act::Activations;
 use crate::format::PackedMatrix;
 
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return crate::avx2::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+fn available(backend: Backend) -> bool {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => crate::simd::avx2::available(),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => crate::simd::avx512::available(),
+        Backend::Portable => true,
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => false,
+    }
 }
 
 /// Which implementation runs the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The same kernels compiled for AVX-512 (VL, BW, VNNI): larger tiles, `vpdpbusd`.
+    Avx512,
     /// AVX2 + FMA + F16C kernels.
     Avx2,
     /// Dequantize a row, dot in f32: any CPU (and the reference).
     Portable,
 }
 
-/// The best backend of this CPU; `MOESERVE_CPU_KERNELS=portable` forces the portable one.
+/// The best backend of this CPU; `MOESERVE_CPU_KERNELS=avx2|portable` caps it.
 pub fn backend() -> Backend {
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
-        if std::env::var("MOESERVE_CPU_KERNELS").is_ok_and(|v| v == "portable") {
-            return Backend::Portable;
-        }
-        if avx2_available() {
-            return Backend::Avx2;
-        }
-        Backend::Portable
+        let order: &[Backend] = match std::env::var("MOESERVE_CPU_KERNELS").as_deref() {
+            Ok("portable") => &[],
+            Ok("avx2") => &[Backend::Avx2],
+            _ => &[Backend::Avx512, Backend::Avx2],
+        };
+        order.iter().copied().find(|&b| available(b)).unwrap_or(Backend::Portable)
     })
 }
 
@@ -72,7 +78,7 @@ pub fn matmul_many(products: &mut [Product<'_>]) {
 
 /// [`matmul_many`] on a chosen backend (tests compare them).
 pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
-    let backend = if backend == Backend::Avx2 && !avx2_available() { Backend::Portable } else { backend };
+    let backend = if available(backend) { backend } else { Backend::Portable };
     for p in products.iter() {
         assert_eq!(p.x.padded_cols, p.w.padded_cols, "activations prepared for another matrix");
         assert_eq!(p.y.len(), p.x.batch * p.w.rows, "output size");
@@ -106,7 +112,9 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
 unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => crate::avx2::rows(w, a, r0, r1, y, y_stride),
+        Backend::Avx2 => crate::simd::avx2::rows(w, a, r0, r1, y, y_stride),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx512 => crate::simd::avx512::rows(w, a, r0, r1, y, y_stride),
         _ => {
             for r in r0..r1 {
                 let wr = w.dequantize_row(r);

@@ -84,7 +84,7 @@ fn kernels_match_the_reference_on_ragged_shapes() {
                 let mut want = vec![0f32; batch * rows];
                 matmul_reference(&w, &x, batch, &mut want);
                 let scale = magnitudes(&w, &x, batch);
-                for backend in [Backend::Avx2, Backend::Portable] {
+                for backend in [Backend::Avx512, Backend::Avx2, Backend::Portable] {
                     let a = activations(&w, &x, batch);
                     let mut got = vec![f32::NAN; batch * rows];
                     matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);

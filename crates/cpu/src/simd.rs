@@ -1,16 +1,20 @@
-//! AVX2 + FMA + F16C kernels (x86-64). One weight row is streamed once from memory and then
-//! reused from L1 for every tile of up to four activation rows; each tile keeps its
-//! accumulators in registers.
+//! x86-64 SIMD kernels, instantiated twice from one body: `avx2` (AVX2 + FMA + F16C) and
+//! `avx512` (the same code compiled with AVX-512VL/BW enabled, so it has 32 vector registers for
+//! larger tiles, and VNNI `vpdpbusd` for q8_0 dot products). One weight row is streamed once from
+//! memory and then reused from L1 for every tile of activation rows (up to 4 with AVX2, 8 with
+//! AVX-512); each tile keeps its accumulators in registers.
 //!
 //! - f32 / bf16 / FP8: weights converted to f32 in registers (bf16: a 16-bit shift; FP8: the f16
 //!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`), FMA with f32 activations; FP8 block
 //!   scales are applied once per column block.
 //! - q8_0 / q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`,
-//!   `vpmaddwd`), block scales applied in f32 once per block.
+//!   `vpmaddwd`, or `vpdpbusd`), block scales applied in f32 once per block.
 
+macro_rules! x86_kernels {
+    ($features:literal, [$($detect:tt),*], $max_tile:literal, $vnni:literal) => {
 // Register-blocked loops index several accumulator arrays by the same counters.
-#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
-
+#[allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
+mod kernels {
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
@@ -22,7 +26,7 @@ const FP8: u8 = 2;
 
 /// Whether this CPU runs these kernels.
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    $(is_x86_feature_detected!($detect))&&*
 }
 
 /// `y[b * y_stride + r] = W[r] · x[b]` for rows `r0..r1` and every activation row.
@@ -47,13 +51,19 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
 unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], y: *mut f32, y_stride: usize) {
     let mut b0 = 0;
     while b0 < a.batch {
-        let bt = (a.batch - b0).min(4);
-        let mut out = [[0f32; 4]; R];
+        // q4_K / q6_K keep per-tile integer sums beside the float ones: at most 4 rows a tile
+        let cap = if matches!(w.format, Format::Q4K | Format::Q6K) { 4 } else { $max_tile };
+        let bt = (a.batch - b0).min(cap);
+        let mut out = [[0f32; 8]; R];
         match bt {
             1 => tile::<R, 1>(w, a, rr, b0, &mut out),
             2 => tile::<R, 2>(w, a, rr, b0, &mut out),
             3 => tile::<R, 3>(w, a, rr, b0, &mut out),
-            _ => tile::<R, 4>(w, a, rr, b0, &mut out),
+            4 => tile::<R, 4>(w, a, rr, b0, &mut out),
+            5 => tile::<R, 5>(w, a, rr, b0, &mut out),
+            6 => tile::<R, 6>(w, a, rr, b0, &mut out),
+            7 => tile::<R, 7>(w, a, rr, b0, &mut out),
+            _ => tile::<R, 8>(w, a, rr, b0, &mut out),
         }
         for (o, &r) in out.iter().zip(&rr) {
             for (i, v) in o.iter().take(bt).enumerate() {
@@ -112,7 +122,7 @@ unsafe fn rows_gemm(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: 
 }
 
 /// Row `r` as f32 (`padded_cols` values).
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
     let row = w.row(r).as_ptr();
     let pc = w.padded_cols;
@@ -148,13 +158,13 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
 
 static ONE: [f32; 1] = [1.0];
 
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn tile<const R: usize, const BT: usize>(
     w: &PackedMatrix,
     a: &Activations,
     rr: [usize; R],
     b0: usize,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let rows = rr.map(|r| w.row(r).as_ptr());
     let pc = w.padded_cols;
@@ -173,7 +183,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -183,8 +193,8 @@ unsafe fn hsum(v: __m256) -> f32 {
 
 /// `out[j][b] = Σ lanes of acc[j][b] − minus[j][b]`.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store_sums<const R: usize, const BT: usize>(acc: &[[__m256; BT]; R], minus: &[[f32; BT]; R], out: &mut [[f32; 4]; R]) {
+#[target_feature(enable = $features)]
+unsafe fn store_sums<const R: usize, const BT: usize>(acc: &[[__m256; BT]; R], minus: &[[f32; BT]; R], out: &mut [[f32; 8]; R]) {
     for j in 0..R {
         for b in 0..BT {
             out[j][b] = hsum(acc[j][b]) - minus[j][b];
@@ -194,7 +204,7 @@ unsafe fn store_sums<const R: usize, const BT: usize>(acc: &[[__m256; BT]; R], m
 
 /// Eight weights of row `row` at column `k`, as f32.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
     match F {
         F32 => _mm256_loadu_ps((row as *const f32).add(k)),
@@ -215,14 +225,14 @@ unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
 /// `vcvtph2ps` from memory, which needs no shuffle port; the activations come pre-ordered to
 /// match (`Activations::fp8_order`). Scale blocks are whole multiples of 32 columns.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn fp8_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
     scales: [&[f32]; R],
     seg: usize,
     pc: usize,
     x: *const f32,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let (m_lo7, m_sign) = (_mm256_set1_epi16(0x3f80), _mm256_set1_epi16(0x8000u16 as i16));
     let mut halves = [0u16; 32];
@@ -269,14 +279,14 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
 /// Float formats: `R·BT·U` accumulators (at most 8), with `U` independent ones per output so
 /// that small tiles are not bound by the FMA latency.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn float_rows<const F: u8, const R: usize, const BT: usize>(
     rows: [*const u8; R],
     scales: [&[f32]; R],
     seg: usize,
     pc: usize,
     x: *const f32,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     if R * BT <= 2 {
         float_row::<F, R, BT, 4>(rows, scales, seg, pc, x, out)
@@ -289,14 +299,14 @@ unsafe fn float_rows<const F: u8, const R: usize, const BT: usize>(
 
 /// Column segments of `seg` share one scale per row (FP8 blocks; the whole row otherwise).
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize>(
     rows: [*const u8; R],
     scales: [&[f32]; R],
     seg: usize,
     pc: usize,
     x: *const f32,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let xs = pc;
     let mut tot = [[_mm256_setzero_ps(); BT]; R];
@@ -351,19 +361,19 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
 }
 
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn f16_at(p: *const u8) -> f32 {
     let bits = (p as *const u16).read_unaligned();
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn q8_0_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
     nb: usize,
     a: &Activations,
     b0: usize,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let pc = a.padded_cols;
     let nbx = pc / 32;
@@ -383,7 +393,11 @@ unsafe fn q8_0_rows<const R: usize, const BT: usize>(
             let xq = _mm256_loadu_si256(a.qs.as_ptr().add((b0 + b) * pc + blk * 32) as *const __m256i);
             let dx = *a.d.get_unchecked((b0 + b) * nbx + blk);
             for j in 0..R {
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xq, wv[j])), ones);
+                let p = if $vnni {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw[j], _mm256_sign_epi8(xq, wv[j]))
+                } else {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xq, wv[j])), ones)
+                };
                 acc[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(dw[j] * dx), _mm256_cvtepi32_ps(p), acc[j][b]);
             }
         }
@@ -391,13 +405,13 @@ unsafe fn q8_0_rows<const R: usize, const BT: usize>(
     store_sums(&acc, &[[0.0; BT]; R], out);
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn q4k_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
     nsb: usize,
     a: &Activations,
     b0: usize,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let pc = a.padded_cols;
     let low = _mm256_set1_epi8(0x0f);
@@ -448,13 +462,13 @@ unsafe fn q4k_rows<const R: usize, const BT: usize>(
     store_sums(&acc, &mins, out);
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = $features)]
 unsafe fn q6k_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
     nsb: usize,
     a: &Activations,
     b0: usize,
-    out: &mut [[f32; 4]; R],
+    out: &mut [[f32; 8]; R],
 ) {
     let pc = a.padded_cols;
     let low4 = _mm256_set1_epi8(0x0f);
@@ -512,4 +526,23 @@ unsafe fn q6k_rows<const R: usize, const BT: usize>(
         }
     }
     store_sums(&acc, &offs, out);
+}
+}
+pub use kernels::*;
+    };
+}
+
+/// AVX2 + FMA + F16C.
+pub mod avx2 {
+    x86_kernels!("avx2,fma,f16c", ["avx2", "fma", "f16c"], 4, false);
+}
+
+/// The same kernels with AVX-512 (VL, BW, VNNI) enabled: 32 vector registers and `vpdpbusd`.
+pub mod avx512 {
+    x86_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
+        ["avx2", "fma", "f16c", "avx512f", "avx512vl", "avx512bw", "avx512vnni"],
+        8,
+        true
+    );
 }
