@@ -7,14 +7,16 @@
 //! - [`bandwidth`]: a streaming-read measurement to compare the kernels against.
 
 pub mod act;
-#[cfg(target_arch = "x86_64")]
-mod simd;
+pub mod attention;
 pub mod bandwidth;
 pub mod bench;
 pub mod format;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use act::Activations;
+pub use attention::{mla_attention, mla_attention_reference, MlaShape};
 pub use format::{Format, PackedMatrix};
 pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, Backend, Product};
 

@@ -156,3 +156,26 @@ fn bad_shapes_are_errors() {
     assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 200, vec![0; 144]).is_err());
     assert!(PackedMatrix::from_blocks(Format::Q4K, 1, 256, vec![0; 143]).is_err());
 }
+
+/// The fused MLA attention against its f64 definition: ragged heads, queries (causal) and cache
+/// lengths, latent widths that are not multiples of the vector width.
+#[test]
+fn mla_attention_matches_the_reference() {
+    use moeserve_cpu::{mla_attention, mla_attention_reference, MlaShape};
+    let mut seed = 7u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    };
+    for (heads, queries, tokens, latent, rope) in [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (16, 2, 129, 256, 32)] {
+        let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
+        let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
+        let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
+        let entries: Vec<f32> = (0..tokens * (latent + rope)).map(|_| rnd()).collect();
+        let got = mla_attention(&q_lat, &q_pe, &entries, shape, 0.3);
+        let want = mla_attention_reference(&q_lat, &q_pe, &entries, shape, 0.3);
+        let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+        let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+        assert!(den > 0.0 && num / den < 1e-5, "{shape:?}: relative error {}", num / den);
+    }
+}

@@ -155,8 +155,24 @@ impl Mla {
     /// Weight-absorbed attention: MQA with one (L+R)-dim key and an L-dim value over the cache.
     fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla absorbed".to_string();
-        let (c_kv, k_pe) = self.split_entries(entries)?;
         let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
+        if entries.device().is_cpu() && entries.dtype() == DType::F32 {
+            // the CPU's fused pass over the cache rows
+            let (h, s, _) = q_lat.dims3().ctx(ctx)?;
+            let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
+            let shape = moeserve_cpu::MlaShape {
+                heads: h,
+                queries: s,
+                tokens: entries.dims()[0],
+                latent: self.latent,
+                rope: self.rope,
+                start,
+            };
+            let o = moeserve_cpu::mla_attention(&vec(&q_lat)?, &vec(q_pe)?, &vec(entries)?, shape, self.scale as f32);
+            let o_lat = Tensor::from_vec(o, (h, s, self.latent), entries.device()).ctx(ctx)?; // [H, S, L]
+            return o_lat.matmul(&self.w_uv_t).ctx(ctx); // [H, S, V]
+        }
+        let (c_kv, k_pe) = self.split_entries(entries)?;
         let scores = (q_lat.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?
             + q_pe.broadcast_matmul(&k_pe.t().ctx(ctx)?).ctx(ctx)?)
         .ctx(ctx)?; // [H, S, T]
