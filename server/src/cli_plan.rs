@@ -233,7 +233,8 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
         Some(Err(e)) => println!("            safetensors headers not read: {e}"),
         None => {}
     }
-    let quant = if opts.spec.targets.is_empty() { "checkpoint formats (--quant changes them)".to_string() } else { "per --quant".into() };
+    let quant =
+        if opts.spec.targets.is_empty() { "checkpoint formats (--quant changes them)".to_string() } else { "per --quant".into() };
     let mtp = if opts.mtp { "MTP layer loaded" } else { "MTP layer not loaded (--speculative mtp loads it)" };
     println!("resident    {quant}; router in f32; {mtp}");
     println!("hardware    {}", hw.describe());
@@ -268,10 +269,7 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
 fn print_layouts(plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen: Option<Layout>) {
     println!();
     let unit = if hw.kind == DeviceKind::Cpu { "host" } else { "devices" };
-    println!(
-        "layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)",
-        hw.devices
-    );
+    println!("layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)", hw.devices);
     let seqs_col = format!("seqs@{}", opts.context);
     println!(
         "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  note",

@@ -74,16 +74,34 @@ impl Hardware {
         let err = |msg: String| PlanError::Gpus { spec: spec.to_string(), msg };
         if spec.trim().eq_ignore_ascii_case("cpu") {
             let bytes = ram.or_else(host_memory).ok_or_else(|| err("no /proc/meminfo: give the size with --ram".into()))?;
-            return Ok(Hardware { name: "CPU host RAM".into(), kind: DeviceKind::Cpu, devices: 1, per_node: 1, device_bytes: bytes });
+            return Ok(Hardware {
+                name: "CPU host RAM".into(),
+                kind: DeviceKind::Cpu,
+                devices: 1,
+                per_node: 1,
+                device_bytes: bytes,
+            });
         }
-        let parts: Vec<&str> = spec.trim().split(['x', 'X', '×']).collect();
+        // leading `COUNTx` prefixes, then the GPU name or size (which may itself contain an x: MI300X)
+        let mut rest = spec.trim();
+        let mut counts = Vec::new();
+        loop {
+            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            match rest[digits..].strip_prefix(['x', 'X', '\u{d7}']) {
+                Some(after) if digits > 0 => {
+                    counts.push(&rest[..digits]);
+                    rest = after;
+                }
+                _ => break,
+            }
+        }
         let shape = "expected COUNTxGPU (8xH200), NODESxCOUNTxGPU (2x8xH100), COUNTxSIZE (8x96GiB) or cpu";
-        let (nodes, per_node, kind) = match parts[..] {
-            [n, k] => (None, n, k),
-            [m, n, k] => (Some(m), n, k),
+        let (nodes, per_node, kind) = match counts[..] {
+            [n] => (None, n, rest),
+            [m, n] => (Some(m), n, rest),
             _ => return Err(err(shape.into())),
         };
-        let count = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| err(format!("`{s}`: {shape}")));
+        let count = |s: &str| s.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| err(format!("`{s}`: {shape}")));
         let per_node_n = count(per_node)?;
         let (devices, per_node) = match nodes {
             Some(m) => (count(m)? * per_node_n, per_node_n),
@@ -117,8 +135,7 @@ impl Hardware {
             DeviceKind::Cpu => format!("{}: {gib:.1} GiB", self.name),
             DeviceKind::Gpu => {
                 let nodes = self.nodes();
-                let layout =
-                    if nodes == 1 { "1 node".to_string() } else { format!("{nodes} nodes of {}", self.per_node) };
+                let layout = if nodes == 1 { "1 node".to_string() } else { format!("{nodes} nodes of {}", self.per_node) };
                 format!("{} × {} ({gib:.1} GiB each), {layout}", self.devices, self.name)
             }
         }
@@ -155,5 +172,6 @@ mod tests {
         let e = Hardware::parse("8xFOO", None).unwrap_err().to_string();
         assert!(e.contains("FOO") && e.contains("H200"), "{e}");
         assert!(Hardware::parse("0xH100", None).is_err() && Hardware::parse("H100", None).is_err());
+        assert_eq!(Hardware::parse("8xMI300X", None).unwrap().name, "MI300X");
     }
 }

@@ -205,7 +205,15 @@ impl Builder<'_> {
             (true, Some(e)) => {
                 self.push("mlp.gate.weight", Class::Router, mtp, layers, &[e, d], bf, Split::Replicated);
                 if c.topk_method == TopkMethod::NoauxTc {
-                    self.push("mlp.gate.e_score_correction_bias", Class::Router, mtp, layers, &[e], Format::F32, Split::Replicated);
+                    self.push(
+                        "mlp.gate.e_score_correction_bias",
+                        Class::Router,
+                        mtp,
+                        layers,
+                        &[e],
+                        Format::F32,
+                        Split::Replicated,
+                    );
                 }
                 let im = c.moe_intermediate_size;
                 mlp(self, "mlp.experts.*.", Class::Experts, im, Split::ExpertRows, Split::ExpertCols);

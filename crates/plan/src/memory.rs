@@ -122,9 +122,11 @@ impl Reserve {
         let (d, tp, moe_tp) = (cfg.hidden_size as u64, layout.tp as u64, layout.moe_tp() as u64);
         let dense = if cfg.first_k_dense_replace > 0 || cfg.n_routed_experts.is_none() { cfg.intermediate_size } else { 0 };
         let (k, im) = (cfg.num_experts_per_tok as u64, cfg.moe_intermediate_size as u64);
-        let ffn = (dense as u64 / tp)
-            .max(im * cfg.n_shared_experts as u64 / tp)
-            .max(if cfg.n_routed_experts.is_some() { k * im / moe_tp } else { 0 });
+        let ffn = (dense as u64 / tp).max(im * cfg.n_shared_experts as u64 / tp).max(if cfg.n_routed_experts.is_some() {
+            k * im / moe_tp
+        } else {
+            0
+        });
         let heads = (cfg.num_attention_heads / layout.tp).max(1) as u64;
         let attn = heads * (2 * cfg.qk_head_dim() + 2 * cfg.v_head_dim) as u64;
         let dispatch = if layout.ep > 1 { 2 * k * d } else { 0 };
@@ -200,7 +202,14 @@ pub fn plan_layout(
                 s.bytes += bytes;
                 s.bytes_per_rank += per_rank;
             }
-            None => weights.push(ClassShare { class: e.class, mtp: e.mtp, format, params: e.params(), bytes, bytes_per_rank: per_rank }),
+            None => weights.push(ClassShare {
+                class: e.class,
+                mtp: e.mtp,
+                format,
+                params: e.params(),
+                bytes,
+                bytes_per_rank: per_rank,
+            }),
         }
     }
     weights.sort_by_key(|s| (s.mtp, s.class, s.format));
@@ -208,7 +217,8 @@ pub fn plan_layout(
     let reserve = Reserve::new(cfg, &layout, opts);
     let usable = (hw.device_bytes as f64 * opts.utilization) as u64;
     let kv_budget_per_rank = usable as i64 - weight_bytes_per_rank as i64 - reserve.total() as i64;
-    let seqs_per_replica = if invalid.is_none() && kv_budget_per_rank > 0 { kv_budget_per_rank as u64 / kv.bytes_per_seq } else { 0 };
+    let seqs_per_replica =
+        if invalid.is_none() && kv_budget_per_rank > 0 { kv_budget_per_rank as u64 / kv.bytes_per_seq } else { 0 };
     let total_seqs = seqs_per_replica * layout.attn_dp() as u64;
     LayoutPlan {
         layout,

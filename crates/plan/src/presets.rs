@@ -47,7 +47,9 @@ pub fn find(name: &str) -> Option<&'static ModelPreset> {
     MODELS.iter().find(|p| {
         p.name == n
             || p.title.to_ascii_lowercase() == n
-            || p.repos.iter().any(|r| r.to_ascii_lowercase() == n || r.rsplit('/').next().is_some_and(|t| t.to_ascii_lowercase() == n))
+            || p.repos
+                .iter()
+                .any(|r| r.to_ascii_lowercase() == n || r.rsplit('/').next().is_some_and(|t| t.to_ascii_lowercase() == n))
     })
 }
 
