@@ -106,12 +106,17 @@ fn resolve(model: &str) -> Result<Source> {
     .into())
 }
 
+/// GiB with two decimals; MiB below 1 GiB so that small classes (norms) do not read as 0.
 fn gib(b: u64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    gib_signed(b as i64)
 }
 
 fn gib_signed(b: i64) -> String {
-    format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    if b.unsigned_abs() < 1 << 30 {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    }
 }
 
 fn thousands(n: u64) -> String {
