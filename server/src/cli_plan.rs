@@ -1,5 +1,7 @@
 //! `moeserve plan`: which TP/EP layouts hold a model on given devices, with how many sequences.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -58,6 +60,16 @@ pub struct Args {
     /// Fraction of each device's memory the server may use (like vLLM's gpu_memory_utilization).
     #[arg(long, default_value_t = memory::DEFAULT_UTILIZATION)]
     pub memory_utilization: f64,
+}
+
+/// `writeln!` into the report string (printed at once: a closed pipe is not an error).
+macro_rules! w {
+    ($o:expr) => {
+        $o.push('\n')
+    };
+    ($o:expr, $($t:tt)*) => {{
+        let _ = writeln!($o, $($t)*);
+    }};
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantSpec, String> {
@@ -183,27 +195,30 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(l) = chosen.filter(|l| !plans.iter().any(|p| p.layout == *l)) {
         plans.push(plan_layout(cfg, &inv, &hw, l, &opts, &kv));
     }
-    print_header(&src, &inv, &hw, &opts, &kv);
-    print_layouts(&plans, &hw, &opts, chosen);
+    let mut o = String::new();
+    print_header(&mut o, &src, &inv, &hw, &opts, &kv);
+    print_layouts(&mut o, &plans, &hw, &opts, chosen);
     let detail = match chosen {
         Some(l) => plans.iter().find(|p| p.layout == l),
         None => memory::best(&plans).or_else(|| plans.iter().find(|p| p.invalid.is_none())),
     };
     if let Some(p) = detail {
-        print_detail(p, &opts);
+        print_detail(&mut o, p, &opts);
     }
+    let _ = std::io::stdout().write_all(o.as_bytes());
     Ok(())
 }
 
-fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions, kv: &KvPlan) {
+fn print_header(o: &mut String, src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions, kv: &KvPlan) {
     let cfg = &src.cfg;
-    println!("model       {}", src.title);
+    w!(o, "model       {}", src.title);
     let dense = (0..cfg.num_hidden_layers).filter(|&i| !cfg.is_moe_layer(i)).count();
     let moe = match cfg.n_routed_experts {
         Some(e) => format!(", {e} routed experts top-{} + {} shared", cfg.num_experts_per_tok, cfg.n_shared_experts),
         None => String::new(),
     };
-    println!(
+    w!(
+        o,
         "            {}: {} layers ({dense} dense) + {} MTP layer(s){moe}, {} heads, vocab {}",
         cfg.model_type.as_str(),
         cfg.num_hidden_layers,
@@ -211,16 +226,27 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
         cfg.num_attention_heads,
         cfg.vocab_size
     );
-    let b = |n: u64| n as f64 / 1e9;
-    println!(
-        "parameters  {:.2} B = {:.2} B main + {:.2} B MTP",
-        b(inv.params(None)),
-        b(inv.params(Some(false))),
-        b(inv.params(Some(true)))
+    let si = |n: u64, unit: &str| {
+        if n >= 1_000_000_000 {
+            format!("{:.2} G{unit}", n as f64 / 1e9)
+        } else {
+            format!("{:.2} M{unit}", n as f64 / 1e6)
+        }
+    };
+    // parameter counts: B(illion) as on model cards
+    let params =
+        |n: u64| if n >= 1_000_000_000 { format!("{:.2} B", n as f64 / 1e9) } else { format!("{:.2} M", n as f64 / 1e6) };
+    w!(
+        o,
+        "parameters  {} = {} main + {} MTP",
+        params(inv.params(None)),
+        params(inv.params(Some(false))),
+        params(inv.params(Some(true)))
     );
-    println!(
-        "checkpoint  {:.2} GB ({}), {} tensors: {} (from config.json)",
-        b(inv.source_bytes()),
+    w!(
+        o,
+        "checkpoint  {} ({}), {} tensors: {} (from config.json)",
+        si(inv.source_bytes(), "B"),
         gib(inv.source_bytes()),
         thousands(inv.tensor_files()),
         inv.source_formats()
@@ -228,23 +254,25 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
     match &src.headers {
         Some(Ok(h)) => {
             let same = if h.bytes == inv.source_bytes() { "matches" } else { "DIFFERS from the config-derived count" };
-            println!(
-                "            safetensors headers: {:.2} GB, {} tensors ({same}){}",
-                b(h.bytes),
+            w!(
+                o,
+                "            safetensors headers: {}, {} tensors ({same}){}",
+                si(h.bytes, "B"),
                 thousands(h.tensors),
                 if h.unclassified.is_empty() { String::new() } else { format!(", {} unclassified", h.unclassified.len()) }
             );
         }
-        Some(Err(e)) => println!("            safetensors headers not read: {e}"),
+        Some(Err(e)) => w!(o, "            safetensors headers not read: {e}"),
         None => {}
     }
     let quant =
         if opts.spec.targets.is_empty() { "checkpoint formats (--quant changes them)".to_string() } else { "per --quant".into() };
     let mtp = if opts.mtp { "MTP layer loaded" } else { "MTP layer not loaded (--speculative mtp loads it)" };
-    println!("resident    {quant}; router in f32; {mtp}");
-    println!("hardware    {}", hw.describe());
+    w!(o, "resident    {quant}; router in f32; {mtp}");
+    w!(o, "hardware    {}", hw.describe());
     let dt = if kv.elem_bytes == 2 { "bf16" } else { "f32" };
-    println!(
+    w!(
+        o,
         "KV cache    latent: ({} + {}) values x {} layers x {} B ({dt}) = {} B/token; page of {} tokens = {} B",
         cfg.kv_lora_rank,
         cfg.qk_rope_head_dim,
@@ -254,14 +282,15 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
         kv.page_size,
         thousands(kv.bytes_per_page)
     );
-    println!(
+    w!(
+        o,
         "            a {}-token sequence = {} pages = {}; replicated on every TP rank of an attention group",
         thousands(opts.context as u64),
         thousands(kv.pages_per_seq),
         gib(kv.bytes_per_seq)
     );
-    println!("            (MLA's latent is shared by all heads); each attention group (TP < devices) holds its own sequences");
-    println!(
+    w!(o, "            (MLA's latent is shared by all heads); each attention group (TP < devices) holds its own sequences");
+    w!(o,
         "reserve     per rank: {} fixed + activations ({} batched tokens) + logits ({} seqs x vocab x 4 B x 2); usable = {:.2} x {}",
         gib(opts.fixed_overhead),
         opts.max_batch_tokens,
@@ -271,14 +300,23 @@ fn print_header(src: &Source, inv: &Inventory, hw: &Hardware, opts: &PlanOptions
     );
 }
 
-fn print_layouts(plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen: Option<Layout>) {
-    println!();
+fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen: Option<Layout>) {
+    w!(o);
     let unit = if hw.kind == DeviceKind::Cpu { "host" } else { "devices" };
-    println!("layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)", hw.devices);
+    w!(o, "layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)", hw.devices);
     let seqs_col = format!("seqs@{}", opts.context);
-    println!(
+    w!(
+        o,
         "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  note",
-        "TP", "EP", "attn-DP", "expert-TP", "weights/rank", "reserve", "KV/rank", seqs_col, "fits"
+        "TP",
+        "EP",
+        "attn-DP",
+        "expert-TP",
+        "weights/rank",
+        "reserve",
+        "KV/rank",
+        seqs_col,
+        "fits"
     );
     let best = memory::best(plans).map(|p| p.layout);
     for p in plans {
@@ -304,7 +342,8 @@ fn print_layouts(plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen
         } else {
             (gib(p.weight_bytes_per_rank), gib_signed(p.kv_budget_per_rank), p.total_seqs.to_string())
         };
-        println!(
+        w!(
+            o,
             "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  {}",
             l.tp,
             l.ep,
@@ -320,14 +359,15 @@ fn print_layouts(plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen
     }
 }
 
-fn print_detail(p: &LayoutPlan, opts: &PlanOptions) {
+fn print_detail(o: &mut String, p: &LayoutPlan, opts: &PlanOptions) {
     let l = p.layout;
-    println!();
-    println!("weights for TP={} EP={} (whole model -> the fullest rank)", l.tp, l.ep);
-    println!("{:<22} {:<12} {:>14} {:>14} {:>14}", "class", "format", "params", "total", "per rank");
+    w!(o);
+    w!(o, "weights for TP={} EP={} (whole model -> the fullest rank)", l.tp, l.ep);
+    w!(o, "{:<22} {:<12} {:>14} {:>14} {:>14}", "class", "format", "params", "total", "per rank");
     for s in &p.weights {
         let name = if s.mtp { format!("mtp: {}", s.class.name()) } else { s.class.name().to_string() };
-        println!(
+        w!(
+            o,
             "{:<22} {:<12} {:>14} {:>14} {:>14}",
             name,
             s.format.name(),
@@ -337,16 +377,18 @@ fn print_detail(p: &LayoutPlan, opts: &PlanOptions) {
         );
     }
     let total: u64 = p.weights.iter().map(|s| s.bytes).sum();
-    println!("{:<22} {:<12} {:>14} {:>14} {:>14}", "total", "", "", gib(total), gib(p.weight_bytes_per_rank));
+    w!(o, "{:<22} {:<12} {:>14} {:>14} {:>14}", "total", "", "", gib(total), gib(p.weight_bytes_per_rank));
     let r = p.reserve;
-    println!(
+    w!(
+        o,
         "reserve per rank: {} = {} fixed + {} activations + {} logits",
         gib(r.total()),
         gib(r.fixed),
         gib(r.activations),
         gib(r.logits)
     );
-    println!(
+    w!(
+        o,
         "usable {} - weights {} - reserve {} = KV {} per rank -> {} x {} sequences of {} tokens = {}",
         gib(p.usable),
         gib(p.weight_bytes_per_rank),
