@@ -219,10 +219,11 @@ fn print_header(o: &mut String, src: &Source, inv: &Inventory, hw: &Hardware, op
     };
     w!(
         o,
-        "            {}: {} layers ({dense} dense) + {} MTP layer(s){moe}, {} heads, vocab {}",
+        "            {}: {} layers ({dense} dense) + {} MTP layer{}{moe}, {} heads, vocab {}",
         cfg.model_type.as_str(),
         cfg.num_hidden_layers,
         cfg.num_nextn_predict_layers,
+        if cfg.num_nextn_predict_layers == 1 { "" } else { "s" },
         cfg.num_attention_heads,
         cfg.vocab_size
     );
@@ -304,6 +305,7 @@ fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &Pla
     w!(o);
     let unit = if hw.kind == DeviceKind::Cpu { "host" } else { "devices" };
     w!(o, "layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)", hw.devices);
+    w!(o, "each attention group serves its own sequences (data-parallel attention); its latent KV is on all its TP ranks");
     let seqs_col = format!("seqs@{}", opts.context);
     w!(
         o,
@@ -342,8 +344,7 @@ fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &Pla
         } else {
             (gib(p.weight_bytes_per_rank), gib_signed(p.kv_budget_per_rank), p.total_seqs.to_string())
         };
-        w!(
-            o,
+        let line = format!(
             "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  {}",
             l.tp,
             l.ep,
@@ -356,6 +357,7 @@ fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &Pla
             if p.fits { "yes" } else { "no" },
             notes.join("; ")
         );
+        w!(o, "{}", line.trim_end());
     }
 }
 
