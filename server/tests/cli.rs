@@ -144,6 +144,11 @@ fn plan_prints_the_layout_table() {
     let out = ok(&moeserve(dir.path(), &["plan", "--model", "deepseek-v2-lite", "--gpus", "2xA100-80G", "--quant", "q4k"]));
     assert!(out.contains("q4k"), "{out}");
 
+    // --max-seqs: only layouts holding that many sequences at --context fit
+    let out = ok(&moeserve(dir.path(), &["plan", "--model", "deepseek-r1-0528", "--gpus", "8xH200", "--max-seqs", "20"]));
+    let fitting: Vec<&str> = out.lines().filter(|l| l.split_whitespace().nth(11) == Some("yes")).collect();
+    assert_eq!(fitting.len(), 1, "{out}");
+    assert!(fitting[0].trim_start().starts_with("1    8"), "{out}");
     let e = failure(&moeserve(dir.path(), &["plan", "--model", "deepseek-r1-0528", "--gpus", "8xFOO"]));
     assert!(e.contains("unknown GPU `FOO`") && e.contains("H200"), "{e}");
     let e = failure(&moeserve(dir.path(), &["plan", "--model", "nope/nothing", "--gpus", "8xH200"]));
