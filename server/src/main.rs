@@ -4,6 +4,7 @@ mod bench;
 mod cli_eval_quant;
 mod cli_generate;
 mod cli_logits;
+mod cli_plan;
 mod cli_synth;
 mod engine_args;
 mod http;
@@ -31,6 +32,9 @@ enum Command {
     /// Quality of an in-situ quantization against the checkpoint's format: KL divergence, top-1
     /// agreement, perplexity, resident bytes.
     EvalQuant(cli_eval_quant::Args),
+    /// Capacity planning: bytes per rank for weights, latent KV and reserves, and which TP/EP
+    /// layouts hold the model on the given GPUs (or a CPU host's RAM).
+    Plan(cli_plan::Args),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(http::Args),
 }
@@ -43,6 +47,7 @@ fn main() {
         Command::Synth(a) => cli_synth::run(a),
         Command::Bench(a) => bench::run(a),
         Command::EvalQuant(a) => cli_eval_quant::run(a),
+        Command::Plan(a) => cli_plan::run(a),
         Command::Serve(a) => http::run(a),
     };
     if let Err(e) = result {

@@ -128,3 +128,41 @@ fn bad_inputs_fail_cleanly() {
     ));
     assert!(e.contains("exceeds"), "{e}");
 }
+
+#[test]
+fn plan_prints_the_layout_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&moeserve(dir.path(), &["plan", "--model", "deepseek-r1-0528", "--gpus", "8xH200"]));
+    for want in ["684.49 B", "91,991 tensors", "70,272 B/token", "replicated on every TP rank", "seqs@131072", "best"] {
+        assert!(out.contains(want), "{want}:\n{out}");
+    }
+    // one row per candidate layout: TP×EP = 8 and TP = 8 with EP over the same ranks
+    let rows: Vec<&str> = out.lines().filter(|l| l.trim_end().ends_with("yes") || l.contains(" yes ")).collect();
+    assert!(rows.len() >= 4, "{out}");
+    let out = ok(&moeserve(
+        dir.path(),
+        &["plan", "--model", "deepseek-ai/DeepSeek-R1-0528", "--gpus", "16xH100", "--tp", "16", "--ep", "16"],
+    ));
+    assert!(out.contains("2 nodes of 8") && out.contains("chosen") && out.contains("TP spans nodes"), "{out}");
+    // a checkpoint directory: config plus the exact bytes of its safetensors headers
+    let fixture = root().join("tests/fixtures/tiny-v3-fp8");
+    let out = ok(&moeserve(
+        dir.path(),
+        &["plan", "--model", fixture.to_str().unwrap(), "--gpus", "cpu", "--ram", "4GiB", "--context", "128"],
+    ));
+    assert!(out.contains("safetensors headers") && out.contains("(matches)"), "{out}");
+    let out = ok(&moeserve(dir.path(), &["plan", "--model", "deepseek-v2-lite", "--gpus", "2xA100-80G", "--quant", "q4k"]));
+    assert!(out.contains("q4k"), "{out}");
+
+    // --max-seqs: only layouts holding that many sequences at --context fit
+    let out = ok(&moeserve(dir.path(), &["plan", "--model", "deepseek-r1-0528", "--gpus", "8xH200", "--max-seqs", "20"]));
+    let fitting: Vec<&str> = out.lines().filter(|l| l.split_whitespace().nth(11) == Some("yes")).collect();
+    assert_eq!(fitting.len(), 1, "{out}");
+    assert!(fitting[0].trim_start().starts_with("1    8"), "{out}");
+    let e = failure(&moeserve(dir.path(), &["plan", "--model", "deepseek-r1-0528", "--gpus", "8xFOO"]));
+    assert!(e.contains("unknown GPU `FOO`") && e.contains("H200"), "{e}");
+    let e = failure(&moeserve(dir.path(), &["plan", "--model", "nope/nothing", "--gpus", "8xH200"]));
+    assert!(e.contains("nope/nothing") && e.contains("deepseek-r1-0528"), "{e}");
+    let e = failure(&moeserve(dir.path(), &["plan", "--model", "deepseek-v3", "--gpus", "8xH200", "--tp", "3"]));
+    assert!(e.contains("TP=3"), "{e}");
+}
