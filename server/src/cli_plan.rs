@@ -285,12 +285,12 @@ fn print_header(o: &mut String, src: &Source, inv: &Inventory, hw: &Hardware, op
     );
     w!(
         o,
-        "            a {}-token sequence = {} pages = {}; replicated on every TP rank of an attention group",
+        "            a {}-token sequence = {} pages = {}; replicated on every rank",
         thousands(opts.context as u64),
         thousands(kv.pages_per_seq),
         gib(kv.bytes_per_seq)
     );
-    w!(o, "            (MLA's latent is shared by all heads); each attention group (TP < devices) holds its own sequences");
+    w!(o, "            (MLA's latent is shared by all heads, so a TP split cannot divide it)");
     w!(o,
         "reserve     per rank: {} fixed + activations ({} batched tokens) + logits ({} seqs x vocab x 4 B x 2); usable = {:.2} x {}",
         gib(opts.fixed_overhead),
@@ -304,15 +304,14 @@ fn print_header(o: &mut String, src: &Source, inv: &Inventory, hw: &Hardware, op
 fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &PlanOptions, chosen: Option<Layout>) {
     w!(o);
     let unit = if hw.kind == DeviceKind::Cpu { "host" } else { "devices" };
-    w!(o, "layouts on {} {unit} (attn-DP = devices/TP attention groups; expert-TP = devices/EP ranks per expert)", hw.devices);
-    w!(o, "each attention group serves its own sequences (data-parallel attention); its latent KV is on all its TP ranks");
+    w!(o, "layouts on {} {unit} (expert-TP = devices/EP ranks per expert)", hw.devices);
+    w!(o, "TP is all devices or 1 (attention replicated); every rank serves the same sequences and keeps their latent KV");
     let seqs_col = format!("seqs@{}", opts.context);
     w!(
         o,
-        "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  note",
+        "{:>4} {:>4} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  note",
         "TP",
         "EP",
-        "attn-DP",
         "expert-TP",
         "weights/rank",
         "reserve",
@@ -345,10 +344,9 @@ fn print_layouts(o: &mut String, plans: &[LayoutPlan], hw: &Hardware, opts: &Pla
             (gib(p.weight_bytes_per_rank), gib_signed(p.kv_budget_per_rank), p.total_seqs.to_string())
         };
         let line = format!(
-            "{:>4} {:>4} {:>7} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  {}",
+            "{:>4} {:>4} {:>9} {:>14} {:>12} {:>14} {:>13} {:>5}  {}",
             l.tp,
             l.ep,
-            l.attn_dp(),
             l.moe_tp(),
             w,
             gib(p.reserve.total()),
@@ -391,14 +389,12 @@ fn print_detail(o: &mut String, p: &LayoutPlan, opts: &PlanOptions) {
     );
     w!(
         o,
-        "usable {} - weights {} - reserve {} = KV {} per rank -> {} x {} sequences of {} tokens = {}",
+        "usable {} - weights {} - reserve {} = KV {} per rank -> {} sequences of {} tokens",
         gib(p.usable),
         gib(p.weight_bytes_per_rank),
         gib(r.total()),
         gib_signed(p.kv_budget_per_rank),
-        l.attn_dp(),
-        p.seqs_per_replica,
-        opts.context,
-        p.total_seqs
+        p.total_seqs,
+        opts.context
     );
 }

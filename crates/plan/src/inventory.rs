@@ -234,7 +234,8 @@ impl Inventory {
         };
         let mut b = Builder { cfg, proj, entries: Vec::new() };
         let (v, d, bf) = (cfg.vocab_size, cfg.hidden_size, Format::Bf16);
-        b.push("model.embed_tokens.weight", Class::Embed, false, 1, &[v, d], bf, Split::Vocab);
+        // every rank keeps the whole table (on the CPU memory-mapped: only looked-up rows resident)
+        b.push("model.embed_tokens.weight", Class::Embed, false, 1, &[v, d], bf, Split::Replicated);
         let moe_layers = (0..cfg.num_hidden_layers).filter(|&i| cfg.is_moe_layer(i)).count();
         b.block(cfg.num_hidden_layers - moe_layers, false, false);
         b.block(moe_layers, false, true);

@@ -1,13 +1,14 @@
 //! Tensor / expert parallel layouts over `world` devices and each tensor's share per rank.
 //!
 //! A layout `TP=t, EP=e` on `G` devices:
-//! * attention, the dense MLP, the shared experts, the embedding and lm_head are split over an
-//!   attention TP group of `t` ranks (heads, columns/rows, vocab); when `t < G` there are `G / t`
-//!   such groups, each serving its own sequences (data-parallel attention, as SGLang's
-//!   `--enable-dp-attention`), each holding a full copy of its TP shard;
+//! * attention, the dense MLP, the shared experts and lm_head are split over an attention TP group
+//!   of `t` ranks (heads, columns/rows, vocab); moeserve runs `t = G` or `t = 1` (attention
+//!   replicated on every rank, all ranks serving the same sequences). `1 < t < G` would need
+//!   data-parallel attention groups (SGLang's `--enable-dp-attention`), which moeserve does not
+//!   have: such layouts are listed as not runnable;
 //! * routed experts are split over `e` EP ranks (`ceil(E / e)` whole experts per rank) and each
 //!   expert over the remaining `G / e` ranks of an expert-TP group (vLLM's TP MoE when `e = 1`);
-//! * norms, q_a / kv_a projections, the router and eh_proj are replicated.
+//! * embeddings, norms, q_a / kv_a projections, the router and eh_proj are replicated.
 //!
 //! Bytes per rank are the maximum over ranks (uneven vocab or expert splits round up).
 
@@ -38,6 +39,13 @@ impl Layout {
     /// Attention replicas (data-parallel attention groups).
     pub fn attn_dp(&self) -> usize {
         self.world / self.tp
+    }
+
+    /// Why moeserve's runtime cannot run this layout (it splits attention over all ranks or none).
+    pub fn unsupported(&self) -> Option<String> {
+        (self.tp != 1 && self.tp != self.world).then(|| {
+            format!("TP={} < {} devices needs data-parallel attention, which moeserve does not have", self.tp, self.world)
+        })
     }
 
     /// Ranks each routed expert is split over.

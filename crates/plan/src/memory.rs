@@ -217,9 +217,10 @@ pub fn plan_layout(
     let reserve = Reserve::new(cfg, &layout, opts);
     let usable = (hw.device_bytes as f64 * opts.utilization) as u64;
     let kv_budget_per_rank = usable as i64 - weight_bytes_per_rank as i64 - reserve.total() as i64;
-    let seqs_per_replica =
-        if invalid.is_none() && kv_budget_per_rank > 0 { kv_budget_per_rank as u64 / kv.bytes_per_seq } else { 0 };
-    let total_seqs = seqs_per_replica * layout.attn_dp() as u64;
+    let seqs_per_replica = if kv_budget_per_rank > 0 { kv_budget_per_rank as u64 / kv.bytes_per_seq } else { 0 };
+    // without data-parallel attention every rank serves the same sequences
+    let total_seqs = seqs_per_replica;
+    let invalid = invalid.or_else(|| layout.unsupported());
     LayoutPlan {
         layout,
         fits: invalid.is_none() && total_seqs >= opts.require_seqs.max(1),
