@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use moeserve_core::{DeepSeekConfig, Error, Result, ThreadGroup};
+use moeserve_core::{Communicator, DeepSeekConfig, Error, Result, ThreadGroup};
 use moeserve_quant::Checkpoint;
 
 use crate::batch::ForwardBatch;
@@ -32,27 +32,46 @@ impl From<DeepSeekModel> for ModelGroup {
 
 impl ModelGroup {
     /// Load `dir` split over `max(tp, ep)` ranks (see `parallel` for the layout); each rank
-    /// reads only its own part of the checkpoint. `tp = ep = 1` is the plain model.
+    /// reads only its own part of the checkpoint. `tp = ep = 1` is the plain model. The ranks
+    /// are threads of this process talking through an in-process `ThreadGroup`.
     pub fn load(dir: &Path, opts: &LoadOptions, tp: usize, ep: usize) -> Result<Self> {
         let world = Parallel::check_sizes(tp, ep)?;
         if world == 1 {
             return DeepSeekModel::load(dir, opts).map(Self::from);
         }
+        let group = ThreadGroup::new(world);
+        let comms = group.comms();
+        let mut g = Self::load_with(dir, tp, ep, |rank| {
+            let comm: Arc<dyn Communicator> = Arc::new(comms[rank].clone());
+            Ok((comm, opts.clone()))
+        })?;
+        g.group = Some(group);
+        Ok(g)
+    }
+
+    /// Like `load`, with each rank's communicator and load options (its device) made on that
+    /// rank's own thread by `rank_setup(rank)`: NCCL communicators are created this way.
+    pub fn load_with(
+        dir: &Path,
+        tp: usize,
+        ep: usize,
+        rank_setup: impl Fn(usize) -> Result<(Arc<dyn Communicator>, LoadOptions)> + Sync,
+    ) -> Result<Self> {
+        let world = Parallel::check_sizes(tp, ep)?;
         if moeserve_quant::gguf::is_gguf(dir) {
             return Err(Error::Input("tensor/expert parallelism needs a safetensors checkpoint directory, not GGUF".into()));
         }
         let cfg = DeepSeekConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Arc::new(Checkpoint::open(dir)?);
-        let group = ThreadGroup::new(world);
+        let rank_setup = &rank_setup;
         let ranks = std::thread::scope(|s| {
-            let handles: Vec<_> = group
-                .comms()
-                .into_iter()
-                .map(|comm| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
                     let (cfg, ckpt) = (cfg.clone(), ckpt.clone());
                     s.spawn(move || -> Result<DeepSeekModel> {
-                        let parallel = Arc::new(Parallel::new(Arc::new(comm), tp, ep)?);
-                        DeepSeekModel::from_checkpoint(cfg, ckpt, &LoadOptions { parallel, ..opts.clone() })
+                        let (comm, opts) = rank_setup(rank)?;
+                        let parallel = Arc::new(Parallel::new(comm, tp, ep)?);
+                        DeepSeekModel::from_checkpoint(cfg, ckpt, &LoadOptions { parallel, ..opts })
                     })
                 })
                 .collect();
@@ -62,7 +81,7 @@ impl ModelGroup {
                 .collect::<Result<Vec<_>>>()
         })?;
         ckpt.finish_progress();
-        Ok(ModelGroup { ranks, group: Some(group) })
+        Ok(ModelGroup { ranks, group: None })
     }
 
     /// Rank 0's model: the config, dtype, device and MTP presence of the whole group.
@@ -92,7 +111,9 @@ impl ModelGroup {
         let forks: Vec<Vec<Box<dyn LatentKv + Send + 'o>>> =
             self.ranks[1..].iter().map(|_| kv_in.iter().map(|k| k.fork()).collect()).collect();
         let mut kv: Vec<&mut dyn LatentKv> = kv_in.iter_mut().map(|k| &mut **k as &mut dyn LatentKv).collect();
-        let Some(group) = &self.group else { return f(&self.ranks[0], &mut kv) };
+        if self.ranks.len() == 1 {
+            return f(&self.ranks[0], &mut kv);
+        }
         let abort_on_error = |model: &DeepSeekModel, r: Result<R>| {
             if r.is_err() {
                 model.parallel().comm().abort();
@@ -122,7 +143,8 @@ impl ModelGroup {
                 .collect();
             (lead, others)
         });
-        if lead.is_err() || others.iter().any(Result::is_err) {
+        // an in-process group can be reset once every rank has returned
+        if let (Some(group), true) = (&self.group, lead.is_err() || others.iter().any(Result::is_err)) {
             group.reset();
         }
         // the first error that is not only the echo of another rank's abort

@@ -94,3 +94,27 @@ fn unsupported_layouts_are_clear_errors() {
     let err = ModelGroup::load(&fixture("tiny-v3"), &opts, 2, 4).unwrap_err().to_string();
     assert!(err.contains("tp must be 1 or that size"), "{err}");
 }
+
+/// A rank that fails mid-step makes the others' collectives fail instead of hang; the call
+/// returns that rank's error and the group works again afterwards.
+#[test]
+fn a_failing_rank_aborts_the_step_not_the_group() {
+    let g = load("tiny-v3", 2, 2);
+    let lead = g.lead();
+    let mut cache = lead.new_cache();
+    let hidden = g.forward(&ForwardBatch::single(&[1, 2, 3], 0), &mut [&mut cache]).unwrap();
+    let err = g
+        .spmd(&mut [], |m, _| {
+            if m.parallel().rank() == 1 {
+                return Err(moeserve_core::Error::Input("rank 1 ran out of memory".into()));
+            }
+            m.logits(&hidden)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("rank 1 ran out of memory"), "{err}");
+    let again = rows(&g.logits(&hidden).unwrap());
+    let single = load("tiny-v3", 1, 1);
+    let mut c1 = single.lead().new_cache();
+    let h1 = single.forward(&ForwardBatch::single(&[1, 2, 3], 0), &mut [&mut c1]).unwrap();
+    assert_close(&rows(&single.logits(&h1).unwrap()), &again, "after an aborted step");
+}
