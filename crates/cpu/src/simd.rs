@@ -34,7 +34,7 @@ pub fn available() -> bool {
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    if a.batch >= GEMM_MIN_BATCH {
+    if a.batch >= gemm_min_batch(w.format) {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
     // two rows at a time, one from each half of the range: two independent memory streams per
@@ -77,6 +77,18 @@ unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R
 /// From this many activation rows on, products are compute-bound: panels of weight rows are
 /// decoded to f32 once and multiplied by a register-blocked GEMM (the `gemm` crate).
 pub const GEMM_MIN_BATCH: usize = 64;
+
+/// The 8-bit-activation formats re-decode their blocks for every tile of 4 rows: from 16 rows
+/// on, decoding each weight once into a panel and running the GEMM costs less (q6_K decodes
+/// slowly, so it keeps the tiles longer). `MOESERVE_GEMM_MIN_BATCH` overrides it (experiments).
+fn gemm_min_batch(format: Format) -> usize {
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_GEMM_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
+    over.unwrap_or(match format {
+        Format::Q8_0 | Format::Q4K => 16,
+        _ => GEMM_MIN_BATCH,
+    })
+}
 const PANEL_ROWS: usize = 64;
 
 thread_local! {
@@ -152,7 +164,30 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
                 }
             }
         }
-        Format::Q4K | Format::Q6K => out.copy_from_slice(&w.dequantize_row(r)),
+        Format::Q4K => {
+            let low = _mm256_set1_epi8(0x0f);
+            let mut bytes = [0u8; 32];
+            for sb in 0..pc / 256 {
+                let bp = row.add(sb * Q4K_BLOCK.0);
+                let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
+                let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+                for c in 0..4 {
+                    let q = _mm256_loadu_si256(bp.add(16 + 32 * c) as *const __m256i);
+                    // low nibbles: values 64c..64c+32, high nibbles: the next 32
+                    for (h, v) in [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)].into_iter().enumerate() {
+                        let g = 2 * c + h;
+                        let (scale, off) = (_mm256_set1_ps(d * sc[g] as f32), _mm256_set1_ps(-dmin * m[g] as f32));
+                        _mm256_storeu_si256(bytes.as_mut_ptr() as *mut __m256i, v);
+                        for j in 0..4 {
+                            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(8 * j) as *const __m128i));
+                            let vals = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), scale, off);
+                            _mm256_storeu_ps(o.add(sb * 256 + 64 * c + 32 * h + 8 * j), vals);
+                        }
+                    }
+                }
+            }
+        }
+        Format::Q6K => out.copy_from_slice(&w.dequantize_row(r)),
     }
 }
 

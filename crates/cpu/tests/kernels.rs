@@ -79,7 +79,7 @@ fn kernels_match_the_reference_on_ragged_shapes() {
     for (format, tol) in FORMATS {
         for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048)] {
             let w = pack(format, &mut rng, rows, cols);
-            for batch in [1, 2, 3, 4, 5, 8, 13, 32] {
+            for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
                 let x = rand_vec(&mut rng, batch * cols);
                 let mut want = vec![0f32; batch * rows];
                 matmul_reference(&w, &x, batch, &mut want);
