@@ -34,7 +34,7 @@ pub fn available() -> bool {
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    if a.batch >= gemm_min_batch(w.format) {
+    if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
     // two rows at a time, one from each half of the range: two independent memory streams per
@@ -78,16 +78,14 @@ unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R
 /// decoded to f32 once and multiplied by a register-blocked GEMM (the `gemm` crate).
 pub const GEMM_MIN_BATCH: usize = 64;
 
-/// The 8-bit-activation formats re-decode their blocks for every tile of 4 rows: from 16 rows
-/// on, decoding each weight once into a panel and running the GEMM costs less (q6_K decodes
-/// slowly, so it keeps the tiles longer). `MOESERVE_GEMM_MIN_BATCH` overrides it (experiments).
-fn gemm_min_batch(format: Format) -> usize {
+/// From how many activation rows products decode each weight once into f32 panels
+/// and run the GEMM. Measured: below 64 rows the tiles win for every format, even though the
+/// block formats re-decode their blocks every 4 rows (the f32 panels cost 4x the weight bytes in
+/// memory traffic). `MOESERVE_GEMM_MIN_BATCH` overrides it (experiments).
+fn gemm_min_batch() -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_GEMM_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
-    over.unwrap_or(match format {
-        Format::Q8_0 | Format::Q4K => 16,
-        _ => GEMM_MIN_BATCH,
-    })
+    over.unwrap_or(GEMM_MIN_BATCH)
 }
 const PANEL_ROWS: usize = 64;
 
