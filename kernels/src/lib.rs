@@ -1,0 +1,1 @@
+//! moeserve's CUDA kernels and their plain CPU references.
