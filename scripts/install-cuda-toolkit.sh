@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs nvcc (Debian bookworm's `nvidia-cuda-toolkit`, CUDA 11.8) so that the `cuda` feature
-# builds on a machine without a GPU (CI, developers). Idempotent: does nothing when nvcc exists.
+# builds on a machine without a GPU (CI, developers), and patchelf (`scripts/gpu-check.sh build`
+# retargets the bundle's CUDA library names). Idempotent: does nothing when both exist.
 # Needs root (apt-get). The GPU machine brings its own nvcc and does not run this.
 set -euo pipefail
-if command -v nvcc >/dev/null 2>&1; then
+if command -v nvcc >/dev/null 2>&1 && command -v patchelf >/dev/null 2>&1; then
   echo "install-cuda-toolkit: $(nvcc --version | tail -n 1 | sed 's/^ *//') already installed"
   exit 0
 fi
@@ -20,5 +21,5 @@ elif [ -f /etc/apt/sources.list ]; then
   fi
 fi
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends nvidia-cuda-toolkit >/dev/null
+apt-get install -y -qq --no-install-recommends nvidia-cuda-toolkit patchelf >/dev/null
 echo "install-cuda-toolkit: $(nvcc --version | tail -n 1 | sed 's/^ *//') installed"

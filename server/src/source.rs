@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::Args;
 use moeserve_engine::Tokenizer;
 use moeserve_hub::{HubOptions, RepoSpec};
@@ -35,6 +35,38 @@ pub struct ModelArgs {
     /// keep the checkpoint's format). Default: the checkpoint's own (FP8 stays FP8, bf16 stays bf16).
     #[arg(long, value_parser = parse_quant)]
     pub quant: Option<QuantSpec>,
+    /// `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`; use `--dtype bf16` there).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                let hint = if cfg!(feature = "cuda") { "" } else { " (this binary was built without `--features cuda`)" };
+                format!("--device cuda:{n}: cannot open the CUDA device{hint}")
+            }),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+            _ => Err(format!("unknown device `{other}` (cpu, cuda, cuda:N)")),
+        },
+    }
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantSpec, String> {
@@ -127,7 +159,13 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
             builtin_dir()?
         }
     };
-    let opts = LoadOptions { dtype: args.dtype, load_mtp, quant: args.quant.clone().unwrap_or_default(), ..Default::default() };
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        device: args.device.open()?,
+        load_mtp,
+        quant: args.quant.clone().unwrap_or_default(),
+        ..Default::default()
+    };
     let model = DeepSeekModel::load(&dir, &opts).with_context(|| format!("loading model from {}", dir.display()))?;
     let report = model.load_report();
     eprintln!("loaded weights: {:.3} GB resident ({})", model.weight_bytes() as f64 / 1e9, report.lines().join(", "));

@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, Error, KvLayout, Result};
+use moeserve_model::device_ops::PagedRows;
 use moeserve_model::LatentKv;
 
 pub type PageId = u32;
@@ -256,6 +257,10 @@ impl LatentKv for PagedSeq<'_> {
         let idx = self.pool.rows(&self.table.pages, 0..len);
         let idx = Tensor::from_vec(idx, len, buf.device()).ctx(|| "kv gather".into())?;
         buf.index_select(&idx, 0).ctx(|| "kv gather".into())
+    }
+
+    fn paged(&self, layer: usize) -> Option<PagedRows<'_>> {
+        Some(PagedRows { pool: self.pool_layer(layer).ok()?, pages: &self.table.pages, page_size: self.pool.page_size })
     }
 
     fn set_seq_len(&mut self, len: usize) -> Result<()> {

@@ -14,6 +14,11 @@ pub trait LatentKv {
     fn read(&self, layer: usize, len: usize) -> Result<Tensor>;
     /// Commit (or roll back to) `len` tokens.
     fn set_seq_len(&mut self, len: usize) -> Result<()>;
+    /// The pool rows of `layer` when the storage is paged, so that a device kernel reads the
+    /// pages in place instead of a gathered copy (`read`).
+    fn paged(&self, _layer: usize) -> Option<crate::device_ops::PagedRows<'_>> {
+        None
+    }
 }
 
 /// One growable contiguous buffer per layer.

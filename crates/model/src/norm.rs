@@ -17,6 +17,9 @@ impl RmsNorm {
 
     /// `x: [.., dim]`: `w · (x / sqrt(mean(x²) + eps))`, statistics in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::device_ops::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         let ctx = || format!("rms_norm {:?}", x.dims());
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32).ctx(ctx)?;

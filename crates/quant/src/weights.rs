@@ -73,6 +73,11 @@ impl Weights {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// FP8 block shape `[rows, cols]` of the checkpoint's block-scaled weights.
+    pub fn fp8_block(&self) -> [usize; 2] {
+        self.fp8_block
+    }
+
     pub fn checkpoint(&self) -> &Arc<Checkpoint> {
         &self.ckpt
     }
@@ -144,7 +149,10 @@ impl Weights {
         let w = self.pp(leaf);
         let name = w.name("weight");
         let class = TensorClass::of(&w.prefix);
-        let linear: Arc<dyn Linear> = if self.spec.dense_reference || !self.device.is_cpu() {
+        let gpu_fp8 = if self.spec.dense_reference { None } else { crate::gpu::fp8_linear(self, &name, in_dim, out_dim)? };
+        let linear: Arc<dyn Linear> = if let Some(l) = gpu_fp8 {
+            l
+        } else if self.spec.dense_reference || !self.device.is_cpu() {
             Arc::new(DenseLinear::new(&name, w.tensor("weight", &[out_dim, in_dim])?))
         } else {
             Arc::new(PackedLinear::new(&name, self.pack(&w, &name, class, in_dim, out_dim)?))
