@@ -91,7 +91,8 @@ fn cache_write_scatters_into_pages() {
     let mut rng = StdRng::seed_from_u64(3);
     for dtype in [DType::F32, DType::BF16] {
         let (page_size, pages, row_dim) = (16, 9, 576);
-        let (pool, mut want) = upload(&randn(&mut rng, page_size * pages * row_dim, 1.0), &[page_size * pages, row_dim], dtype, &dev);
+        let (pool, mut want) =
+            upload(&randn(&mut rng, page_size * pages * row_dim, 1.0), &[page_size * pages, row_dim], dtype, &dev);
         let table = [4u32, 0, 7, 2];
         let (start, n) = (13, 37);
         let (rows, rh) = upload(&randn(&mut rng, n * row_dim, 1.0), &[n, row_dim], dtype, &dev);
@@ -148,8 +149,26 @@ fn router_matches_reference() {
         norm_topk_prob: true,
         scaling: 2.5,
     };
-    let v2 = RouteConfig { n_experts: 64, top_k: 6, n_group: 8, topk_group: 3, scoring: Scoring::Softmax, method: Method::GroupLimitedGreedy, norm_topk_prob: false, scaling: 1.0 };
-    let greedy = RouteConfig { n_experts: 10, top_k: 3, n_group: 1, topk_group: 1, scoring: Scoring::Softmax, method: Method::Greedy, norm_topk_prob: true, scaling: 1.0 };
+    let v2 = RouteConfig {
+        n_experts: 64,
+        top_k: 6,
+        n_group: 8,
+        topk_group: 3,
+        scoring: Scoring::Softmax,
+        method: Method::GroupLimitedGreedy,
+        norm_topk_prob: false,
+        scaling: 1.0,
+    };
+    let greedy = RouteConfig {
+        n_experts: 10,
+        top_k: 3,
+        n_group: 1,
+        topk_group: 1,
+        scoring: Scoring::Softmax,
+        method: Method::Greedy,
+        norm_topk_prob: true,
+        scaling: 1.0,
+    };
     for (cfg, n) in [(v3, 1), (v3, 300), (v2, 77), (greedy, 5)] {
         let logits = randn(&mut rng, n * cfg.n_experts, 4.0);
         let bias: Vec<f32> = randn(&mut rng, cfg.n_experts, 1.0).iter().map(|b| b + 2.0).collect();

@@ -39,10 +39,8 @@ fn paged_decode_on_the_gpu_matches_the_cpu() {
                 let mut seq = PagedSeq { pool: &pool, table: &mut table, part: CachePart::Main };
                 gpu.logits(&gpu.forward(&ForwardBatch::single(chunk, start), &mut [&mut seq]).unwrap()).unwrap()
             };
-            let (g, w): (Vec<f32>, Vec<f32>) = (
-                got.flatten_all().unwrap().to_vec1().unwrap(),
-                want.flatten_all().unwrap().to_vec1().unwrap(),
-            );
+            let (g, w): (Vec<f32>, Vec<f32>) =
+                (got.flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
             let e = relative_error(&g, &w);
             assert!(e < 1e-3, "{dir} step {step} (positions {start}..{}): relative error {e}", start + len);
         }

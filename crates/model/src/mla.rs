@@ -126,7 +126,9 @@ impl Mla {
             let qn = q_nope.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, P]
             let qp = q_pe.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, R]
             let paged = match (s, cache.paged(layer)) {
-                (1, Some(pages)) if batch.use_absorbed(chunk) && crate::device_ops::has_paged_mla(&qn) => self.attend_paged(&qn, &qp, &pages, len)?,
+                (1, Some(pages)) if batch.use_absorbed(chunk) && crate::device_ops::has_paged_mla(&qn) => {
+                    self.attend_paged(&qn, &qp, &pages, len)?
+                }
                 _ => None,
             };
             let o = match paged {

@@ -40,7 +40,12 @@ mod imp {
         let block = w.fp8_block();
         let (data, scale, [rows, cols]) = ckpt.fp8_parts(name, &format!("{name}_scale_inv"), block)?;
         if [rows, cols] != [out_dim, in_dim] {
-            return Err(Error::Shape { file: ckpt.file_of(name), tensor: name.into(), expected: vec![out_dim, in_dim], found: vec![rows, cols] });
+            return Err(Error::Shape {
+                file: ckpt.file_of(name),
+                tensor: name.into(),
+                expected: vec![out_dim, in_dim],
+                found: vec![rows, cols],
+            });
         }
         let ctx = || format!("{name} to the GPU");
         let sdims = [rows.div_ceil(block[0]), cols.div_ceil(block[1])];

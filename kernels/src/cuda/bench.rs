@@ -120,7 +120,13 @@ pub fn run(dev: &Device) -> Result<Report> {
     rows.push(flops(format!("grouped fp8 {groups} experts x {per} rows [{en}, {ek}]"), t, fl));
     drop(experts);
     let experts: Vec<GpuWeight> = (0..groups)
-        .map(|_| Ok(GpuWeight { data: Tensor::randn(0f32, 0.05, (en, ek), dev)?.to_dtype(DType::BF16)?, scale: None, block: [128, 128] }))
+        .map(|_| {
+            Ok(GpuWeight {
+                data: Tensor::randn(0f32, 0.05, (en, ek), dev)?.to_dtype(DType::BF16)?,
+                scale: None,
+                block: [128, 128],
+            })
+        })
         .collect::<Result<_>>()?;
     let refs: Vec<&GpuWeight> = experts.iter().collect();
     let t = time(dev, 3, || ops::grouped_gemm(&x, &row_idx, &offsets, &refs).map(|_| ()))?;

@@ -55,10 +55,8 @@ pub fn function(dev: &CudaDevice, module: &'static str, func: &str) -> Result<Cu
             let ptx = match module_source(module) {
                 Some(path) => Ptx::from_file(path),
                 None => {
-                    let (_, src) = MODULES
-                        .iter()
-                        .find(|(n, _)| *n == module)
-                        .ok_or_else(|| kernel_err(module, "no such kernel module"))?;
+                    let (_, src) =
+                        MODULES.iter().find(|(n, _)| *n == module).ok_or_else(|| kernel_err(module, "no such kernel module"))?;
                     Ptx::from_src(*src)
                 }
             };
@@ -72,9 +70,9 @@ pub fn function(dev: &CudaDevice, module: &'static str, func: &str) -> Result<Cu
 
 /// A contiguous tensor's storage as a typed device view (`what` names the operand in errors).
 pub(crate) fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| Error::Msg(format!("{what}: expected a contiguous tensor, got dims {:?} strides {:?}", l.dims(), l.stride())))?;
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        Error::Msg(format!("{what}: expected a contiguous tensor, got dims {:?} strides {:?}", l.dims(), l.stride()))
+    })?;
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 

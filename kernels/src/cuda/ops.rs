@@ -2,8 +2,8 @@
 //! name the op and the shapes), launches the kernel on candle's stream and returns a tensor.
 //! Activations are f32 or bf16; the CPU references in `crate::reference` define the results.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{CudaDevice, DType, Error, InplaceOp2, Layout, Result, Tensor};
 use half::bf16;
@@ -82,7 +82,10 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     const OP: &str = "rope_interleaved";
     let (n, heads, rope) = x.dims3()?;
     if cos.dims() != [n, rope / 2] || sin.dims() != cos.dims() || cos.dtype() != DType::F32 || rope % 2 != 0 {
-        return Err(bad(OP, format!("x {:?} with cos {:?} / sin {:?} (f32 [n, rope/2] expected)", x.dims(), cos.dims(), sin.dims())));
+        return Err(bad(
+            OP,
+            format!("x {:?} with cos {:?} / sin {:?} (f32 [n, rope/2] expected)", x.dims(), cos.dims(), sin.dims()),
+        ));
     }
     let dev = device(x, OP)?;
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
@@ -135,7 +138,8 @@ impl InplaceOp2 for CacheWrite {
     fn cuda_fwd(&self, dst: &mut CudaStorage, dst_l: &Layout, src: &CudaStorage, src_l: &Layout) -> Result<()> {
         let row_dim = src_l.dims().last().copied().unwrap_or(0);
         let (n, rows) = (self.slots.len(), dst_l.dims().first().copied().unwrap_or(0));
-        if src_l.dims() != [n, row_dim] || dst_l.dims() != [rows, row_dim] || !dst_l.is_contiguous() || dst_l.start_offset() != 0 {
+        if src_l.dims() != [n, row_dim] || dst_l.dims() != [rows, row_dim] || !dst_l.is_contiguous() || dst_l.start_offset() != 0
+        {
             return Err(bad("cache_write", format!("rows {:?} into pool {:?} with {n} slots", src_l.dims(), dst_l.dims())));
         }
         if let Some(&s) = self.slots.iter().find(|&&s| s < 0 || s as usize >= rows) {
@@ -180,10 +184,16 @@ pub fn mla_decode(q: &Tensor, pool: &Tensor, block_table: &[i32], kv_lens: &[i32
     let d = shape.row_dim();
     let nq = kv_lens.len();
     if q.dims() != [nq, shape.heads, d] || pool.dims().get(1) != Some(&d) || q.dtype() != pool.dtype() {
-        return Err(bad(OP, format!("q {:?} {:?}, pool {:?} {:?}, {nq} queries, {shape:?}", q.dims(), q.dtype(), pool.dims(), pool.dtype())));
+        return Err(bad(
+            OP,
+            format!("q {:?} {:?}, pool {:?} {:?}, {nq} queries, {shape:?}", q.dims(), q.dtype(), pool.dims(), pool.dtype()),
+        ));
     }
     if d > 576 || shape.latent > 512 || block_table.len() != nq * shape.max_pages || shape.page_size == 0 {
-        return Err(bad(OP, format!("{shape:?} with a block table of {} entries: needs latent <= 512, latent + rope <= 576", block_table.len())));
+        return Err(bad(
+            OP,
+            format!("{shape:?} with a block table of {} entries: needs latent <= 512, latent + rope <= 576", block_table.len()),
+        ));
     }
     let max_len = kv_lens.iter().copied().max().unwrap_or(0).max(0) as usize;
     if max_len > shape.max_pages * shape.page_size {
@@ -201,8 +211,14 @@ pub fn mla_decode(q: &Tensor, pool: &Tensor, block_table: &[i32], kv_lens: &[i32
     let lens = upload(&dev, kv_lens)?;
     let mut o_part = dev.alloc_zeros::<f32>(nq * splits * shape.heads * shape.latent)?;
     let mut lse = dev.alloc_zeros::<f32>(nq * splits * shape.heads)?;
-    let (h, l, r, ps, mp, per) =
-        (shape.heads as i32, shape.latent as i32, shape.rope as i32, shape.page_size as i32, shape.max_pages as i32, per_split as i32);
+    let (h, l, r, ps, mp, per) = (
+        shape.heads as i32,
+        shape.latent as i32,
+        shape.rope as i32,
+        shape.page_size as i32,
+        shape.max_pages as i32,
+        per_split as i32,
+    );
     let (qs, ql) = q.storage_and_layout();
     let (pst, pl) = pool.storage_and_layout();
     let (qs, pst) = (cuda_storage(&qs, OP)?, cuda_storage(&pst, OP)?);
@@ -233,8 +249,22 @@ pub fn mla_decode(q: &Tensor, pool: &Tensor, block_table: &[i32], kv_lens: &[i32
 pub fn route(logits: &Tensor, bias: Option<&Tensor>, cfg: &RouteConfig) -> Result<(Vec<u32>, Vec<f32>)> {
     const OP: &str = "moe_route";
     let (n, e) = logits.dims2()?;
-    if e != cfg.n_experts || e > 512 || cfg.n_group == 0 || cfg.n_group > 64 || cfg.top_k > 32 || cfg.top_k > e || logits.dtype() != DType::F32 {
-        return Err(bad(OP, format!("logits {:?} {:?} with {cfg:?} (f32, <= 512 experts, <= 64 groups, top_k <= 32)", logits.dims(), logits.dtype())));
+    if e != cfg.n_experts
+        || e > 512
+        || cfg.n_group == 0
+        || cfg.n_group > 64
+        || cfg.top_k > 32
+        || cfg.top_k > e
+        || logits.dtype() != DType::F32
+    {
+        return Err(bad(
+            OP,
+            format!(
+                "logits {:?} {:?} with {cfg:?} (f32, <= 512 experts, <= 64 groups, top_k <= 32)",
+                logits.dims(),
+                logits.dtype()
+            ),
+        ));
     }
     if n == 0 {
         return Ok((Vec::new(), Vec::new()));
@@ -305,7 +335,10 @@ impl GpuWeight {
         if let Some(s) = &self.scale {
             let want = [n.div_ceil(self.block[0].max(1)), k.div_ceil(self.block[1].max(1))];
             if s.dims() != want || s.dtype() != DType::F32 || self.block.contains(&0) || !s.is_contiguous() {
-                return Err(bad(op, format!("scale {:?} {:?} for weight [{n}, {k}] in blocks {:?}", s.dims(), s.dtype(), self.block)));
+                return Err(bad(
+                    op,
+                    format!("scale {:?} {:?} for weight [{n}, {k}] in blocks {:?}", s.dims(), s.dtype(), self.block),
+                ));
             }
         }
         Ok(())
@@ -386,7 +419,16 @@ pub fn grouped_gemm(x: &Tensor, row_idx: &[i32], offsets: &[i32], weights: &[&Gp
     let kind = first.kind(OP)?;
     let total = offsets.last().copied().unwrap_or(0).max(0) as usize;
     if offsets.len() != weights.len() + 1 || row_idx.len() != total || wk != k || offsets.windows(2).any(|w| w[1] < w[0]) {
-        return Err(bad(OP, format!("x {:?}, {} groups, {} offsets, {} row indices, weight [{n}, {wk}]", x.dims(), weights.len(), offsets.len(), row_idx.len())));
+        return Err(bad(
+            OP,
+            format!(
+                "x {:?}, {} groups, {} offsets, {} row indices, weight [{n}, {wk}]",
+                x.dims(),
+                weights.len(),
+                offsets.len(),
+                row_idx.len()
+            ),
+        ));
     }
     if let Some(&r) = row_idx.iter().find(|&&r| r < 0 || r as usize >= rows_x) {
         return Err(bad(OP, format!("row index {r} outside x's {rows_x} rows")));

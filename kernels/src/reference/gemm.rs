@@ -21,7 +21,11 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
 pub enum WeightRef<'a> {
     Dense(&'a [f32]),
     /// Bytes `[n, k]` and `scale_inv` `[ceil(n / block[0]), ceil(k / block[1])]`.
-    Fp8 { data: &'a [u8], scale: &'a [f32], block: [usize; 2] },
+    Fp8 {
+        data: &'a [u8],
+        scale: &'a [f32],
+        block: [usize; 2],
+    },
 }
 
 impl WeightRef<'_> {
