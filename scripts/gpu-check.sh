@@ -10,7 +10,9 @@
 #
 # The bundle is built with CUDA 11.8 (Debian's toolkit) and retargeted with patchelf to the GPU
 # machine's CUDA major (GPU_CUDA_MAJOR, default 13): cuBLAS / cuBLASLt / NVRTC are looked up as
-# lib*.so.$GPU_CUDA_MAJOR without symbol versions (the driver API and cuRAND need nothing). The
+# lib*.so.$GPU_CUDA_MAJOR without symbol versions, the 11.x version requirements made weak
+# (scripts/elf-weak-verneed.py; the loader warns about them and goes on); the driver API and
+# cuRAND (libcurand.so.10 in CUDA 11-13) need nothing. Tested on a stub, not on a real CUDA 13. The
 # embedded PTX is compute_$CUDA_COMPUTE_CAP (default 80), JIT-compiled by the driver; `run` also
 # compiles kernels/src/*.cu to sm_90a cubins with the machine's nvcc when it has one and runs the
 # parity tests a second time on those (MOESERVE_KERNELS_PTX_DIR).
@@ -86,10 +88,12 @@ retarget() {
       args+=(--replace-needed "$lib" "${lib%%.so.*}.so.${MAJOR}")
     fi
   done
-  for sym in $(objdump -T "$bin" | awk '/\*UND\*/ && /\((libcublas|libcublasLt|libnvrtc)\.so\./ {print $NF}' | sort -u); do
+  for sym in $(objdump -T "$bin" | awk '/\*UND\*/ && /(libcublas|libcublasLt|libnvrtc)\.so\.[0-9]/ {print $NF}' | sort -u); do
     args+=(--clear-symbol-version "$sym")
   done
   [ ${#args[@]} -eq 0 ] || patchelf "${args[@]}" "$bin"
+  # the version requirements (libcublas.so.11, ...) stay in .gnu.version_r: make them non-fatal
+  python3 scripts/elf-weak-verneed.py "$bin" libcublas libnvrtc >/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------
