@@ -78,6 +78,40 @@ mod tests {
         assert_eq!(out, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
     }
 
+    /// The reference against the model's absorbed-form candle math (`Mla::attend_absorbed`:
+    /// scores = q_lat·c_kvᵀ + q_pe·k_peᵀ, softmax(scale · scores), p·c_kv) on a paged layout.
+    #[test]
+    fn matches_the_absorbed_candle_math() {
+        use candle_core::{Device, Tensor};
+        let s = MlaShape { heads: 5, latent: 24, rope: 8, page_size: 4, max_pages: 6, scale: 0.3 };
+        let (d, len) = (s.row_dim(), 21);
+        let dev = Device::Cpu;
+        let pool = Tensor::randn(0f32, 1.0, (40, d), &dev).unwrap();
+        let q = Tensor::randn(0f32, 1.0, (1, s.heads, d), &dev).unwrap();
+        let table: Vec<i32> = vec![7, 2, 9, 0, 4, 5];
+        let rows: Vec<u32> = (0..len).map(|t| (table[t / 4] * 4) as u32 + (t % 4) as u32).collect();
+        let entries = pool.index_select(&Tensor::new(rows.as_slice(), &dev).unwrap(), 0).unwrap(); // [T, L+R]
+        let c_kv = entries.narrow(1, 0, s.latent).unwrap();
+        let k_pe = entries.narrow(1, s.latent, s.rope).unwrap();
+        let qh = q.squeeze(0).unwrap(); // [H, L+R]
+        let q_lat = qh.narrow(1, 0, s.latent).unwrap();
+        let q_pe = qh.narrow(1, s.latent, s.rope).unwrap();
+        let scores = (q_lat.matmul(&c_kv.t().unwrap()).unwrap() + q_pe.matmul(&k_pe.t().unwrap()).unwrap()).unwrap(); // [H, T]
+        let x = (scores * s.scale as f64).unwrap();
+        let e = x.broadcast_sub(&x.max_keepdim(1).unwrap()).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
+        let want: Vec<f32> = p.matmul(&c_kv.contiguous().unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = mla_decode(
+            &s,
+            &q.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &pool.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &table,
+            &[len as i32],
+        );
+        let e = crate::reference::relative_error(&got, &want);
+        assert!(e < 1e-5, "relative error {e}");
+    }
+
     #[test]
     fn splits_cover_the_sequence() {
         for (len, blocks, sms) in [(1, 8, 132), (5000, 8, 132), (100_000, 1024, 132), (63, 1, 1)] {
