@@ -95,8 +95,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `bench --kernels --device cuda`: the CUDA kernels against the copy bandwidth and matmul rate.
+#[cfg(feature = "cuda")]
+fn bench_cuda_kernels(args: &Args) -> Result<()> {
+    let dev = args.model.device.open()?;
+    moeserve_kernels::cuda::bench::run(&dev)?.print();
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda_kernels(_: &Args) -> Result<()> {
+    anyhow::bail!("bench --kernels --device cuda: this binary was built without `--features cuda`")
+}
+
 pub fn run(args: Args) -> Result<()> {
     if args.kernels {
+        if args.model.device != source::DeviceSpec::Cpu {
+            return bench_cuda_kernels(&args);
+        }
         bench_kernels(&args);
         return Ok(());
     }

@@ -11,7 +11,8 @@ use crate::source;
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Preset: tiny (the built-in model) or bench-small (~1.6 B params, 3.1 GB in bf16).
+    /// Preset: tiny (the built-in model), bench-small (~1.6 B params, 3.1 GB in bf16) or gpu-r1-slice
+    /// (R1's layer shapes, 6 layers, 32 experts: ~14 GB with --fp8).
     #[arg(long)]
     pub preset: String,
     #[arg(long)]

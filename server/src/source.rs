@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::Args;
 use moeserve_engine::Tokenizer;
 use moeserve_hub::{HubOptions, RepoSpec};
@@ -43,6 +43,38 @@ pub struct ModelArgs {
     /// max(tp, ep)); tokens are dispatched to the ranks that hold their experts.
     #[arg(long = "expert-parallel-size", visible_alias = "ep", default_value_t = 1)]
     pub ep: usize,
+    /// `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`; use `--dtype bf16` there).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => Device::new_cuda(n).with_context(|| {
+                let hint = if cfg!(feature = "cuda") { "" } else { " (this binary was built without `--features cuda`)" };
+                format!("--device cuda:{n}: cannot open the CUDA device{hint}")
+            }),
+        }
+    }
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(DeviceSpec::Cuda(n)),
+            _ => Err(format!("unknown device `{other}` (cpu, cuda, cuda:N)")),
+        },
+    }
 }
 
 fn parse_quant(s: &str) -> std::result::Result<QuantSpec, String> {
@@ -135,7 +167,20 @@ pub fn load(args: &ModelArgs, load_mtp: bool) -> Result<Loaded> {
             builtin_dir()?
         }
     };
-    let opts = LoadOptions { dtype: args.dtype, load_mtp, quant: args.quant.clone().unwrap_or_default(), ..Default::default() };
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        device: args.device.open()?,
+        load_mtp,
+        quant: args.quant.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    if args.device != DeviceSpec::Cpu && args.tp.max(args.ep) > 1 {
+        // the NCCL communicator exists (moeserve_kernels::nccl), per-device latent-cache replicas do not yet
+        anyhow::bail!(
+            "--tensor-parallel-size / --expert-parallel-size run on CPU ranks; on GPUs each rank would need its own \
+             latent-cache replica on its device, which is not implemented yet"
+        );
+    }
     let model =
         ModelGroup::load(&dir, &opts, args.tp, args.ep).with_context(|| format!("loading model from {}", dir.display()))?;
     for (r, m) in model.ranks().iter().enumerate() {

@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, Error, KvLayout, Result};
+use moeserve_model::device_ops::PagedRows;
 use moeserve_model::LatentKv;
 
 pub type PageId = u32;
@@ -261,6 +262,10 @@ impl<T: BorrowMut<BlockTable> + Send> LatentKv for PagedSeq<'_, T> {
         let idx = self.pool.rows(&table.pages, 0..len);
         let idx = Tensor::from_vec(idx, len, buf.device()).ctx(|| "kv gather".into())?;
         buf.index_select(&idx, 0).ctx(|| "kv gather".into())
+    }
+
+    fn paged(&self, layer: usize) -> Option<PagedRows<'_>> {
+        Some(PagedRows { pool: self.pool_layer(layer).ok()?, pages: &self.table.borrow().pages, page_size: self.pool.page_size })
     }
 
     fn set_seq_len(&mut self, len: usize) -> Result<()> {

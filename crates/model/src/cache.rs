@@ -19,6 +19,11 @@ pub trait LatentKv {
     fn fork<'o>(&self) -> Box<dyn LatentKv + Send + 'o>
     where
         Self: 'o;
+    /// The pool rows of `layer` when the storage is paged, so that a device kernel reads the
+    /// pages in place instead of a gathered copy (`read`).
+    fn paged(&self, _layer: usize) -> Option<crate::device_ops::PagedRows<'_>> {
+        None
+    }
 }
 
 /// One growable contiguous buffer per layer.

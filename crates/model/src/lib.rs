@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod device_ops;
 pub mod eval;
 pub mod fp8_encode;
 pub mod group;

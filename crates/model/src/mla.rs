@@ -15,6 +15,7 @@ use moeserve_quant::{Linear, Slice, Weights};
 
 use crate::batch::ForwardBatch;
 use crate::cache::LatentKv;
+use crate::device_ops::PagedRows;
 use crate::norm::RmsNorm;
 use crate::parallel::Parallel;
 use crate::rope::RopeTables;
@@ -128,13 +129,19 @@ impl Mla {
         for (chunk, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
             let s = chunk.len;
             cache.write(layer, chunk.start_pos, &rows.narrow(0, offset, s).ctx(ctx)?)?;
-            let entries = cache.read(layer, chunk.start_pos + s)?; // [T, L+R]
+            let len = chunk.start_pos + s;
             let qn = q_nope.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, P]
             let qp = q_pe.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, R]
-            let o = if batch.use_absorbed(chunk) {
-                self.attend_absorbed(&qn, &qp, &entries, chunk.start_pos)?
-            } else {
-                self.attend_naive(&qn, &qp, &entries, chunk.start_pos)?
+            let paged = match (s, cache.paged(layer)) {
+                (1, Some(pages)) if batch.use_absorbed(chunk) && crate::device_ops::has_paged_mla(&qn) => {
+                    self.attend_paged(&qn, &qp, &pages, len)?
+                }
+                _ => None,
+            };
+            let o = match paged {
+                Some(o) => o,
+                None if batch.use_absorbed(chunk) => self.attend_absorbed(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
+                None => self.attend_naive(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
             }; // [H, S, V]
             outs.push(o.transpose(0, 1).ctx(ctx)?.reshape((s, self.heads * self.v)).ctx(ctx)?);
             offset += s;
@@ -179,6 +186,16 @@ impl Mla {
         let p = self.softmax(&scores, start)?;
         let o_lat = p.broadcast_matmul(&c_kv).ctx(ctx)?; // [H, S, L]
         o_lat.matmul(&self.w_uv_t).ctx(ctx) // [H, S, V]
+    }
+
+    /// One decode token, absorbed form, by the paged kernel over the pool rows in place.
+    fn attend_paged(&self, q_nope: &Tensor, q_pe: &Tensor, pages: &PagedRows, len: usize) -> Result<Option<Tensor>> {
+        let ctx = || "mla paged".to_string();
+        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, 1, L]
+        let q = Tensor::cat(&[&q_lat, q_pe], 2).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [1, H, L+R]
+        let Some(o_lat) = crate::device_ops::mla_decode(&q, pages, len, self.latent, self.scale)? else { return Ok(None) };
+        let o_lat = o_lat.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, 1, L]
+        o_lat.matmul(&self.w_uv_t).map(Some).ctx(ctx) // [H, 1, V]
     }
 
     /// Naive attention: decompress per-head keys and values from the latent rows.

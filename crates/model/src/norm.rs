@@ -15,8 +15,16 @@ impl RmsNorm {
         Ok(RmsNorm { weight: w.tensor("weight", &[dim])?, eps })
     }
 
+    /// From a weight tensor `[dim]` in the compute dtype (tests, synthetic layers).
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
     /// `x: [.., dim]`: `w · (x / sqrt(mean(x²) + eps))`, statistics in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::device_ops::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         let ctx = || format!("rms_norm {:?}", x.dims());
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32).ctx(ctx)?;

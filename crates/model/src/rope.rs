@@ -82,6 +82,9 @@ impl Rope {
 impl RopeTables {
     /// Rotate `x: [n_tokens, heads, rope_dim]` (interleaved pairs), in f32, back to x's dtype.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::device_ops::rope(x, &self.cos, &self.sin)? {
+            return Ok(y);
+        }
         let ctx = || format!("rope {:?}", x.dims());
         let dtype = x.dtype();
         // rope_i wants [batch, heads, tokens, dim]

@@ -87,6 +87,9 @@ impl Router {
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let ctx = || format!("router {:?}", x.dims());
         let logits = x.to_dtype(DType::F32).ctx(ctx)?.matmul(&self.weight.t().ctx(ctx)?).ctx(ctx)?;
+        if let Some((experts, weights)) = crate::device_ops::route(&self.cfg, &logits, self.bias.as_deref())? {
+            return Ok(Routing { top_k: self.cfg.top_k, experts, weights });
+        }
         let logits: Vec<Vec<f32>> = logits.to_vec2().ctx(ctx)?;
         let mut routing = Routing { top_k: self.cfg.top_k, experts: Vec::new(), weights: Vec::new() };
         for row in &logits {

@@ -17,12 +17,13 @@ pub fn preset(name: &str) -> Result<DeepSeekConfig> {
     let (text, what) = match name {
         "tiny" => (TINY, "tiny"),
         "bench-small" => (BENCH_SMALL, "bench-small"),
+        "gpu-r1-slice" => (GPU_R1_SLICE, "gpu-r1-slice"),
         other => return Err(Error::Input(format!("unknown preset `{other}` (available: {})", PRESETS.join(", ")))),
     };
     DeepSeekConfig::from_json_str(text, &format!("preset {what}"))
 }
 
-pub const PRESETS: [&str; 2] = ["tiny", "bench-small"];
+pub const PRESETS: [&str; 3] = ["tiny", "bench-small", "gpu-r1-slice"];
 
 /// The built-in model: the fixtures' tiny DeepSeek-V3 shape with the real 129280 vocabulary.
 const TINY: &str = r#"{
@@ -48,6 +49,22 @@ const BENCH_SMALL: &str = r#"{
   "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64,
   "max_position_embeddings": 16384, "rms_norm_eps": 1e-6, "rope_theta": 10000,
   "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
+                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+  "num_nextn_predict_layers": 1, "tie_word_embeddings": false
+}"#;
+
+/// R1's per-layer shapes (hidden 7168, 128 MLA heads, latent 512 + rope 64, experts 2048 wide,
+/// top-8 of 8 groups) with 6 layers and 32 routed experts: ≈ 14 GB in FP8, so that a GPU decode
+/// and prefill measurement (`scripts/gpu-check.sh`) runs the real kernel shapes in minutes.
+const GPU_R1_SLICE: &str = r#"{
+  "model_type": "deepseek_v3", "bos_token_id": 0, "eos_token_id": 1, "vocab_size": 129280,
+  "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 6,
+  "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_routed_experts": 32, "num_experts_per_tok": 8,
+  "n_shared_experts": 1, "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+  "norm_topk_prob": true, "routed_scaling_factor": 2.5, "num_attention_heads": 128, "q_lora_rank": 1536,
+  "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+  "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+  "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
   "num_nextn_predict_layers": 1, "tie_word_embeddings": false
 }"#;

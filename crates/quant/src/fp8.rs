@@ -86,6 +86,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kernels_decode_every_byte_alike() {
+        for b in 0..=255u8 {
+            let (a, k) = (e4m3_to_f32(b), moeserve_kernels::reference::gemm::e4m3_to_f32(b));
+            assert!(a == k || (a.is_nan() && k.is_nan()), "byte {b:#x}: {a} vs {k}");
+        }
+        // block-scaled dequantization agrees with the kernels' reference GEMM on a ragged shape
+        let (rows, cols, block) = (5, 7, [2, 3]);
+        let data: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 120) as u8).collect();
+        let scale: Vec<f32> = (0..9).map(|i| 0.5 + i as f32).collect();
+        let w = Fp8Block { data: &data, rows, cols, scale_inv: &scale, block };
+        let dense = w.dequantize(0..rows, 0..cols);
+        let x: Vec<f32> = (0..cols).map(|i| i as f32 - 3.0).collect();
+        let want: Vec<f32> = dense.chunks(cols).map(|r| r.iter().zip(&x).map(|(a, b)| a * b).sum()).collect();
+        let fp8 = moeserve_kernels::reference::gemm::WeightRef::Fp8 { data: &data, scale: &scale, block };
+        let got = moeserve_kernels::reference::gemm::gemm(&x, 1, fp8, rows, cols);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
     fn partial_edge_blocks_use_their_own_scale() {
         // 3x5 weight, block [2, 2] -> scales [2, 3]; every byte 1.0
         let data = vec![0x38u8; 15];

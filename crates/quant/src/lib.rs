@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod fp8;
 pub mod gguf;
+pub mod gpu;
 pub mod linear;
 pub mod packed;
 pub mod progress;

@@ -73,6 +73,11 @@ impl Weights {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// FP8 block shape `[rows, cols]` of the checkpoint's block-scaled weights.
+    pub fn fp8_block(&self) -> [usize; 2] {
+        self.fp8_block
+    }
+
     pub fn checkpoint(&self) -> &Arc<Checkpoint> {
         &self.ckpt
     }
@@ -151,7 +156,13 @@ impl Weights {
         let w = self.pp(leaf);
         let name = w.name("weight");
         let class = TensorClass::of(&w.prefix);
-        let linear: Arc<dyn Linear> = if self.spec.dense_reference || !self.device.is_cpu() {
+        // FP8 stays FP8 on a GPU for whole weights; a tensor-parallel part is loaded dequantized
+        let whole = part.rows.is_none() && part.cols.is_none();
+        let gpu_fp8 =
+            if self.spec.dense_reference || !whole { None } else { crate::gpu::fp8_linear(self, &name, in_dim, out_dim)? };
+        let linear: Arc<dyn Linear> = if let Some(l) = gpu_fp8 {
+            l
+        } else if self.spec.dense_reference || !self.device.is_cpu() {
             let t = w.tensor_slice_as("weight", &[out_dim, in_dim], part, self.dtype)?;
             Arc::new(DenseLinear::new(&name, t))
         } else {
