@@ -1,6 +1,7 @@
 //! Loading the kernel modules into candle's CUDA context and launching them.
 
 pub mod bench;
+pub mod nccl;
 pub mod ops;
 
 use std::collections::HashMap;
