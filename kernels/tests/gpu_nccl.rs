@@ -38,10 +38,12 @@ fn nccl_collectives_match_the_thread_group() {
     for world in [1, devices] {
         // NCCL's init blocks until every rank has joined: one thread per rank
         let comms: Vec<Arc<NcclComm>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..world).map(|r| {
-                let id = if world == 1 { NcclComm::new_id().expect("NCCL id") } else { id.clone() };
-                s.spawn(move || Arc::new(NcclComm::new(r, r, world, &id).expect("NCCL init")))
-            }).collect();
+            let hs: Vec<_> = (0..world)
+                .map(|r| {
+                    let id = if world == 1 { NcclComm::new_id().expect("NCCL id") } else { id.clone() };
+                    s.spawn(move || Arc::new(NcclComm::new(r, r, world, &id).expect("NCCL init")))
+                })
+                .collect();
             hs.into_iter().map(|h| h.join().expect("init thread")).collect()
         });
         let got = on_threads(comms);

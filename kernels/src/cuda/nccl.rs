@@ -159,7 +159,9 @@ impl Communicator for NcclComm {
         padded.resize(step * self.world, 0.0);
         let send = self.up(&padded)?;
         let mut recv = self.zeros(step)?;
-        self.with_comm(|c| c.reduce_scatter(&send, &mut recv, &ReduceOp::Sum).map(drop).map_err(|e| err("reduce_scatter")(dbg(e))))?;
+        self.with_comm(|c| {
+            c.reduce_scatter(&send, &mut recv, &ReduceOp::Sum).map(drop).map_err(|e| err("reduce_scatter")(dbg(e)))
+        })?;
         self.down(&recv, part_range(buf.len(), self.world, self.rank).len())
     }
 
@@ -169,7 +171,8 @@ impl Communicator for NcclComm {
         }
         // sizes[src * world + dst]
         let sizes = self.gather_counts(&send.iter().map(Vec::len).collect::<Vec<_>>())?;
-        let outgoing: Vec<CudaSlice<f32>> = send.iter().map(|s| self.up(if s.is_empty() { &[0.0] } else { s })).collect::<Result<_>>()?;
+        let outgoing: Vec<CudaSlice<f32>> =
+            send.iter().map(|s| self.up(if s.is_empty() { &[0.0] } else { s })).collect::<Result<_>>()?;
         let mut incoming: Vec<CudaSlice<f32>> =
             (0..self.world).map(|src| self.zeros(sizes[src * self.world + self.rank])).collect::<Result<_>>()?;
         let world = self.world;
