@@ -40,8 +40,17 @@ fn router_reference_selects_like_the_model() {
         (16, 4, 4, 2, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, 2.5),
     ];
     for (n_experts, top_k, n_group, topk_group, method, scoring, norm, scaling) in configs {
-        let cfg =
-            RouterConfig { n_experts, top_k, n_group, topk_group, method, scoring, norm_topk_prob: norm, scaling, dtype: DType::F32 };
+        let cfg = RouterConfig {
+            n_experts,
+            top_k,
+            n_group,
+            topk_group,
+            method,
+            scoring,
+            norm_topk_prob: norm,
+            scaling,
+            dtype: DType::F32,
+        };
         let bias: Vec<f32> = (0..n_experts).map(|_| rng.gen::<f32>() + 1.5).collect();
         let bias = (method == TopkMethod::NoauxTc).then_some(bias);
         let router = Router::new(cfg.clone(), Tensor::zeros((n_experts, 4), DType::F32, &Device::Cpu).unwrap(), bias.clone());
@@ -62,7 +71,8 @@ fn rope_reference_rotates_like_the_model() {
     let (n, heads, dim) = (5, 3, cfg.qk_rope_head_dim);
     let positions = [0, 1, 17, 4000, 100_000];
     let x = Tensor::randn(0f32, 1.0, (n, heads, dim), &Device::Cpu).unwrap();
-    let got: Vec<f32> = rope.tables(&positions, &Device::Cpu).unwrap().apply(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f32> =
+        rope.tables(&positions, &Device::Cpu).unwrap().apply(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     let half = dim / 2;
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
     for &p in &positions {
