@@ -9,7 +9,8 @@
 #                                synthetic checkpoint -> decode / prefill tok/s; prints a table
 #
 # The bundle is built with CUDA 11.8 (Debian's toolkit) and retargeted with patchelf to the GPU
-# machine's CUDA major (GPU_CUDA_MAJOR, default 13): cuBLAS / cuBLASLt / NVRTC are looked up as
+# machine's CUDA major (GPU_CUDA_MAJOR, default 13): cuBLAS / cuBLASLt / NVRTC / cudart (candle's
+# kernels library needs it) are looked up as
 # lib*.so.$GPU_CUDA_MAJOR without symbol versions, the 11.x version requirements made weak
 # (scripts/elf-weak-verneed.py; the loader warns about them and goes on); the driver API and
 # cuRAND (libcurand.so.10 in CUDA 11-13) need nothing. Tested on a stub, not on a real CUDA 13. The
@@ -83,17 +84,17 @@ EOF
 retarget() {
   local bin=$1 args=() lib sym
   [ "$MAJOR" = 11 ] && return 0
-  for lib in libcublas.so.11 libcublasLt.so.11 libnvrtc.so.11.2; do
+  for lib in libcublas.so.11 libcublasLt.so.11 libnvrtc.so.11.2 libcudart.so.11.0; do
     if patchelf --print-needed "$bin" | grep -qx "$lib"; then
       args+=(--replace-needed "$lib" "${lib%%.so.*}.so.${MAJOR}")
     fi
   done
-  for sym in $(objdump -T "$bin" | awk '/\*UND\*/ && /(libcublas|libcublasLt|libnvrtc)\.so\.[0-9]/ {print $NF}' | sort -u); do
+  for sym in $(objdump -T "$bin" | awk '/\*UND\*/ && /(libcublas|libcublasLt|libnvrtc|libcudart)\.so\.[0-9]/ {print $NF}' | sort -u); do
     args+=(--clear-symbol-version "$sym")
   done
   [ ${#args[@]} -eq 0 ] || patchelf "${args[@]}" "$bin"
   # the version requirements (libcublas.so.11, ...) stay in .gnu.version_r: make them non-fatal
-  python3 scripts/elf-weak-verneed.py "$bin" libcublas libnvrtc >/dev/null
+  python3 scripts/elf-weak-verneed.py "$bin" libcublas libnvrtc libcudart >/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ fn mla_decode_matches_reference() {
             let table: Vec<i32> = ids[..nq * max_pages].to_vec();
             let (pool, ph) = upload(&randn(&mut rng, pool_pages * page_size * d, 1.0), &[pool_pages * page_size, d], dtype, &dev);
             let (q, qh) = upload(&randn(&mut rng, nq * heads * d, 1.0), &[nq, heads, d], dtype, &dev);
-            let lens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+            let lens: Vec<i32> = lens.to_vec();
             let shape = MlaShape { heads, latent, rope, page_size, max_pages, scale: 1.0 / (d as f32).sqrt() * 2.0 };
             let got = host(&ops::mla_decode(&q, &pool, &table, &lens, &shape).unwrap());
             let want = rmla::mla_decode(&shape, &qh, &ph, &table, &lens);

@@ -116,7 +116,7 @@ mod tests {
     fn splits_cover_the_sequence() {
         for (len, blocks, sms) in [(1, 8, 132), (5000, 8, 132), (100_000, 1024, 132), (63, 1, 1)] {
             let (n, per) = plan_splits(len, blocks, sms);
-            assert!(n >= 1 && n <= 64 && per % 8 == 0 && n * per >= len && (n - 1) * per < len, "{len}: {n} x {per}");
+            assert!((1..=64).contains(&n) && per % 8 == 0 && n * per >= len && (n - 1) * per < len, "{len}: {n} x {per}");
         }
     }
 }
