@@ -2,20 +2,9 @@
 
 use std::ops::Range;
 
-/// Decode one E4M3FN byte exactly (every E4M3 value is representable in f32).
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exp = ((b >> 3) & 0x0f) as i32;
-    let man = (b & 0x07) as f32;
-    if exp == 0x0f && (b & 0x07) == 0x07 {
-        return f32::NAN;
-    }
-    if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    }
-}
+/// Decode one E4M3FN byte exactly (every E4M3 value is representable in f32): the same
+/// decode the CUDA kernels' reference uses.
+pub use moeserve_kernels::reference::gemm::e4m3_to_f32;
 
 /// All 256 decoded values, for table lookup in the dequantization loops.
 pub fn e4m3_table() -> [f32; 256] {

@@ -1,7 +1,7 @@
 //! Reference of `gemm.cu`: `y = x · Wᵀ` for dense and FP8 block-scaled weights, single and
 //! grouped (one weight per active expert over its rows of an expert-sorted list).
 
-/// E4M3FN byte -> f32, exactly (the kernels' decode; `moeserve-quant` has the same table).
+/// E4M3FN byte -> f32, exactly (the kernels' decode; `moeserve-quant` re-exports it).
 pub fn e4m3_to_f32(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
     let exp = ((b >> 3) & 0x0f) as i32;
