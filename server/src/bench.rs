@@ -35,6 +35,12 @@ pub struct Args {
     /// read bandwidth measured in the same run (no model is loaded).
     #[arg(long)]
     pub kernels: bool,
+    /// Formats of the kernel benchmark (default: all of f32,bf16,fp8,q8_0,q4k,q6k).
+    #[arg(long, value_delimiter = ',')]
+    pub kernel_formats: Vec<String>,
+    /// Batch sizes of the kernel benchmark.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128")]
+    pub kernel_batches: Vec<usize>,
     /// Matrix of the kernel benchmark, rows x cols.
     #[arg(long, default_value = "8192x4096", value_parser = parse_shape)]
     pub kernel_shape: (usize, usize),
@@ -65,12 +71,22 @@ fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
 }
 
 /// `bench --kernels`: the per-format kernel table.
-fn bench_kernels(args: &Args) {
+fn bench_kernels(args: &Args) -> Result<()> {
     use moeserve_cpu::Format;
-    let formats = [Format::F32, Format::Bf16, Format::Fp8 { block: [128, 128] }, Format::Q8_0, Format::Q4K, Format::Q6K];
+    let all = [Format::F32, Format::Bf16, Format::Fp8 { block: [128, 128] }, Format::Q8_0, Format::Q4K, Format::Q6K];
+    let mut formats = Vec::new();
+    for name in &args.kernel_formats {
+        match all.iter().find(|f| f.name() == name) {
+            Some(&f) => formats.push(f),
+            None => anyhow::bail!("--kernel-formats: unknown format `{name}` (one of f32, bf16, fp8, q8_0, q4k, q6k)"),
+        }
+    }
+    if formats.is_empty() {
+        formats = all.to_vec();
+    }
     let (rows, cols) = args.kernel_shape;
     let backend = moeserve_cpu::backend();
-    let report = moeserve_cpu::bench::run(&formats, &[1, 2, 4, 8, 16, 32, 64, 128], rows, cols, 3, 1 << 30, backend);
+    let report = moeserve_cpu::bench::run(&formats, &args.kernel_batches, rows, cols, 3, 1 << 30, backend);
     println!(
         "kernels: {backend:?}, {} threads, weight [{rows}, {cols}], read bandwidth {:.1} GB/s (best of 5 over 1 GiB)",
         rayon::current_num_threads(),
@@ -88,6 +104,7 @@ fn bench_kernels(args: &Args) {
             r.vs_batch1
         );
     }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -113,7 +130,7 @@ pub fn run(args: Args) -> Result<()> {
         if args.model.device != source::DeviceSpec::Cpu {
             return bench_cuda_kernels(&args);
         }
-        bench_kernels(&args);
+        bench_kernels(&args)?;
         return Ok(());
     }
     let t = Instant::now();

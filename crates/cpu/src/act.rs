@@ -19,6 +19,8 @@ pub struct Activations {
     /// FP8 weights with whole 32-column scale blocks: the f32 rows with each 32 columns reordered
     /// as the kernel decodes them (even columns 0..16, even 16..32, odd 0..16, odd 16..32).
     pub(crate) fp8_order: Vec<f32>,
+    /// The rows rounded to bf16 for the AMX tiles, built on first use (see [`Self::bf16_pairs`]).
+    bf16_pairs: std::sync::OnceLock<Vec<u16>>,
 }
 
 impl Activations {
@@ -38,7 +40,17 @@ impl Activations {
             _ => Vec::new(),
         };
         let mut a =
-            Activations { batch, padded_cols, f32: f, qs: Vec::new(), d: Vec::new(), sums16: Vec::new(), block, fp8_order };
+            Activations {
+            batch,
+            padded_cols,
+            f32: f,
+            qs: Vec::new(),
+            d: Vec::new(),
+            sums16: Vec::new(),
+            block,
+            fp8_order,
+            bf16_pairs: std::sync::OnceLock::new(),
+        };
         if block > 0 {
             a.quantize();
         }
@@ -47,6 +59,27 @@ impl Activations {
 
     pub(crate) fn has_fp8_order(&self) -> bool {
         !self.fp8_order.is_empty()
+    }
+
+    /// The rows rounded to bf16 (nearest even) in groups of 16, each group laid out as
+    /// `[padded_cols / 2][16][2]`: column pairs of the 16 rows side by side, the order in which an
+    /// AMX tile takes its right-hand operand. Rows past `batch` in the last group are zero.
+    pub(crate) fn bf16_pairs(&self) -> &[u16] {
+        self.bf16_pairs.get_or_init(|| {
+            let pc = self.padded_cols;
+            let groups = self.batch.div_ceil(16);
+            let mut out = vec![0u16; groups * pc * 16];
+            for b in 0..self.batch {
+                let (g, n) = (b / 16, b % 16);
+                let x = &self.f32[b * pc..(b + 1) * pc];
+                let dst = &mut out[g * pc * 16..(g + 1) * pc * 16];
+                for (p, pair) in x.chunks_exact(2).enumerate() {
+                    dst[p * 32 + 2 * n] = half::bf16::from_f32(pair[0]).to_bits();
+                    dst[p * 32 + 2 * n + 1] = half::bf16::from_f32(pair[1]).to_bits();
+                }
+            }
+            out
+        })
     }
 
     fn quantize(&mut self) {

@@ -7,6 +7,8 @@
 //! - [`bandwidth`]: a streaming-read measurement to compare the kernels against.
 
 pub mod act;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 pub mod bandwidth;
 pub mod bench;

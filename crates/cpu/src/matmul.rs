@@ -18,6 +18,8 @@ fn available(backend: Backend) -> bool {
         Backend::Avx2 => crate::simd::avx2::available(),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512 => crate::simd::avx512::available(),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Amx => crate::amx::available(),
         Backend::Portable => true,
         #[cfg(not(target_arch = "x86_64"))]
         _ => false,
@@ -27,6 +29,10 @@ fn available(backend: Backend) -> bool {
 /// Which implementation runs the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// [`Backend::Avx512`], plus Intel AMX bf16 tiles for products with a few activation rows or
+    /// more in the bf16, FP8 and ggml formats (both operands rounded to bf16, f32 sums; see the
+    /// `amx` module). f32 weights keep the f32 kernels.
+    Amx,
     /// The same kernels compiled for AVX-512 (VL, BW, VNNI): larger tiles, `vpdpbusd`.
     Avx512,
     /// AVX2 + FMA + F16C kernels.
@@ -35,14 +41,15 @@ pub enum Backend {
     Portable,
 }
 
-/// The best backend of this CPU; `MOESERVE_CPU_KERNELS=avx2|portable` caps it.
+/// The best backend of this CPU; `MOESERVE_CPU_KERNELS=avx512|avx2|portable` caps it.
 pub fn backend() -> Backend {
     static B: OnceLock<Backend> = OnceLock::new();
     *B.get_or_init(|| {
         let order: &[Backend] = match std::env::var("MOESERVE_CPU_KERNELS").as_deref() {
             Ok("portable") => &[],
             Ok("avx2") => &[Backend::Avx2],
-            _ => &[Backend::Avx512, Backend::Avx2],
+            Ok("avx512") => &[Backend::Avx512, Backend::Avx2],
+            _ => &[Backend::Amx, Backend::Avx512, Backend::Avx2],
         };
         order.iter().copied().find(|&b| available(b)).unwrap_or(Backend::Portable)
     })
@@ -89,7 +96,9 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
     let unit_bytes = (total_bytes / (threads * 8)).max(16 << 10);
     let mut units = Vec::new();
     for (i, p) in products.iter().enumerate() {
+        // whole AMX tiles of 32 rows where a unit has more than one
         let rows_per = (unit_bytes / p.w.row_bytes.max(1)).clamp(1, p.w.rows.max(1));
+        let rows_per = if rows_per > 32 { rows_per.next_multiple_of(32) } else { rows_per };
         let mut r = 0;
         while r < p.w.rows {
             units.push((i, r, (r + rows_per).min(p.w.rows)));
@@ -115,6 +124,10 @@ unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r
         Backend::Avx2 => crate::simd::avx2::rows(w, a, r0, r1, y, y_stride),
         #[cfg(target_arch = "x86_64")]
         Backend::Avx512 => crate::simd::avx512::rows(w, a, r0, r1, y, y_stride),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Amx if crate::amx::applies(w, a) => crate::amx::rows(w, a, r0, r1, y, y_stride),
+        #[cfg(target_arch = "x86_64")]
+        Backend::Amx => crate::simd::avx512::rows(w, a, r0, r1, y, y_stride),
         _ => {
             for r in r0..r1 {
                 let wr = w.dequantize_row(r);

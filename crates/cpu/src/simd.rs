@@ -19,6 +19,7 @@ use std::arch::x86_64::*;
 
 use crate::act::Activations;
 use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
+use crate::simd::{f16_at, f16_splat};
 
 const F32: u8 = 0;
 const BF16: u8 = 1;
@@ -154,7 +155,7 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
         Format::Q8_0 => {
             for blk in 0..pc / 32 {
                 let bp = row.add(blk * Q8_0_BLOCK.0);
-                let d = _mm256_set1_ps(f16_at(bp));
+                let d = f16_splat(bp);
                 for j in 0..4 {
                     let q = _mm_loadl_epi64(bp.add(2 + 8 * j) as *const __m128i);
                     let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
@@ -393,13 +394,6 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
     store_sums(&tot, &[[0.0; BT]; R], out);
 }
 
-#[inline]
-#[target_feature(enable = $features)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = (p as *const u16).read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
 #[target_feature(enable = $features)]
 unsafe fn q8_0_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
@@ -563,6 +557,31 @@ unsafe fn q6k_rows<const R: usize, const BT: usize>(
 }
 pub use kernels::*;
     };
+}
+
+/// The f16 at `p` as f32 in every lane.
+///
+/// # Safety
+/// `p` must be readable for 2 bytes, and the CPU must have AVX2 and F16C.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn f16_splat(p: *const u8) -> std::arch::x86_64::__m256 {
+    // a broadcast load writes the whole register; the compiler's choice for a scalar load
+    // (`vpinsrw` into a register) would chain every call to the previous user of that register,
+    // which made the q8_0 loops latency-bound
+    let h: std::arch::x86_64::__m128i;
+    std::arch::asm!("vpbroadcastw {h}, word ptr [{p}]", h = out(xmm_reg) h, p = in(reg) p, options(pure, readonly, nostack, preserves_flags));
+    std::arch::x86_64::_mm256_cvtph_ps(h)
+}
+
+/// The f16 at `p` as f32.
+///
+/// # Safety
+/// As [`f16_splat`].
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
+    std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
 }
 
 /// AVX2 + FMA + F16C.
