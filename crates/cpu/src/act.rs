@@ -13,8 +13,9 @@ pub struct Activations {
     pub(crate) qs: Vec<i8>,
     /// One scale per activation block: 32 values for q8_0, 256 for the k-quants.
     pub(crate) d: Vec<f32>,
-    /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32).
-    pub(crate) sums16: Vec<i32>,
+    /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32;
+    /// at most 16 · 127 in magnitude).
+    pub(crate) sums16: Vec<i16>,
     pub(crate) block: usize,
     /// FP8 weights with whole 32-column scale blocks: the f32 rows with each 32 columns reordered
     /// as the kernel decodes them (even columns 0..16, even 16..32, odd 0..16, odd 16..32).
@@ -61,21 +62,25 @@ impl Activations {
         !self.fp8_order.is_empty()
     }
 
-    /// The rows rounded to bf16 (nearest even) in groups of 16, each group laid out as
-    /// `[padded_cols / 2][16][2]`: column pairs of the 16 rows side by side, the order in which an
-    /// AMX tile takes its right-hand operand. Rows past `batch` in the last group are zero.
+    /// The rows as bf16 for the AMX tiles, in groups of 16 rows: each value `x` as a high part
+    /// `h = bf16(x)` and a low part `bf16(x - h)` (nearest even), so `h + l` keeps 16 significant
+    /// bits of `x`. A group is its high parts then its low parts, each `[padded_cols / 2][16][2]`:
+    /// column pairs of the 16 rows side by side, the order in which a tile takes its right-hand
+    /// operand. Rows past `batch` in the last group are zero.
     pub(crate) fn bf16_pairs(&self) -> &[u16] {
         self.bf16_pairs.get_or_init(|| {
             let pc = self.padded_cols;
-            let groups = self.batch.div_ceil(16);
-            let mut out = vec![0u16; groups * pc * 16];
+            let part = pc * 16;
+            let mut out = vec![0u16; self.batch.div_ceil(16) * 2 * part];
             for b in 0..self.batch {
                 let (g, n) = (b / 16, b % 16);
                 let x = &self.f32[b * pc..(b + 1) * pc];
-                let dst = &mut out[g * pc * 16..(g + 1) * pc * 16];
-                for (p, pair) in x.chunks_exact(2).enumerate() {
-                    dst[p * 32 + 2 * n] = half::bf16::from_f32(pair[0]).to_bits();
-                    dst[p * 32 + 2 * n + 1] = half::bf16::from_f32(pair[1]).to_bits();
+                let (hi, lo) = out[2 * g * part..2 * (g + 1) * part].split_at_mut(part);
+                for (k, &v) in x.iter().enumerate() {
+                    let h = half::bf16::from_f32(v);
+                    let i = (k / 2) * 32 + 2 * n + k % 2;
+                    hi[i] = h.to_bits();
+                    lo[i] = half::bf16::from_f32(v - h.to_f32()).to_bits();
                 }
             }
             out
@@ -96,7 +101,7 @@ impl Activations {
             self.d.push(d);
         }
         if self.block == 256 {
-            self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i32).sum()).collect();
+            self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
         }
     }
 }

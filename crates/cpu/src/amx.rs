@@ -8,12 +8,15 @@
 //!
 //! - bf16 weights are loaded into tiles straight from the packed rows (no copy);
 //! - FP8 and the ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
-//! - activations are rounded to bf16 once per call, in the pair-interleaved layout the tile
-//!   instruction reads (`Activations::bf16_pairs`);
-//! - f32 weights never come here (they ask for f32 arithmetic).
+//! - activations are split once per call into a bf16 high part and a bf16 low part (the rounding
+//!   error of the high part), both multiplied: together they carry 16 significant bits, so the
+//!   activations lose nothing that matters against bf16 weights (error ≈ 2⁻¹⁷ per term);
+//! - f32 and FP8 weights never come here: both would be rounded to bf16 (FP8 times its block
+//!   scale is not a bf16 number), and they ask for exact products.
 //!
-//! So this path rounds both operands to bf16 and accumulates in f32, as llama.cpp's bf16 path and
-//! GPUs do: the error of each product term is at most 2⁻⁸ of its magnitude.
+//! So bf16 weights give the f32 kernels' result to about 1e-5, and the ggml formats add a bf16
+//! rounding of each dequantized weight (2⁻⁹), below the error of the 8-bit activations their
+//! vector kernels use.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -74,9 +77,9 @@ pub fn min_batch(format: Format) -> usize {
     static OVERRIDE: OnceLock<Option<usize>> = OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_AMX_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
     over.unwrap_or(match format {
-        Format::F32 => usize::MAX,
+        Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        Format::Fp8 { .. } | Format::Q8_0 | Format::Q4K | Format::Q6K => 16,
+        Format::Q8_0 | Format::Q4K | Format::Q6K => 16,
     })
 }
 
@@ -158,47 +161,38 @@ struct Out {
 }
 
 /// 16 (or 32 with `TWO_ROW_TILES`) weight rows at `wp` (`ws` bytes apart) times every activation
-/// row, 32 activation rows (two tiles) per pass over the columns. Tiles: 0–3 sums, 4–5 weights,
-/// 6–7 activations.
+/// row, 16 activation rows per pass over the columns: their bf16 high parts and low parts
+/// (`Activations::bf16_pairs`) into separate sums, added in f32. Tiles: 0–1 sums of the high
+/// parts, 2–3 of the low parts, 4–5 weights, 6–7 activations.
 #[inline]
 unsafe fn block<const TWO_ROW_TILES: bool>(wp: *const u8, ws: usize, pairs: &[u16], pc: usize, out: Out) {
-    let groups = out.batch.div_ceil(TILE_ROWS);
-    // one group's activations: pc/2 pairs × 16 rows × 2 bf16 = pc · 32 bytes
-    let group_bytes = pc * 32;
+    // one part of one group: pc/2 pairs × 16 rows × 2 bf16 = pc · 32 bytes
+    let part_bytes = pc * 32;
     let w1 = wp.add(TILE_ROWS * ws);
-    let mut g = 0;
-    while g < groups {
-        let two_groups = g + 1 < groups;
-        let x0 = (pairs.as_ptr() as *const u8).add(g * group_bytes);
-        let x1 = x0.add(group_bytes);
+    for g in 0..out.batch.div_ceil(TILE_ROWS) {
+        let hi = (pairs.as_ptr() as *const u8).add(2 * g * part_bytes);
+        let lo = hi.add(part_bytes);
         asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
         for s in 0..pc / STEP {
             let (wo, xo) = (s * 64, s * 1024);
             asm!(
                 "tileloadd tmm4, [{w} + {ws}*1]",
-                "tileloadd tmm6, [{x} + {xs}*1]",
+                "tileloadd tmm6, [{hi} + {xs}*1]",
+                "tileloadd tmm7, [{lo} + {xs}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
-                w = in(reg) wp.add(wo), ws = in(reg) ws, x = in(reg) x0.add(xo), xs = in(reg) 64usize,
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                w = in(reg) wp.add(wo), ws = in(reg) ws, hi = in(reg) hi.add(xo), lo = in(reg) lo.add(xo),
+                xs = in(reg) 64usize,
                 options(nostack, readonly)
             );
             if TWO_ROW_TILES {
                 asm!(
                     "tileloadd tmm5, [{w} + {ws}*1]",
                     "tdpbf16ps tmm1, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
                     w = in(reg) w1.add(wo), ws = in(reg) ws,
                     options(nostack, readonly)
                 );
-            }
-            if two_groups {
-                asm!(
-                    "tileloadd tmm7, [{x} + {xs}*1]",
-                    "tdpbf16ps tmm2, tmm4, tmm7",
-                    x = in(reg) x1.add(xo), xs = in(reg) 64usize,
-                    options(nostack, readonly)
-                );
-                if TWO_ROW_TILES {
-                    asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem));
-                }
             }
         }
         let mut sums = Sums([[0f32; 256]; 4]);
@@ -212,19 +206,15 @@ unsafe fn block<const TWO_ROW_TILES: bool>(wp: *const u8, ws: usize, pairs: &[u1
             s = in(reg) 64usize,
             options(nostack)
         );
-        let row_tiles = if TWO_ROW_TILES { 2 } else { 1 };
-        for (gi, gg) in [g, g + 1].into_iter().enumerate().take(if two_groups { 2 } else { 1 }) {
-            for t in 0..row_tiles {
-                let c = &sums.0[2 * gi + t];
-                for n in 0..TILE_ROWS.min(out.batch - gg * TILE_ROWS) {
-                    let yb = out.y.add((gg * TILE_ROWS + n) * out.y_stride + out.r + t * TILE_ROWS);
-                    for i in 0..TILE_ROWS.min(out.rows - t * TILE_ROWS) {
-                        *yb.add(i) = c[i * TILE_ROWS + n];
-                    }
+        for t in 0..if TWO_ROW_TILES { 2 } else { 1 } {
+            let (c_hi, c_lo) = (&sums.0[t], &sums.0[2 + t]);
+            for n in 0..TILE_ROWS.min(out.batch - g * TILE_ROWS) {
+                let yb = out.y.add((g * TILE_ROWS + n) * out.y_stride + out.r + t * TILE_ROWS);
+                for i in 0..TILE_ROWS.min(out.rows - t * TILE_ROWS) {
+                    *yb.add(i) = c_hi[i * TILE_ROWS + n] + c_lo[i * TILE_ROWS + n];
                 }
             }
         }
-        g += 2;
     }
 }
 

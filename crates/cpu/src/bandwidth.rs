@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-/// Best of `reps` passes summing a `bytes`-sized buffer on rayon's pool; bytes per second.
+/// Best of `reps` passes summing a `bytes`-sized buffer on rayon's pool, for 2, 4 and 8
+/// interleaved streams per thread; bytes per second.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let n = bytes / 8;
     let buf: Vec<u64> = (0..n as u64).collect();
@@ -13,24 +14,30 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let mut best = f64::INFINITY;
     let mut sink = 0u64;
     for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        sink ^= buf.par_chunks(chunk).map(sum_chunk).reduce(|| 0, |a, b| a.wrapping_add(b));
-        best = best.min(t.elapsed().as_secs_f64());
+        for pass in [sum_chunk::<2> as fn(&[u64]) -> u64, sum_chunk::<4>, sum_chunk::<8>] {
+            let t = Instant::now();
+            sink ^= buf.par_chunks(chunk).map(pass).reduce(|| 0, |a, b| a.wrapping_add(b));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
     }
     std::hint::black_box(sink);
     (n * 8) as f64 / best
 }
 
-/// Two interleaved streams per thread (the halves of its chunk): one sequential stream leaves
-/// memory-level parallelism unused and measures a third less than the kernels can read.
-fn sum_chunk(c: &[u64]) -> u64 {
-    let (a, b) = c.split_at(c.len() / 2);
-    let mut acc = [0u64; 16];
-    for (va, vb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] = acc[i].wrapping_add(va[i]);
-            acc[8 + i] = acc[8 + i].wrapping_add(vb[i]);
+/// `S` interleaved sequential streams per thread (the parts of its chunk). One stream leaves
+/// memory-level parallelism unused and measures a third less than the kernels read; the
+/// kernels read up to 8 rows at once, so the probe tries as many.
+fn sum_chunk<const S: usize>(c: &[u64]) -> u64 {
+    let part = c.len() / S / 8 * 8;
+    let mut acc = [[0u64; 8]; S];
+    for i in (0..part).step_by(8) {
+        for (s, a) in acc.iter_mut().enumerate() {
+            let v = &c[s * part + i..s * part + i + 8];
+            for k in 0..8 {
+                a[k] = a[k].wrapping_add(v[k]);
+            }
         }
     }
-    acc.iter().fold(0u64, |x, &y| x.wrapping_add(y))
+    let tail = c[S * part..].iter().fold(0u64, |x, &y| x.wrapping_add(y));
+    acc.iter().flatten().fold(tail, |x, &y| x.wrapping_add(y))
 }

@@ -38,14 +38,27 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
-    // two rows at a time, one from each half of the range: two independent memory streams per
-    // thread read about a third more per second than one
-    let half = (r1 - r0) / 2;
-    for i in 0..half {
-        tiles::<2>(w, a, [r0 + i, r0 + half + i], y, y_stride);
+    // several rows at a time, each from its own part of the range: independent memory streams
+    // per thread read more per second than one (two streams about a third more than one). With
+    // 32 registers: eight streams for one activation row of the float formats and q8_0, four
+    // for one or two rows otherwise (the k-quant tiles would spill with eight)
+    if $max_tile == 8 && a.batch <= 2 {
+        if a.batch == 1 && !matches!(w.format, Format::Q4K | Format::Q6K) {
+            return streams::<8>(w, a, r0, r1, y, y_stride);
+        }
+        return streams::<4>(w, a, r0, r1, y, y_stride);
     }
-    if (r1 - r0) % 2 == 1 {
-        tiles::<1>(w, a, [r1 - 1], y, y_stride);
+    streams::<2>(w, a, r0, r1, y, y_stride)
+}
+
+/// Rows `r0..r1` as `R` interleaved streams, one from each `R`-th part of the range.
+unsafe fn streams<const R: usize>(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    let part = (r1 - r0) / R;
+    for i in 0..part {
+        tiles::<R>(w, a, std::array::from_fn(|k| r0 + k * part + i), y, y_stride);
+    }
+    for r in r0 + R * part..r1 {
+        tiles::<1>(w, a, [r], y, y_stride);
     }
 }
 
@@ -206,6 +219,9 @@ unsafe fn tile<const R: usize, const BT: usize>(
     match w.format {
         Format::F32 => float_rows::<F32, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
         Format::Bf16 => float_rows::<BF16, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
+        Format::Fp8 { block } if $max_tile == 8 && BT <= 2 && block[1] % 32 == 0 => {
+            crate::simd::fp8_512::rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
+        }
         Format::Fp8 { block } if R * BT <= 2 && a.has_fp8_order() => {
             fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order.as_ptr().add(b0 * pc), out)
         }
@@ -432,6 +448,35 @@ unsafe fn q8_0_rows<const R: usize, const BT: usize>(
     store_sums(&acc, &[[0.0; BT]; R], out);
 }
 
+/// `_mm256_shuffle_epi8` masks that broadcast 16-bit lane `g` of each 128-bit half.
+static LANE16: [[u8; 32]; 8] = {
+    let mut m = [[0u8; 32]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let mut i = 0;
+        while i < 16 {
+            m[g][2 * i] = 2 * g as u8;
+            m[g][2 * i + 1] = 2 * g as u8 + 1;
+            i += 1;
+        }
+        g += 1;
+    }
+    m
+};
+
+/// Horizontal sums of the correction accumulators (`store_sums`' `minus`).
+#[inline]
+#[target_feature(enable = $features)]
+unsafe fn hsums<const R: usize, const BT: usize>(v: &[[__m256; BT]; R]) -> [[f32; BT]; R] {
+    let mut out = [[0f32; BT]; R];
+    for j in 0..R {
+        for b in 0..BT {
+            out[j][b] = hsum(v[j][b]);
+        }
+    }
+    out
+}
+
 #[target_feature(enable = $features)]
 unsafe fn q4k_rows<const R: usize, const BT: usize>(
     rows: [*const u8; R],
@@ -443,50 +488,56 @@ unsafe fn q4k_rows<const R: usize, const BT: usize>(
     let pc = a.padded_cols;
     let low = _mm256_set1_epi8(0x0f);
     let mut acc = [[_mm256_setzero_ps(); BT]; R];
-    let mut mins = [[0f32; BT]; R];
+    // Σ min · activations, in vectors: (16 mins, each twice) · (16 sums of 16 activations)
+    let mut mins = [[_mm256_setzero_ps(); BT]; R];
     for sb in 0..nsb {
         let mut d = [[0f32; 2]; R];
-        let mut sc = [[0u8; 8]; R];
-        let mut m = [[0u8; 8]; R];
+        // the 8 group scales as 16-bit lanes, in both halves; the 8 mins, each twice
+        let mut scv = [_mm256_setzero_si256(); R];
+        let mut mv = [_mm256_setzero_si256(); R];
         for j in 0..R {
             let bp = rows[j].add(sb * Q4K_BLOCK.0);
             d[j] = [f16_at(bp), f16_at(bp.add(2))];
-            (sc[j], m[j]) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+            let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+            scv[j] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(sc) as i64)));
+            let m = _mm_cvtsi64_si128(u64::from_le_bytes(m) as i64);
+            mv[j] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
         }
         let mut sumi = [[_mm256_setzero_si256(); BT]; R];
         for c in 0..4 {
             let mut lo = [_mm256_setzero_si256(); R];
             let mut hi = [_mm256_setzero_si256(); R];
+            let mut s_lo = [_mm256_setzero_si256(); R];
+            let mut s_hi = [_mm256_setzero_si256(); R];
             for j in 0..R {
                 let q = _mm256_loadu_si256(rows[j].add(sb * Q4K_BLOCK.0 + 16 + 32 * c) as *const __m256i);
                 lo[j] = _mm256_and_si256(q, low);
                 hi[j] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                s_lo[j] = _mm256_shuffle_epi8(scv[j], _mm256_loadu_si256(LANE16[2 * c].as_ptr() as *const __m256i));
+                s_hi[j] = _mm256_shuffle_epi8(scv[j], _mm256_loadu_si256(LANE16[2 * c + 1].as_ptr() as *const __m256i));
             }
             for b in 0..BT {
                 let xp = a.qs.as_ptr().add((b0 + b) * pc + sb * 256 + 64 * c);
                 let x0 = _mm256_loadu_si256(xp as *const __m256i);
                 let x1 = _mm256_loadu_si256(xp.add(32) as *const __m256i);
                 for j in 0..R {
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], x0), _mm256_set1_epi16(sc[j][2 * c] as i16));
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], x1), _mm256_set1_epi16(sc[j][2 * c + 1] as i16));
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], x0), s_lo[j]);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], x1), s_hi[j]);
                     sumi[j][b] = _mm256_add_epi32(sumi[j][b], _mm256_add_epi32(p0, p1));
                 }
             }
         }
         for b in 0..BT {
             let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
-            let s16 = a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16);
+            let s16 = _mm256_loadu_si256(a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16) as *const __m256i);
             for j in 0..R {
-                let mut msum = 0i32;
-                for (g, &mg) in m[j].iter().enumerate() {
-                    msum += mg as i32 * (*s16.add(2 * g) + *s16.add(2 * g + 1));
-                }
+                let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(mv[j], s16));
                 acc[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(d[j][0] * dx), _mm256_cvtepi32_ps(sumi[j][b]), acc[j][b]);
-                mins[j][b] += d[j][1] * dx * msum as f32;
+                mins[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(d[j][1] * dx), msum, mins[j][b]);
             }
         }
     }
-    store_sums(&acc, &mins, out);
+    store_sums(&acc, &hsums(&mins), out);
 }
 
 #[target_feature(enable = $features)]
@@ -501,7 +552,8 @@ unsafe fn q6k_rows<const R: usize, const BT: usize>(
     let low4 = _mm256_set1_epi8(0x0f);
     let low2 = _mm256_set1_epi8(0x03);
     let mut acc = [[_mm256_setzero_ps(); BT]; R];
-    let mut offs = [[0f32; BT]; R];
+    // Σ 32 · scale · activations (the values are stored + 32), in vectors
+    let mut offs = [[_mm256_setzero_ps(); BT]; R];
     for sb in 0..nsb {
         let mut sumi = [[_mm256_setzero_si256(); BT]; R];
         for h in 0..2 {
@@ -538,21 +590,18 @@ unsafe fn q6k_rows<const R: usize, const BT: usize>(
         }
         for b in 0..BT {
             let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
-            let s16 = a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16);
+            let s16 = _mm256_loadu_si256(a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16) as *const __m256i);
             for j in 0..R {
                 let bp = rows[j].add(sb * Q6K_BLOCK.0);
-                let sc = std::slice::from_raw_parts(bp.add(192) as *const i8, 16);
+                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(192) as *const __m128i));
                 let d = f16_at(bp.add(208));
-                let mut corr = 0i32;
-                for (g, &s) in sc.iter().enumerate() {
-                    corr += s as i32 * *s16.add(g);
-                }
+                let corr = _mm256_cvtepi32_ps(_mm256_madd_epi16(sc, s16));
                 acc[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi[j][b]), acc[j][b]);
-                offs[j][b] += d * dx * (32 * corr) as f32;
+                offs[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(32.0 * d * dx), corr, offs[j][b]);
             }
         }
     }
-    store_sums(&acc, &offs, out);
+    store_sums(&acc, &hsums(&offs), out);
 }
 }
 pub use kernels::*;
@@ -582,6 +631,62 @@ pub(crate) unsafe fn f16_splat(p: *const u8) -> std::arch::x86_64::__m256 {
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
+}
+
+/// FP8 weights against one or two activation rows with AVX-512: 32 weights per step, widened
+/// to 16-bit in one instruction and converted by the f16 trick of `format::fp8_via_f16`.
+pub(crate) mod fp8_512 {
+    use std::arch::x86_64::*;
+
+    /// `out[j][b] = Σ_k W[j, k] · x[b, k]`, with the scale of each `seg` columns (a multiple of 32).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F/BW, F16C and FMA; rows are `pc` bytes, `x` is `[BT, pc]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    pub(crate) unsafe fn rows<const R: usize, const BT: usize>(
+        rows: [*const u8; R],
+        scales: [&[f32]; R],
+        seg: usize,
+        pc: usize,
+        x: *const f32,
+        out: &mut [[f32; 8]; R],
+    ) {
+        let mask = _mm512_set1_epi16(0xbf80u16 as i16);
+        let mut tot = [[_mm512_setzero_ps(); BT]; R];
+        let mut k0 = 0;
+        let mut si = 0;
+        while k0 < pc {
+            let k1 = (k0 + seg).min(pc);
+            let mut acc = [[_mm512_setzero_ps(); BT]; R];
+            for k in (k0..k1).step_by(32) {
+                let xv: [[__m512; 2]; BT] =
+                    std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
+                for j in 0..R {
+                    let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows[j].add(k) as *const __m256i));
+                    let h = _mm512_and_si512(_mm512_slli_epi16::<7>(v), mask);
+                    let w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+                    let w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h));
+                    for b in 0..BT {
+                        acc[j][b] = _mm512_fmadd_ps(w0, xv[b][0], acc[j][b]);
+                        acc[j][b] = _mm512_fmadd_ps(w1, xv[b][1], acc[j][b]);
+                    }
+                }
+            }
+            for j in 0..R {
+                for b in 0..BT {
+                    tot[j][b] = _mm512_fmadd_ps(acc[j][b], _mm512_set1_ps(scales[j][si]), tot[j][b]);
+                }
+            }
+            k0 = k1;
+            si += 1;
+        }
+        for j in 0..R {
+            for b in 0..BT {
+                out[j][b] = _mm512_reduce_add_ps(tot[j][b]);
+            }
+        }
+    }
 }
 
 /// AVX2 + FMA + F16C.
