@@ -79,7 +79,7 @@ pub fn min_batch(format: Format) -> usize {
     over.unwrap_or(match format {
         Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        Format::Q8_0 | Format::Q4K | Format::Q6K => 16,
+        Format::Q8_0 | Format::Q4K | Format::Q6K => 12,
     })
 }
 
@@ -254,7 +254,7 @@ unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
         Format::Q8_0 => {
             for blk in 0..pc / Q8_0_BLOCK.1 {
                 let bp = row.add(blk * Q8_0_BLOCK.0);
-                let d = _mm512_broadcast_f32x8(f16_splat(bp));
+                let d = _mm512_broadcastss_ps(_mm256_castps256_ps128(f16_splat(bp)));
                 for h in 0..2 {
                     let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(bp.add(2 + 16 * h) as *const __m128i));
                     store16(o.add(32 * blk + 16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
