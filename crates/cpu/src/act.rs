@@ -40,8 +40,7 @@ impl Activations {
             Format::Fp8 { block } if block[1] % 32 == 0 => fp8_order(&f),
             _ => Vec::new(),
         };
-        let mut a =
-            Activations {
+        let mut a = Activations {
             batch,
             padded_cols,
             f32: f,

@@ -23,8 +23,8 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use crate::act::Activations;
-use crate::simd::{f16_at, f16_splat};
 use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
+use crate::simd::{f16_at, f16_splat};
 
 /// Tile shape used for every tile: 16 rows of 64 bytes (16 × 32 bf16, or 16 × 16 f32).
 const TILE_ROWS: usize = 16;
@@ -85,7 +85,7 @@ pub fn min_batch(format: Format) -> usize {
 
 /// Whether a product of `w` with `a` takes this path.
 pub fn applies(w: &PackedMatrix, a: &Activations) -> bool {
-    a.batch >= min_batch(w.format) && w.padded_cols % STEP == 0 && available()
+    a.batch >= min_batch(w.format) && w.padded_cols.is_multiple_of(STEP) && available()
 }
 
 /// The tile configuration: palette 1, every one of the 8 tiles 16 rows × 64 bytes.
