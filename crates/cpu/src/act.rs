@@ -17,10 +17,11 @@ pub struct Activations {
     /// at most 16 · 127 in magnitude).
     pub(crate) sums16: Vec<i16>,
     pub(crate) block: usize,
-    /// FP8 weights with whole 32-column scale blocks: the f32 rows with each 32 columns reordered
-    /// as the kernel decodes them (even columns 0..16, even 16..32, odd 0..16, odd 16..32).
-    pub(crate) fp8_order: Vec<f32>,
-    /// The rows rounded to bf16 for the AMX tiles, built on first use (see [`Self::bf16_pairs`]).
+    /// FP8 weights with whole 32-column scale blocks, for the AVX2 FP8 kernel only (built on first
+    /// use, see [`Self::fp8_order`]).
+    fp8_order: Option<std::sync::OnceLock<Vec<f32>>>,
+    /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
+    /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
 }
 
@@ -37,8 +38,8 @@ impl Activations {
             _ => 0,
         };
         let fp8_order = match format {
-            Format::Fp8 { block } if block[1] % 32 == 0 => fp8_order(&f),
-            _ => Vec::new(),
+            Format::Fp8 { block } if block[1] % 32 == 0 => Some(std::sync::OnceLock::new()),
+            _ => None,
         };
         let mut a = Activations {
             batch,
@@ -58,7 +59,13 @@ impl Activations {
     }
 
     pub(crate) fn has_fp8_order(&self) -> bool {
-        !self.fp8_order.is_empty()
+        self.fp8_order.is_some()
+    }
+
+    /// The f32 rows with each 32 columns reordered as the AVX2 FP8 kernel decodes them (even
+    /// columns 0..16, even 16..32, odd 0..16, odd 16..32); empty unless [`Self::has_fp8_order`].
+    pub(crate) fn fp8_order(&self) -> &[f32] {
+        self.fp8_order.as_ref().map_or(&[], |o| o.get_or_init(|| fp8_order(&self.f32)))
     }
 
     /// The rows as bf16 for the AMX tiles, in groups of 16 rows: each value `x` as a high part
@@ -105,7 +112,7 @@ impl Activations {
     }
 }
 
-/// Each 32 values reordered to the FP8 kernel's decode order (see `Activations::fp8_order`).
+/// Each 32 values reordered to the FP8 kernel's decode order (see [`Activations::fp8_order`]).
 fn fp8_order(x: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for c in x.chunks_exact(32) {

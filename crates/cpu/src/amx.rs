@@ -2,12 +2,12 @@
 //!
 //! One `tdpbf16ps` multiplies a 16 × 32 bf16 tile of weights by a 32 × 16 bf16 tile of
 //! activations into 16 × 16 f32 sums: 8192 multiply-adds per instruction, far beyond what the
-//! vector units do. With it, a product with 2–16 activation rows costs what one row costs (the
-//! weights are read once and the arithmetic hides behind the memory stream), and a prefill chunk
-//! is no longer compute-bound.
+//! vector units do. With it, a product with 2–16 activation rows costs little more than one row
+//! (the weights are read once and the arithmetic mostly hides behind the memory stream), and a
+//! prefill chunk is no longer compute-bound.
 //!
 //! - bf16 weights are loaded into tiles straight from the packed rows (no copy);
-//! - FP8 and the ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
+//! - the ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
 //! - activations are split once per call into a bf16 high part and a bf16 low part (the rounding
 //!   error of the high part), both multiplied: together they carry 16 significant bits, so the
 //!   activations lose nothing that matters against bf16 weights (error ≈ 2⁻¹⁷ per term);

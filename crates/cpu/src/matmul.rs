@@ -29,9 +29,9 @@ fn available(backend: Backend) -> bool {
 /// Which implementation runs the products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// [`Backend::Avx512`], plus Intel AMX bf16 tiles for products with a few activation rows or
-    /// more in the bf16, FP8 and ggml formats (both operands rounded to bf16, f32 sums; see the
-    /// `amx` module). f32 weights keep the f32 kernels.
+    /// [`Backend::Avx512`], plus Intel AMX bf16 tiles for products with several activation rows
+    /// in the bf16 and ggml formats (activations as bf16 high + low parts, f32 sums; see the
+    /// `amx` module). f32 and FP8 weights keep the vector kernels.
     Amx,
     /// The same kernels compiled for AVX-512 (VL, BW, VNNI): larger tiles, `vpdpbusd`.
     Avx512,

@@ -223,7 +223,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
             crate::simd::fp8_512::rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
         }
         Format::Fp8 { block } if R * BT <= 2 && a.has_fp8_order() => {
-            fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order.as_ptr().add(b0 * pc), out)
+            fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order().as_ptr().add(b0 * pc), out)
         }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
         Format::Q8_0 => q8_0_rows::<R, BT>(rows, pc / Q8_0_BLOCK.1, a, b0, out),
