@@ -20,7 +20,7 @@ mod simd;
 pub use act::Activations;
 pub use attention::{mla_attention, mla_attention_reference, MlaShape};
 pub use format::{Format, PackedMatrix};
-pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, Backend, Product};
+pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, on_pool, Backend, Product};
 
 /// A packing or shape error (the caller adds the tensor name).
 #[derive(Debug, Clone, PartialEq, Eq)]

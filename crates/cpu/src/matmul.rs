@@ -55,6 +55,17 @@ pub fn backend() -> Backend {
     })
 }
 
+/// Run `f` on a thread of the kernels' pool while the caller waits. A model step issues dozens
+/// of [`matmul_many`] calls; from a pool thread each one runs partly on that thread, with no
+/// hand-over to the pool and back per call, and the serial work between them does not compete
+/// with idle pool threads for the cores.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
 /// One product of a [`matmul_many`] call. `x: [batch, w.cols()]`, `y: [batch, w.rows()]`.
 pub struct Product<'a> {
     pub w: &'a PackedMatrix,

