@@ -18,7 +18,7 @@ pub mod matmul;
 mod simd;
 
 pub use act::Activations;
-pub use attention::{mla_attention, mla_attention_reference, MlaShape};
+pub use attention::{mla_attention, mla_attention_reference, mla_attention_with, MlaShape};
 pub use format::{Format, PackedMatrix};
 pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, on_pool, Backend, Product};
 

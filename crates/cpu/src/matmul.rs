@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::act::Activations;
 use crate::format::PackedMatrix;
 
-fn available(backend: Backend) -> bool {
+pub(crate) fn available(backend: Backend) -> bool {
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => crate::simd::avx2::available(),

@@ -161,21 +161,23 @@ fn bad_shapes_are_errors() {
 /// lengths, latent widths that are not multiples of the vector width.
 #[test]
 fn mla_attention_matches_the_reference() {
-    use moeserve_cpu::{mla_attention, mla_attention_reference, MlaShape};
+    use moeserve_cpu::{mla_attention_reference, mla_attention_with, MlaShape};
     let mut seed = 7u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
-    for (heads, queries, tokens, latent, rope) in [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (16, 2, 129, 256, 32)] {
+    for (heads, queries, tokens, latent, rope) in [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (2, 2, 50, 100, 16), (16, 2, 129, 256, 32), (3, 1, 70, 512, 64)] {
         let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
         let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
         let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
         let entries: Vec<f32> = (0..tokens * (latent + rope)).map(|_| rnd()).collect();
-        let got = mla_attention(&q_lat, &q_pe, &entries, shape, 0.3);
         let want = mla_attention_reference(&q_lat, &q_pe, &entries, shape, 0.3);
-        let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-        let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
-        assert!(den > 0.0 && num / den < 1e-5, "{shape:?}: relative error {}", num / den);
+        for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+            let got = mla_attention_with(backend, &q_lat, &q_pe, &entries, shape, 0.3);
+            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+            assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {shape:?}: relative error {}", num / den);
+        }
     }
 }
