@@ -43,26 +43,30 @@ pub fn mla_attention_with(
     assert_eq!(entries.len(), tokens * row, "entries");
     let mut out = vec![0f32; heads * queries * latent];
     let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
-    out.par_chunks_mut(latent).enumerate().for_each_init(
-        || Vec::with_capacity(tokens),
-        |scores, (hq, o)| {
-            let one = OneQuery {
-                q_lat: &q_lat[hq * latent..(hq + 1) * latent],
-                q_pe: &q_pe[hq * rope..(hq + 1) * rope],
-                entries,
-                seen: (start + hq % queries + 1).min(tokens),
-                latent,
-                scale,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the CPU has the features (`wide_available`).
-                return unsafe { one.run_avx512(scores, o) };
-            }
-            let _ = wide;
-            one.run(scores, o)
-        },
-    );
+    let query = |hq: usize| OneQuery {
+        q_lat: &q_lat[hq * latent..(hq + 1) * latent],
+        q_pe: &q_pe[hq * rope..(hq + 1) * rope],
+        entries,
+        seen: (start + hq % queries + 1).min(tokens),
+        latent,
+        scale,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // one group of query rows per thread: each block of cached rows is read from L2 once
+        // for the whole group
+        let per = (heads * queries).div_ceil(rayon::current_num_threads().max(1)).max(1);
+        out.par_chunks_mut(per * latent).enumerate().for_each(|(g, o)| {
+            let group: Vec<OneQuery> = (g * per..g * per + o.len() / latent).map(query).collect();
+            // SAFETY: the CPU has AVX-512F (`available`).
+            unsafe { wide::group(&group, o) }
+        });
+        return out;
+    }
+    let _ = wide;
+    out.par_chunks_mut(latent)
+        .enumerate()
+        .for_each_init(|| Vec::with_capacity(tokens), |scores, (hq, o)| query(hq).run(scores, o));
     out
 }
 
@@ -115,77 +119,156 @@ impl OneQuery<'_> {
         }
         tail.iter_mut().for_each(|o| *o *= inv);
     }
+}
 
-    /// [`Self::run`] with AVX-512: four rows' scores at a time (the query is loaded once for
-    /// four rows), and the weighted sum over 256 latents at a time in sixteen registers.
+/// The AVX-512 attention: flash-style, over blocks of cached rows with an online softmax, so that
+/// a block is loaded into L1 once for every query row of a group.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    use super::OneQuery;
+
+    /// Cached rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
+    /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
+    const BLOCK: usize = 32;
+
+    /// The first `min(n, 16)` lanes.
+    fn lane_mask(n: usize) -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// `e^x` for `x <= 0` (softmax terms): `2^k · 2^f` with `k` the nearest integer to
+    /// `x·log2(e)` and `2^f` (`|f| <= 1/2`) a degree-6 Taylor polynomial, relative error
+    /// about 2e-7; below about -87 it flushes to zero through `vscalefps`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        const C: [f32; 6] = [0.693_147_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355, 0.000_154_035_3];
+        let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+        let k = _mm512_roundscale_ps::<0x08>(t);
+        let f = _mm512_sub_ps(t, k);
+        let mut p = _mm512_set1_ps(C[5]);
+        for &c in C[..5].iter().rev() {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(p, k)
+    }
+
+    /// `o: [group.len(), latent]` for the query rows of `group` (one sequence's cache).
     ///
     /// # Safety
     /// The CPU must have AVX-512F.
-    #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn run_avx512(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
-        use std::arch::x86_64::*;
-        let (latent, rope) = (self.latent, self.q_pe.len());
+    pub(super) unsafe fn group(group: &[OneQuery], o: &mut [f32]) {
+        let Some(first) = group.first() else { return };
+        let (latent, rope) = (first.latent, first.q_pe.len());
         let row = latent + rope;
-        let e = self.entries.as_ptr();
-        // the query as whole and masked 16-lane parts of the latent and rope sections
+        let e = first.entries.as_ptr();
+        // each query as masked 16-lane parts of the latent and rope sections: (values, offset, mask)
         let parts = |len: usize| (0..len.div_ceil(16)).map(move |v| (v * 16, lane_mask(len - v * 16)));
-        let q: Vec<(__m512, usize, __mmask16)> = parts(latent)
-            .map(|(i, m)| (_mm512_maskz_loadu_ps(m, self.q_lat.as_ptr().add(i)), i, m))
-            .chain(parts(rope).map(|(i, m)| (_mm512_maskz_loadu_ps(m, self.q_pe.as_ptr().add(i)), latent + i, m)))
+        let qs: Vec<Vec<(__m512, usize, __mmask16)>> = group
+            .iter()
+            .map(|q| {
+                parts(latent)
+                    .map(|(i, m)| (_mm512_maskz_loadu_ps(m, q.q_lat.as_ptr().add(i)), i, m))
+                    .chain(parts(rope).map(|(i, m)| (_mm512_maskz_loadu_ps(m, q.q_pe.as_ptr().add(i)), latent + i, m)))
+                    .collect()
+            })
             .collect();
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        let mut t = 0;
-        while t < self.seen {
-            let n = (self.seen - t).min(4);
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for &(qv, i, m) in &q {
-                for (k, acc) in acc.iter_mut().enumerate().take(n) {
-                    *acc = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, e.add((t + k) * row + i)), *acc);
+        // running max and sum of each row's softmax
+        let mut max = vec![f32::NEG_INFINITY; group.len()];
+        let mut sum = vec![0f32; group.len()];
+        o.fill(0.0);
+        let seen = group.iter().map(|q| q.seen).max().unwrap_or(0);
+        let mut p = [0f32; BLOCK];
+        for t0 in (0..seen).step_by(BLOCK) {
+            for (g, q) in group.iter().enumerate() {
+                let n = q.seen.saturating_sub(t0).min(BLOCK);
+                if n == 0 {
+                    continue;
                 }
-            }
-            for acc in &acc[..n] {
-                let s = self.scale * _mm512_reduce_add_ps(*acc);
-                max = max.max(s);
-                scores.push(s);
-            }
-            t += n;
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = _mm512_set1_ps(1.0 / sum);
-        for b0 in (0..latent).step_by(256) {
-            let len = (latent - b0).min(256);
-            let masks: [__mmask16; 16] = std::array::from_fn(|v| lane_mask(len.saturating_sub(v * 16)));
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for (t, &p) in scores.iter().enumerate() {
-                let (p, er) = (_mm512_set1_ps(p), e.add(t * row + b0));
-                for (v, acc) in acc.iter_mut().enumerate() {
-                    if masks[v] != 0 {
-                        *acc = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(masks[v], er.add(v * 16)), *acc);
+                // scores, four rows at a time against one load of the query
+                let mut t = 0;
+                while t < n {
+                    let k4 = (n - t).min(4);
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for &(qv, i, m) in &qs[g] {
+                        let er = e.add((t0 + t) * row + i);
+                        acc[0] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er), acc[0]);
+                        if k4 > 1 {
+                            acc[1] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(row)), acc[1]);
+                        }
+                        if k4 > 2 {
+                            acc[2] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(2 * row)), acc[2]);
+                        }
+                        if k4 > 3 {
+                            acc[3] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(3 * row)), acc[3]);
+                        }
+                    }
+                    for k in 0..k4 {
+                        p[t + k] = q.scale * _mm512_reduce_add_ps(acc[k]);
+                    }
+                    t += k4;
+                }
+                let masks = [lane_mask(n), lane_mask(n.saturating_sub(16))];
+                let neg = _mm512_set1_ps(f32::NEG_INFINITY);
+                let block_max = _mm512_reduce_max_ps(_mm512_max_ps(
+                    _mm512_mask_loadu_ps(neg, masks[0], p.as_ptr()),
+                    _mm512_mask_loadu_ps(neg, masks[1], p.as_ptr().add(16)),
+                ));
+                let new_max = max[g].max(block_max);
+                let rescale = (max[g] - new_max).exp();
+                max[g] = new_max;
+                let mut block_sum = _mm512_setzero_ps();
+                for (h, &m) in masks.iter().enumerate() {
+                    let x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.as_ptr().add(16 * h)), _mm512_set1_ps(new_max));
+                    let ex = _mm512_maskz_mov_ps(m, exp16(x));
+                    _mm512_mask_storeu_ps(p.as_mut_ptr().add(16 * h), m, ex);
+                    block_sum = _mm512_add_ps(block_sum, ex);
+                }
+                sum[g] = sum[g] * rescale + _mm512_reduce_add_ps(block_sum);
+                // o = o · rescale + Σ p · latent, 256 latents at a time in registers
+                let og = o.as_mut_ptr().add(g * latent);
+                let rescale = _mm512_set1_ps(rescale);
+                for b0 in (0..latent).step_by(256) {
+                    let len = (latent - b0).min(256);
+                    let nv = len.div_ceil(16);
+                    let last = lane_mask(len - (nv - 1) * 16);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for (v, acc) in acc.iter_mut().enumerate().take(nv) {
+                        let m = if v + 1 == nv { last } else { u16::MAX };
+                        *acc = _mm512_mul_ps(rescale, _mm512_maskz_loadu_ps(m, og.add(b0 + 16 * v)));
+                    }
+                    for (t, &pt) in p[..n].iter().enumerate() {
+                        let (pv, er) = (_mm512_set1_ps(pt), e.add((t0 + t) * row + b0));
+                        if nv == 16 {
+                            for (v, acc) in acc.iter_mut().enumerate() {
+                                *acc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(er.add(16 * v)), *acc);
+                            }
+                        } else {
+                            for (v, acc) in acc.iter_mut().enumerate().take(nv) {
+                                let m = if v + 1 == nv { last } else { u16::MAX };
+                                *acc = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, er.add(16 * v)), *acc);
+                            }
+                        }
+                    }
+                    for (v, acc) in acc.iter().enumerate().take(nv) {
+                        let m = if v + 1 == nv { last } else { u16::MAX };
+                        _mm512_mask_storeu_ps(og.add(b0 + 16 * v), m, *acc);
                     }
                 }
             }
-            for (v, acc) in acc.iter().enumerate() {
-                if masks[v] != 0 {
-                    _mm512_mask_storeu_ps(o.as_mut_ptr().add(b0 + v * 16), masks[v], _mm512_mul_ps(*acc, inv));
-                }
-            }
         }
-    }
-}
-
-/// The first `min(n, 16)` lanes.
-#[cfg(target_arch = "x86_64")]
-fn lane_mask(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
+        for (g, o) in o.chunks_exact_mut(latent).enumerate() {
+            let inv = if sum[g] > 0.0 { 1.0 / sum[g] } else { 0.0 };
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
     }
 }
 
