@@ -40,6 +40,7 @@ enum Command {
 }
 
 fn main() {
+    pin_thread_count();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cli_generate::run(a),
@@ -53,5 +54,16 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// candle looks up its thread count on every CPU op and, unless `RAYON_NUM_THREADS` is set,
+/// counts the physical cores by reading /proc/cpuinfo each time (tens of microseconds, dozens
+/// of times per decode step). Set it once, before any thread starts, to the size rayon's pool
+/// takes anyway.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }

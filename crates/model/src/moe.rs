@@ -158,28 +158,31 @@ impl Moe {
 /// gate and up projections of every group in one parallel kernel call, SiLU·mul, then every down
 /// projection in a second call.
 fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<Vec<f32>> {
-    let inputs: Vec<Vec<f32>> = groups
-        .iter()
-        .map(|(_, rows, _)| rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect())
-        .collect();
-    // gate and up share their activations when they share a format
+    // the gate and up activations of each group, prepared once per distinct input: a decode
+    // step's experts all take the same token, and gate and up share theirs when they share a
+    // format
     let mut acts = Vec::with_capacity(2 * groups.len());
-    for ((w, rows, _), input) in groups.iter().zip(&inputs) {
-        acts.push(moeserve_cpu::activations(w[0], input, rows.len()));
-        if w[1].format() != w[0].format() {
-            acts.push(moeserve_cpu::activations(w[1], input, rows.len()));
+    let mut uses: Vec<(usize, usize)> = Vec::with_capacity(groups.len());
+    for (g, (w, rows, _)) in groups.iter().enumerate() {
+        let same = |(v, r, _): &Group| r == rows && [0, 1].iter().all(|&i| v[i].format() == w[i].format() && v[i].cols() == w[i].cols());
+        if let Some(k) = groups[..g].iter().position(same) {
+            uses.push(uses[k]);
+            continue;
         }
+        let input: Vec<f32> = rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect();
+        acts.push(moeserve_cpu::activations(w[0], &input, rows.len()));
+        if w[1].format() != w[0].format() {
+            acts.push(moeserve_cpu::activations(w[1], &input, rows.len()));
+        }
+        uses.push((acts.len() - 1 - usize::from(w[1].format() != w[0].format()), acts.len() - 1));
     }
     let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
     let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
     {
         let mut products = Vec::with_capacity(2 * groups.len());
-        let mut a = acts.iter();
-        for (((w, _, _), g), u) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()) {
-            let ag = a.next().ok_or_else(|| moeserve_core::Error::Input("moe activations".into()))?;
-            let au = if w[1].format() != w[0].format() { a.next().unwrap_or(ag) } else { ag };
-            products.push(moeserve_cpu::Product { w: w[0], x: ag, y: g });
-            products.push(moeserve_cpu::Product { w: w[1], x: au, y: u });
+        for ((((w, _, _), g), u), &(ag, au)) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()).zip(&uses) {
+            products.push(moeserve_cpu::Product { w: w[0], x: &acts[ag], y: g });
+            products.push(moeserve_cpu::Product { w: w[1], x: &acts[au], y: u });
         }
         moeserve_cpu::matmul_many(&mut products);
     }
