@@ -233,7 +233,8 @@ impl Mla {
                 rope: self.rope,
                 start,
             };
-            let o_lat = moeserve_cpu::mla_attention(&q_lat, &vec(q_pe)?, &vec(entries)?, shape, self.scale as f32);
+            let q_pe = vec(q_pe)?;
+            let o_lat = with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
             let o = CpuAbsorbed::per_head(&cpu.uv, &o_lat, s); // [H, S, V]
             return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
         }
@@ -283,6 +284,20 @@ impl Mla {
         }
         candle_nn::ops::softmax_last_dim(&x).ctx(ctx)?.to_dtype(dtype).ctx(ctx)
     }
+}
+
+/// `f` on the values of an f32 CPU tensor: in place when it is contiguous (the cache rows), a
+/// copy otherwise.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            if let Ok(values) = cpu.as_slice::<f32>() {
+                return Ok(f(&values[start..end]));
+            }
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// `[S, T]`: query i (position start + i) sees keys `0..=start + i`.
