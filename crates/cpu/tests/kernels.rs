@@ -167,7 +167,9 @@ fn mla_attention_matches_the_reference() {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
-    for (heads, queries, tokens, latent, rope) in [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (2, 2, 50, 100, 16), (16, 2, 129, 256, 32), (3, 1, 70, 512, 64)] {
+    for (heads, queries, tokens, latent, rope) in
+        [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (2, 2, 50, 100, 16), (16, 2, 129, 256, 32), (3, 1, 70, 512, 64)]
+    {
         let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
         let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
         let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();

@@ -78,8 +78,7 @@ impl CpuAbsorbed {
     /// `x: [H, S, cols]` through one factor per head -> `[H, S, rows]`, all heads in one call.
     fn per_head(ws: &[PackedMatrix], x: &[f32], s: usize) -> Vec<f32> {
         let (rows, cols) = (ws[0].rows(), ws[0].cols());
-        let acts: Vec<_> =
-            ws.iter().zip(x.chunks(s * cols)).map(|(w, x)| moeserve_cpu::activations(w, x, s)).collect();
+        let acts: Vec<_> = ws.iter().zip(x.chunks(s * cols)).map(|(w, x)| moeserve_cpu::activations(w, x, s)).collect();
         let mut y = vec![0f32; ws.len() * s * rows];
         let mut products: Vec<Product> =
             y.chunks_mut(s * rows).zip(ws).zip(&acts).map(|((y, w), x)| Product { w, x, y }).collect();
@@ -234,7 +233,8 @@ impl Mla {
                 start,
             };
             let q_pe = vec(q_pe)?;
-            let o_lat = with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
+            let o_lat =
+                with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
             let o = CpuAbsorbed::per_head(&cpu.uv, &o_lat, s); // [H, S, V]
             return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
         }

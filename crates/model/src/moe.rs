@@ -164,7 +164,8 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
     let mut acts = Vec::with_capacity(2 * groups.len());
     let mut uses: Vec<(usize, usize)> = Vec::with_capacity(groups.len());
     for (g, (w, rows, _)) in groups.iter().enumerate() {
-        let same = |(v, r, _): &Group| r == rows && [0, 1].iter().all(|&i| v[i].format() == w[i].format() && v[i].cols() == w[i].cols());
+        let same =
+            |(v, r, _): &Group| r == rows && [0, 1].iter().all(|&i| v[i].format() == w[i].format() && v[i].cols() == w[i].cols());
         if let Some(k) = groups[..g].iter().position(same) {
             uses.push(uses[k]);
             continue;

@@ -56,6 +56,8 @@ pub struct Router {
     weight: Tensor,
     /// e_score_correction_bias, float32 (noaux_tc only)
     bias: Option<Vec<f32>>,
+    /// The weight for the CPU kernels (f32), on the CPU.
+    packed: Option<std::sync::Arc<moeserve_cpu::PackedMatrix>>,
 }
 
 /// Selected experts and their weights, `top_k` per token, token-major.
@@ -76,28 +78,48 @@ impl Router {
         } else {
             None
         };
-        Ok(Router { cfg: rc, weight, bias })
+        let packed = if w.device.is_cpu() {
+            let values = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(|| w.name("weight"))?;
+            let p = moeserve_cpu::PackedMatrix::from_f32(moeserve_cpu::Format::F32, rc.n_experts, cfg.hidden_size, &values)
+                .map_err(|e| moeserve_core::Error::Input(format!("{}: {e}", w.name("weight"))))?;
+            Some(std::sync::Arc::new(p))
+        } else {
+            None
+        };
+        Ok(Router { cfg: rc, weight, bias, packed })
     }
 
     pub fn new(cfg: RouterConfig, weight: Tensor, bias: Option<Vec<f32>>) -> Self {
-        Router { cfg, weight, bias }
+        Router { cfg, weight, bias, packed: None }
     }
 
     /// `x: [n, hidden]` in any dtype; logits are computed in f32.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let ctx = || format!("router {:?}", x.dims());
+        if let Some(w) = &self.packed {
+            // the CPU: f32 logits from the kernels, on the pool
+            let (xs, n) = moeserve_quant::packed::rows_f32(x, w.cols(), "router")?;
+            let mut logits = vec![0f32; n * w.rows()];
+            moeserve_cpu::matmul(w, &xs, n, &mut logits);
+            return Ok(self.route_rows(logits.chunks_exact(w.rows())));
+        }
         let logits = x.to_dtype(DType::F32).ctx(ctx)?.matmul(&self.weight.t().ctx(ctx)?).ctx(ctx)?;
         if let Some((experts, weights)) = crate::device_ops::route(&self.cfg, &logits, self.bias.as_deref())? {
             return Ok(Routing { top_k: self.cfg.top_k, experts, weights });
         }
         let logits: Vec<Vec<f32>> = logits.to_vec2().ctx(ctx)?;
+        Ok(self.route_rows(logits.iter().map(Vec::as_slice)))
+    }
+
+    /// The routing of every token's logits.
+    fn route_rows<'a>(&self, rows: impl Iterator<Item = &'a [f32]>) -> Routing {
         let mut routing = Routing { top_k: self.cfg.top_k, experts: Vec::new(), weights: Vec::new() };
-        for row in &logits {
+        for row in rows {
             let (e, w) = self.select(row);
             routing.experts.extend(e.iter().map(|&i| i as u32));
             routing.weights.extend(w);
         }
-        Ok(routing)
+        routing
     }
 
     /// Experts and weights for one token's router logits.
