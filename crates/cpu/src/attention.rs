@@ -148,7 +148,7 @@ mod wide {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn exp16(x: __m512) -> __m512 {
-        const C: [f32; 6] = [0.693_147_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355, 0.000_154_035_3];
+        const C: [f32; 6] = [std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355, 0.000_154_035_3];
         let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
         let k = _mm512_roundscale_ps::<0x08>(t);
         let f = _mm512_sub_ps(t, k);
