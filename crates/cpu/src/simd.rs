@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 
 use crate::act::Activations;
 use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
-use crate::simd::{f16_at, f16_splat};
+use crate::simd::{f16_at, f16_splat, q4k_header};
 
 const F32: u8 = 0;
 const BF16: u8 = 1;
@@ -497,12 +497,10 @@ unsafe fn q4k_rows<const R: usize, const BT: usize>(
         let mut scv = [_mm256_setzero_si256(); R];
         let mut mv = [_mm256_setzero_si256(); R];
         for j in 0..R {
-            let bp = rows[j].add(sb * Q4K_BLOCK.0);
-            d[j] = [f16_at(bp), f16_at(bp.add(2))];
-            let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-            scv[j] = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(sc) as i64)));
-            let m = _mm_cvtsi64_si128(u64::from_le_bytes(m) as i64);
-            mv[j] = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+            let (dd, dmin, sc, m) = q4k_header(rows[j].add(sb * Q4K_BLOCK.0));
+            d[j] = [dd, dmin];
+            scv[j] = _mm256_broadcastsi128_si256(sc);
+            mv[j] = m;
         }
         let mut sumi = [[_mm256_setzero_si256(); BT]; R];
         for c in 0..4 {
@@ -632,6 +630,21 @@ pub(crate) unsafe fn f16_splat(p: *const u8) -> std::arch::x86_64::__m256 {
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
+}
+
+/// A q4_K superblock's header at `bp`: `d`, `dmin`, the 8 group scales as 16-bit lanes (one
+/// 128-bit half) and the 8 mins, each twice, as 16-bit lanes.
+///
+/// # Safety
+/// `bp` must be readable for 16 bytes, and the CPU must have AVX2 and F16C.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn q4k_header(bp: *const u8) -> (f32, f32, std::arch::x86_64::__m128i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let (sc, m) = crate::format::q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+    let sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(sc) as i64));
+    let m = _mm_cvtsi64_si128(u64::from_le_bytes(m) as i64);
+    (f16_at(bp), f16_at(bp.add(2)), sc, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m)))
 }
 
 mod row512;

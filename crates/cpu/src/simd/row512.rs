@@ -64,8 +64,8 @@ pub(crate) mod q4k_512 {
     use std::arch::x86_64::*;
 
     use crate::act::Activations;
-    use crate::format::{q4k_scales, Q4K_BLOCK};
-    use crate::simd::f16_at;
+    use crate::format::Q4K_BLOCK;
+    use crate::simd::q4k_header;
 
     /// `vpermw` indices that spread group scales over the 16-bit lanes of one step: the low
     /// nibbles of step `i` are groups `4i` (lanes 0..16) and `4i + 2` (16..32), the high nibbles
@@ -114,11 +114,8 @@ pub(crate) mod q4k_512 {
             });
             for j in 0..R {
                 let bp = rows[j].add(sb * Q4K_BLOCK.0);
-                let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
-                let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-                let scv = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(sc) as i64)));
-                let m = _mm_cvtsi64_si128(u64::from_le_bytes(m) as i64);
-                let mv = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+                let (d, dmin, sc, mv) = q4k_header(bp);
+                let scv = _mm512_castsi128_si512(sc);
                 let mut sumi = [_mm512_setzero_si512(); BT];
                 for i in 0..2 {
                     let q = _mm512_loadu_si512(bp.add(16 + 64 * i) as *const _);
