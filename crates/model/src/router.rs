@@ -41,7 +41,10 @@ impl RouterConfig {
 
 impl Router {
     pub fn weight_bytes(&self) -> usize {
-        self.weight.elem_count() * self.weight.dtype().size_in_bytes()
+        match &self.weight {
+            RouterWeight::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            RouterWeight::Packed(p) => p.resident_bytes(),
+        }
     }
 
     pub fn top_k(&self) -> usize {
@@ -52,12 +55,17 @@ impl Router {
 #[derive(Debug, Clone)]
 pub struct Router {
     cfg: RouterConfig,
-    /// [n_experts, hidden], float32
-    weight: Tensor,
+    weight: RouterWeight,
     /// e_score_correction_bias, float32 (noaux_tc only)
     bias: Option<Vec<f32>>,
-    /// The weight for the CPU kernels (f32), on the CPU.
-    packed: Option<std::sync::Arc<moeserve_cpu::PackedMatrix>>,
+}
+
+/// The router weight `[n_experts, hidden]` in float32, held once: a tensor on a device, the
+/// kernels' matrix on the CPU.
+#[derive(Debug, Clone)]
+enum RouterWeight {
+    Tensor(Tensor),
+    Packed(std::sync::Arc<moeserve_cpu::PackedMatrix>),
 }
 
 /// Selected experts and their weights, `top_k` per token, token-major.
@@ -78,32 +86,35 @@ impl Router {
         } else {
             None
         };
-        let packed = if w.device.is_cpu() {
+        let weight = if w.device.is_cpu() {
             let values = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(|| w.name("weight"))?;
             let p = moeserve_cpu::PackedMatrix::from_f32(moeserve_cpu::Format::F32, rc.n_experts, cfg.hidden_size, &values)
                 .map_err(|e| moeserve_core::Error::Input(format!("{}: {e}", w.name("weight"))))?;
-            Some(std::sync::Arc::new(p))
+            RouterWeight::Packed(std::sync::Arc::new(p))
         } else {
-            None
+            RouterWeight::Tensor(weight)
         };
-        Ok(Router { cfg: rc, weight, bias, packed })
+        Ok(Router { cfg: rc, weight, bias })
     }
 
     pub fn new(cfg: RouterConfig, weight: Tensor, bias: Option<Vec<f32>>) -> Self {
-        Router { cfg, weight, bias, packed: None }
+        Router { cfg, weight: RouterWeight::Tensor(weight), bias }
     }
 
     /// `x: [n, hidden]` in any dtype; logits are computed in f32.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let ctx = || format!("router {:?}", x.dims());
-        if let Some(w) = &self.packed {
-            // the CPU: f32 logits from the kernels, on the pool
-            let (xs, n) = moeserve_quant::packed::rows_f32(x, w.cols(), "router")?;
-            let mut logits = vec![0f32; n * w.rows()];
-            moeserve_cpu::matmul(w, &xs, n, &mut logits);
-            return Ok(self.route_rows(logits.chunks_exact(w.rows())));
-        }
-        let logits = x.to_dtype(DType::F32).ctx(ctx)?.matmul(&self.weight.t().ctx(ctx)?).ctx(ctx)?;
+        let weight = match &self.weight {
+            RouterWeight::Tensor(t) => t,
+            RouterWeight::Packed(w) => {
+                // the CPU: f32 logits from the kernels, on the pool
+                let (xs, n) = moeserve_quant::packed::rows_f32(x, w.cols(), "router")?;
+                let mut logits = vec![0f32; n * w.rows()];
+                moeserve_cpu::matmul(w, &xs, n, &mut logits);
+                return Ok(self.route_rows(logits.chunks_exact(w.rows())));
+            }
+        };
+        let logits = x.to_dtype(DType::F32).ctx(ctx)?.matmul(&weight.t().ctx(ctx)?).ctx(ctx)?;
         if let Some((experts, weights)) = crate::device_ops::route(&self.cfg, &logits, self.bias.as_deref())? {
             return Ok(Routing { top_k: self.cfg.top_k, experts, weights });
         }
