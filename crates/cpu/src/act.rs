@@ -23,6 +23,19 @@ pub struct Activations {
     /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
     /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
+    /// The 8-bit rows laid out for AMX int8 tiles, built on first use (see [`Self::int8_tiles`]).
+    int8_tiles: std::sync::OnceLock<Int8Tiles>,
+}
+
+/// 8-bit activations as the right-hand operand of AMX int8 tiles, in groups of 16 rows.
+pub(crate) struct Int8Tiles {
+    /// Per group `[padded_cols / 4][16][4]`: each 4 consecutive columns of the 16 rows side by
+    /// side, so 32 columns are one 8 × 64-byte tile (512 bytes, contiguous). Rows past `batch`
+    /// are zero.
+    pub quads: Vec<i8>,
+    /// Per group `[padded_cols / block][16]`: the rows' block scales side by side (0 past `batch`).
+    pub d: Vec<f32>,
+    pub groups: usize,
 }
 
 impl Activations {
@@ -51,6 +64,7 @@ impl Activations {
             block,
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
+            int8_tiles: std::sync::OnceLock::new(),
         };
         if block > 0 {
             a.quantize();
@@ -90,6 +104,28 @@ impl Activations {
                 }
             }
             out
+        })
+    }
+
+    /// The quantized rows for AMX int8 tiles (block formats only; see [`Int8Tiles`]).
+    pub(crate) fn int8_tiles(&self) -> &Int8Tiles {
+        self.int8_tiles.get_or_init(|| {
+            let pc = self.padded_cols;
+            let groups = self.batch.div_ceil(16);
+            let nd = pc / self.block.max(1);
+            let mut quads = vec![0i8; groups * pc * 16];
+            let mut d = vec![0f32; groups * nd * 16];
+            for b in 0..self.batch {
+                let (g, n) = (b / 16, b % 16);
+                let dst = &mut quads[g * pc * 16..(g + 1) * pc * 16];
+                for (c, q) in self.qs[b * pc..(b + 1) * pc].chunks_exact(4).enumerate() {
+                    dst[c * 64 + n * 4..c * 64 + n * 4 + 4].copy_from_slice(q);
+                }
+                for k in 0..nd {
+                    d[(g * nd + k) * 16 + n] = self.d[b * nd + k];
+                }
+            }
+            Int8Tiles { quads, d, groups }
         })
     }
 

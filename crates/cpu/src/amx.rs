@@ -7,7 +7,8 @@
 //! prefill chunk is no longer compute-bound.
 //!
 //! - bf16 weights are loaded into tiles straight from the packed rows (no copy);
-//! - the ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
+//! - q8_0 weights go to int8 tiles instead, as they are stored (the `int8` module);
+//! - the other ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
 //! - activations are split once per call into a bf16 high part and a bf16 low part (the rounding
 //!   error of the high part), both multiplied: together they carry 16 significant bits, so the
 //!   activations lose nothing that matters against bf16 weights (error ≈ 2⁻¹⁷ per term);
@@ -25,6 +26,8 @@ use std::sync::OnceLock;
 use crate::act::Activations;
 use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
 use crate::simd::{f16_at, f16_splat};
+
+mod int8;
 
 /// Tile shape used for every tile: 16 rows of 64 bytes (16 × 32 bf16, or 16 × 16 f32).
 const TILE_ROWS: usize = 16;
@@ -44,8 +47,9 @@ fn detect() -> bool {
         return false;
     }
     // CPUID.(EAX=7,ECX=0):EDX bit 22 = AMX-BF16, bit 24 = AMX-TILE
+    // (bit 25 = AMX-INT8: every AMX CPU so far has all three, and q8_0 takes the int8 tiles)
     let leaf7 = __cpuid_count(7, 0);
-    if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 {
+    if leaf7.edx & (1 << 22) == 0 || leaf7.edx & (1 << 24) == 0 || leaf7.edx & (1 << 25) == 0 {
         return false;
     }
     // the OS saves the tile configuration and data (XCR0 bits 17 and 18)
@@ -79,7 +83,9 @@ pub fn min_batch(format: Format) -> usize {
     over.unwrap_or(match format {
         Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        Format::Q8_0 | Format::Q4K | Format::Q6K => 12,
+        // int8 tiles (see `int8`): from 3 rows on, below the vector kernels' cost
+        Format::Q8_0 => 3,
+        Format::Q4K | Format::Q6K => 12,
     })
 }
 
@@ -115,6 +121,9 @@ thread_local! {
 /// # Safety
 /// `applies(w, a)` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    if w.format == Format::Q8_0 {
+        return int8::q8_0_rows(w, a, r0, r1, y, y_stride);
+    }
     let pairs = a.bf16_pairs();
     let pc = w.padded_cols;
     // one cache line more than a row, so that the 16 rows of a tile fall in different L1 sets
