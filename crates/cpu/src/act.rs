@@ -35,6 +35,9 @@ pub(crate) struct Int8Tiles {
     pub quads: Vec<i8>,
     /// Per group `[padded_cols / block][16]`: the rows' block scales side by side (0 past `batch`).
     pub d: Vec<f32>,
+    /// k-quants only, per group `[padded_cols / 32][16]`: each 32 quantized values' sum, times
+    /// their block's scale (for the q4_K mins).
+    pub scaled_sums32: Vec<f32>,
     pub groups: usize,
 }
 
@@ -125,7 +128,18 @@ impl Activations {
                     d[(g * nd + k) * 16 + n] = self.d[b * nd + k];
                 }
             }
-            Int8Tiles { quads, d, groups }
+            let mut scaled_sums32 = Vec::new();
+            if self.block == 256 {
+                scaled_sums32 = vec![0f32; groups * (pc / 32) * 16];
+                for b in 0..self.batch {
+                    let (g, n) = (b / 16, b % 16);
+                    for k in 0..pc / 32 {
+                        let sum = self.sums16[b * pc / 16 + 2 * k] as f32 + self.sums16[b * pc / 16 + 2 * k + 1] as f32;
+                        scaled_sums32[(g * (pc / 32) + k) * 16 + n] = sum * self.d[b * nd + k / 8];
+                    }
+                }
+            }
+            Int8Tiles { quads, d, scaled_sums32, groups }
         })
     }
 

@@ -7,8 +7,8 @@
 //! prefill chunk is no longer compute-bound.
 //!
 //! - bf16 weights are loaded into tiles straight from the packed rows (no copy);
-//! - q8_0 weights go to int8 tiles instead, as they are stored (the `int8` module);
-//! - the other ggml formats are decoded, 32 rows at a time, into a bf16 panel that stays in L2;
+//! - q8_0 and q4_K weights go to int8 tiles instead (the `int8` module);
+//! - q6_K is decoded, 32 rows at a time, into a bf16 panel that stays in L2;
 //! - activations are split once per call into a bf16 high part and a bf16 low part (the rounding
 //!   error of the high part), both multiplied: together they carry 16 significant bits, so the
 //!   activations lose nothing that matters against bf16 weights (error ≈ 2⁻¹⁷ per term);
@@ -83,9 +83,10 @@ pub fn min_batch(format: Format) -> usize {
     over.unwrap_or(match format {
         Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        // int8 tiles (see `int8`): from 3 rows on, below the vector kernels' cost
+        // int8 tiles (see `int8`): q8_0 is read in place, q4_K pays an unpacking per 16 rows
         Format::Q8_0 => 3,
-        Format::Q4K | Format::Q6K => 12,
+        Format::Q4K => 8,
+        Format::Q6K => 12,
     })
 }
 
@@ -121,8 +122,8 @@ thread_local! {
 /// # Safety
 /// `applies(w, a)` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    if w.format == Format::Q8_0 {
-        return int8::q8_0_rows(w, a, r0, r1, y, y_stride);
+    if int8::takes(w.format) {
+        return int8::rows(w, a, r0, r1, y, y_stride);
     }
     let pairs = a.bf16_pairs();
     let pc = w.padded_cols;

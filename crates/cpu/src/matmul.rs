@@ -30,8 +30,8 @@ pub(crate) fn available(backend: Backend) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// [`Backend::Avx512`], plus Intel AMX tiles for products with several activation rows: int8
-    /// tiles for q8_0 (8-bit activations, as the vector kernels), bf16 tiles for bf16 and the
-    /// k-quants (activations as bf16 high + low parts, f32 sums); see the `amx` module. f32 and
+    /// tiles for q8_0 and q4_K (8-bit activations, as the vector kernels), bf16 tiles for bf16 and
+    /// q6_K (activations as bf16 high + low parts, f32 sums); see the `amx` module. f32 and
     /// FP8 weights keep the vector kernels.
     Amx,
     /// The same kernels compiled for AVX-512 (VL, BW, VNNI): larger tiles, `vpdpbusd`.

@@ -1,4 +1,4 @@
-//! q8_0 weights on AMX int8 tiles (`tdpbssd`).
+//! q8_0 and q4_K weights on AMX int8 tiles (`tdpbssd`, `tdpbusd`).
 //!
 //! A q8_0 row is a run of 34-byte blocks (an f16 scale, then 32 signed bytes), so the 32 bytes of
 //! one block of 16 consecutive rows are a tile of 16 rows × 32 bytes, `row_bytes` apart: the
@@ -6,6 +6,10 @@
 //! tile by the same block of 16 activation rows (8-bit, [`Activations::int8_tiles`]) into 16 × 16
 //! exact int32 dot products; the vector units then scale each by its weight block's scale times
 //! the activation block's scale and add it to f32 sums held in 16 registers.
+//!
+//! q4_K rows are unpacked first, 16 rows at a time, into a copy that stays in cache: one byte per
+//! weight (0–15, multiplied as unsigned by `tdpbusd`), the scale `d · sc` and the min `dmin · m` of
+//! each 32 weights as f32. The mins are applied with the activations' per-32 sums.
 //!
 //! The arithmetic is the vector kernels' (exact integer block sums, scaled in f32), but the
 //! integer work of 16 activation rows is one instruction: a product with up to 16 activation rows
@@ -15,7 +19,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
-use crate::format::{PackedMatrix, Q8_0_BLOCK};
+use crate::format::{Format, PackedMatrix, Q4K_BLOCK, Q8_0_BLOCK};
 
 /// Weight rows (and activation rows) per tile.
 const ROWS: usize = 16;
@@ -56,9 +60,9 @@ enum Rows {
     /// read once, and the 16 rows are 16 memory streams.
     InPlace { p: *const u8, row_bytes: usize },
     /// The rows copied without their scales (`stride` apart, 32 bytes a block; the scales as f32
-    /// at `d`, 16 a block), read front to back once and then reused from cache by every group of
-    /// 16 activation rows (prefill chunks).
-    Staged { p: *const u8, stride: usize, d: *const f32 },
+    /// at `d`, 16 a block; q4_K's mins likewise at `m`, else null), read front to back once and
+    /// then reused from cache by every group of 16 activation rows (prefill chunks).
+    Staged { p: *const u8, stride: usize, d: *const f32, m: *const f32 },
 }
 
 impl Rows {
@@ -71,37 +75,53 @@ impl Rows {
     }
 }
 
-/// `y[b * y_stride + r] = W[r] · x[b]` for the q8_0 rows `r0..r1` and every activation row.
+/// Whether the int8 tiles take `format`.
+pub(super) fn takes(format: Format) -> bool {
+    matches!(format, Format::Q8_0 | Format::Q4K)
+}
+
+/// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row.
 ///
 /// # Safety
-/// AMX must be available (`super::available()`), `w` must be q8_0, and `y` valid for the writes.
-pub(super) unsafe fn q8_0_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+/// AMX must be available (`super::available()`), `takes(w.format)`, and `y` valid for the writes.
+pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
     let tiles = a.int8_tiles();
-    let nb = w.padded_cols / Q8_0_BLOCK.1;
+    let q4k = w.format == Format::Q4K;
+    // 32-column blocks per row, and per activation scale
+    let (nb, per_dx) = (w.padded_cols / 32, a.block / 32);
     let group_bytes = w.padded_cols * ROWS;
     asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
     STAGE.with(|stage| {
         let mut stage = stage.borrow_mut();
         // staged rows one cache line longer than their bytes, so that the 16 rows of a tile do
-        // not all fall in the same L1 set; 64 bytes of slack to align them to a cache line
-        let stride = nb * Q8_0_BLOCK.1 + 64;
-        stage.resize(ROWS * stride + nb * ROWS * 4 + 64, 0);
+        // not all fall in the same L1 set; then the scales and mins; 64 bytes of slack to align
+        // them to a cache line
+        let stride = nb * 32 + 64;
+        stage.resize(ROWS * stride + 2 * nb * ROWS * 4 + 64, 0);
         let base = stage.as_mut_ptr();
         let qp = base.add(base.align_offset(64));
         let dp = qp.add(ROWS * stride) as *mut f32;
+        let mp = dp.add(nb * ROWS);
         let mut r = r0;
         while r < r1 {
             let nr = (r1 - r).min(ROWS);
-            let rows = if tiles.groups == 1 && nr == ROWS {
+            let rows = if q4k {
+                stage_q4k(w, r, nr, qp, stride, dp, mp);
+                Rows::Staged { p: qp, stride, d: dp, m: mp }
+            } else if tiles.groups == 1 && nr == ROWS {
                 Rows::InPlace { p: w.row(r).as_ptr(), row_bytes: w.row_bytes }
             } else {
-                stage_rows(w, r, nr, nb, qp, stride, dp);
-                Rows::Staged { p: qp, stride, d: dp }
+                stage_q8_0(w, r, nr, nb, qp, stride, dp);
+                Rows::Staged { p: qp, stride, d: dp, m: std::ptr::null() }
             };
             for g in 0..tiles.groups {
-                let quads = tiles.quads.as_ptr().add(g * group_bytes) as *const u8;
-                let d = tiles.d.as_ptr().add(g * nb * ROWS);
-                let sums = block_sums(rows, nb, quads, d);
+                let act = Act {
+                    quads: tiles.quads.as_ptr().add(g * group_bytes) as *const u8,
+                    d: tiles.d.as_ptr().add(g * (nb / per_dx) * ROWS),
+                    per_dx,
+                    sums: if q4k { tiles.scaled_sums32.as_ptr().add(g * nb * ROWS) } else { std::ptr::null() },
+                };
+                let sums = if q4k { block_sums::<true>(rows, nb, act) } else { block_sums::<false>(rows, nb, act) };
                 let nbatch = (a.batch - g * ROWS).min(ROWS);
                 for (i, s) in sums.iter().enumerate().take(nr) {
                     for (n, v) in s.iter().enumerate().take(nbatch) {
@@ -115,10 +135,58 @@ pub(super) unsafe fn q8_0_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1:
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// Rows `r..r + nr` of `w` copied for [`Rows::Staged`], each read front to back. Rows past `nr`
-/// are zero.
+/// One group of 16 activation rows (see [`Int8Tiles`](crate::act::Int8Tiles)).
+#[derive(Clone, Copy)]
+struct Act {
+    /// 512 bytes a 32-column block.
+    quads: *const u8,
+    /// 16 scales per `per_dx` blocks.
+    d: *const f32,
+    per_dx: usize,
+    /// q4_K: 16 scaled sums a block; else null.
+    sums: *const f32,
+}
+
+/// Rows `r..r + nr` of a q4_K matrix unpacked for [`Rows::Staged`]: one byte per weight (0–15),
+/// and per 32 weights the scale `d · sc` and the min `dmin · m`. Rows past `nr` are zero.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn stage_rows(w: &PackedMatrix, r: usize, nr: usize, nb: usize, qp: *mut u8, stride: usize, dp: *mut f32) {
+unsafe fn stage_q4k(w: &PackedMatrix, r: usize, nr: usize, qp: *mut u8, stride: usize, dp: *mut f32, mp: *mut f32) {
+    let nsb = w.padded_cols / Q4K_BLOCK.1;
+    let low = _mm256_set1_epi8(0x0f);
+    for i in 0..ROWS {
+        let q = qp.add(i * stride);
+        if i >= nr {
+            std::ptr::write_bytes(q, 0, nsb * 256);
+            for k in 0..nsb * 8 {
+                *dp.add(k * ROWS + i) = 0.0;
+                *mp.add(k * ROWS + i) = 0.0;
+            }
+            continue;
+        }
+        let row = w.row(r + i).as_ptr();
+        for sb in 0..nsb {
+            let bp = row.add(sb * Q4K_BLOCK.0);
+            let (d, dmin) = (crate::simd::f16_at(bp), crate::simd::f16_at(bp.add(2)));
+            let (sc, m) = crate::format::q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
+            for j in 0..8 {
+                *dp.add((sb * 8 + j) * ROWS + i) = d * sc[j] as f32;
+                *mp.add((sb * 8 + j) * ROWS + i) = dmin * m[j] as f32;
+            }
+            // 32 bytes hold weights 64c..64c+32 (low nibbles) and the next 32 (high nibbles)
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(bp.add(16 + 32 * c) as *const __m256i);
+                let o = q.add(sb * 256 + 64 * c);
+                _mm256_store_si256(o as *mut __m256i, _mm256_and_si256(v, low));
+                _mm256_store_si256(o.add(32) as *mut __m256i, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+            }
+        }
+    }
+}
+
+/// Rows `r..r + nr` of a q8_0 matrix copied for [`Rows::Staged`], each read front to back. Rows
+/// past `nr` are zero.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn stage_q8_0(w: &PackedMatrix, r: usize, nr: usize, nb: usize, qp: *mut u8, stride: usize, dp: *mut f32) {
     for i in 0..ROWS {
         let q = qp.add(i * stride);
         if i < nr {
@@ -142,8 +210,9 @@ unsafe fn stage_rows(w: &PackedMatrix, r: usize, nr: usize, nb: usize, qp: *mut 
 /// The tiles run four blocks a step into four sum tiles, stored to one of two buffers; the
 /// vector units scale the sums of the step before (tile registers are not renamed and tile
 /// stores do not forward to vector loads, so this keeps the two units from waiting on each other).
+/// `UNSIGNED`: the weights are unsigned bytes (q4_K), with mins.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn block_sums(rows: Rows, nb: usize, quads: *const u8, d: *const f32) -> [[f32; ROWS]; ROWS] {
+unsafe fn block_sums<const UNSIGNED: bool>(rows: Rows, nb: usize, act: Act) -> [[f32; ROWS]; ROWS] {
     let mut acc = [_mm512_setzero_ps(); ROWS];
     let mut c = [Sums([[0; ROWS]; 4 * ROWS]), Sums([[0; ROWS]; 4 * ROWS])];
     // byte offsets of the 16 rows, to gather their block scales in place
@@ -159,7 +228,7 @@ unsafe fn block_sums(rows: Rows, nb: usize, quads: *const u8, d: *const f32) -> 
         if step < steps {
             let blk = 4 * step;
             let cp = c[step % 2].0.as_mut_ptr() as *mut u8;
-            tile_step(rows, blk, (nb - blk).min(4), quads.add(blk * ACT_BLOCK_BYTES), cp);
+            tile_step::<UNSIGNED>(rows, blk, (nb - blk).min(4), act.quads.add(blk * ACT_BLOCK_BYTES), cp);
         }
         if step > 0 {
             let blk = 4 * (step - 1);
@@ -175,10 +244,17 @@ unsafe fn block_sums(rows: Rows, nb: usize, quads: *const u8, d: *const f32) -> 
                 };
                 let mut dws = [0f32; ROWS];
                 _mm512_storeu_ps(dws.as_mut_ptr(), dw);
-                let dx = _mm512_loadu_ps(d.add((blk + k) * ROWS));
+                let dx = _mm512_loadu_ps(act.d.add((blk + k) / act.per_dx * ROWS));
                 for i in 0..ROWS {
                     let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums[k * ROWS + i].as_ptr() as *const _));
                     acc[i] = _mm512_fmadd_ps(s, _mm512_mul_ps(dx, _mm512_set1_ps(dws[i])), acc[i]);
+                }
+                if let (true, Rows::Staged { m, .. }) = (UNSIGNED, rows) {
+                    // − min · Σ x over the 32 columns, for each weight row
+                    let xs = _mm512_loadu_ps(act.sums.add((blk + k) * ROWS));
+                    for i in 0..ROWS {
+                        acc[i] = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*m.add((blk + k) * ROWS + i)), acc[i]);
+                    }
                 }
             }
         }
@@ -190,50 +266,61 @@ unsafe fn block_sums(rows: Rows, nb: usize, quads: *const u8, d: *const f32) -> 
     out
 }
 
-/// Blocks `blk..blk + n` (`n` of 1–4): int32 sums to `cp` (1 KiB a block), activation tiles at
-/// `xp` (512 bytes a block).
-#[inline(always)]
-unsafe fn tile_step(rows: Rows, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
-    let (w0, ws) = rows.tile(blk);
-    if n == 4 {
-        let (w1, w2, w3) = (rows.tile(blk + 1).0, rows.tile(blk + 2).0, rows.tile(blk + 3).0);
-        asm!(
-            "tileloadd tmm4, [{w0} + {ws}*1]",
-            "tileloadd tmm6, [{x} + {xs}*1]",
-            "tileloadd tmm5, [{w1} + {ws}*1]",
-            "tileloadd tmm7, [{x} + {xs}*1 + 512]",
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tdpbssd tmm0, tmm4, tmm6",
-            "tdpbssd tmm1, tmm5, tmm7",
-            "tileloadd tmm4, [{w2} + {ws}*1]",
-            "tileloadd tmm6, [{x} + {xs}*1 + 1024]",
-            "tileloadd tmm5, [{w3} + {ws}*1]",
-            "tileloadd tmm7, [{x} + {xs}*1 + 1536]",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "tdpbssd tmm2, tmm4, tmm6",
-            "tdpbssd tmm3, tmm5, tmm7",
-            "tilestored [{c} + {cs}*1], tmm0",
-            "tilestored [{c} + {cs}*1 + 1024], tmm1",
-            "tilestored [{c} + {cs}*1 + 2048], tmm2",
-            "tilestored [{c} + {cs}*1 + 3072], tmm3",
-            w0 = in(reg) w0, w1 = in(reg) w1, w2 = in(reg) w2, w3 = in(reg) w3, ws = in(reg) ws,
-            x = in(reg) xp, xs = in(reg) 64usize, c = in(reg) cp, cs = in(reg) 64usize,
-            options(nostack)
-        );
-    } else {
-        for k in 0..n {
+macro_rules! tile_step {
+    ($dp:literal, $rows:expr, $blk:expr, $n:expr, $xp:expr, $cp:expr) => {{
+        let (rows, blk, n, xp, cp): (Rows, usize, usize, *const u8, *mut u8) = ($rows, $blk, $n, $xp, $cp);
+        let (w0, ws) = rows.tile(blk);
+        if n == 4 {
+            let (w1, w2, w3) = (rows.tile(blk + 1).0, rows.tile(blk + 2).0, rows.tile(blk + 3).0);
             asm!(
-                "tilezero tmm0",
-                "tileloadd tmm4, [{w} + {ws}*1]",
+                "tileloadd tmm4, [{w0} + {ws}*1]",
                 "tileloadd tmm6, [{x} + {xs}*1]",
-                "tdpbssd tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{w1} + {ws}*1]",
+                "tileloadd tmm7, [{x} + {xs}*1 + 512]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                concat!($dp, " tmm0, tmm4, tmm6"),
+                concat!($dp, " tmm1, tmm5, tmm7"),
+                "tileloadd tmm4, [{w2} + {ws}*1]",
+                "tileloadd tmm6, [{x} + {xs}*1 + 1024]",
+                "tileloadd tmm5, [{w3} + {ws}*1]",
+                "tileloadd tmm7, [{x} + {xs}*1 + 1536]",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                concat!($dp, " tmm2, tmm4, tmm6"),
+                concat!($dp, " tmm3, tmm5, tmm7"),
                 "tilestored [{c} + {cs}*1], tmm0",
-                w = in(reg) rows.tile(blk + k).0, ws = in(reg) ws, x = in(reg) xp.add(ACT_BLOCK_BYTES * k),
-                xs = in(reg) 64usize, c = in(reg) cp.add(1024 * k), cs = in(reg) 64usize,
+                "tilestored [{c} + {cs}*1 + 1024], tmm1",
+                "tilestored [{c} + {cs}*1 + 2048], tmm2",
+                "tilestored [{c} + {cs}*1 + 3072], tmm3",
+                w0 = in(reg) w0, w1 = in(reg) w1, w2 = in(reg) w2, w3 = in(reg) w3, ws = in(reg) ws,
+                x = in(reg) xp, xs = in(reg) 64usize, c = in(reg) cp, cs = in(reg) 64usize,
                 options(nostack)
             );
+        } else {
+            for k in 0..n {
+                asm!(
+                    "tilezero tmm0",
+                    "tileloadd tmm4, [{w} + {ws}*1]",
+                    "tileloadd tmm6, [{x} + {xs}*1]",
+                    concat!($dp, " tmm0, tmm4, tmm6"),
+                    "tilestored [{c} + {cs}*1], tmm0",
+                    w = in(reg) rows.tile(blk + k).0, ws = in(reg) ws, x = in(reg) xp.add(ACT_BLOCK_BYTES * k),
+                    xs = in(reg) 64usize, c = in(reg) cp.add(1024 * k), cs = in(reg) 64usize,
+                    options(nostack)
+                );
+            }
         }
+    }};
+}
+
+/// Blocks `blk..blk + n` (`n` of 1–4): int32 sums to `cp` (1 KiB a block), activation tiles at
+/// `xp` (512 bytes a block). `UNSIGNED`: `tdpbusd` (unsigned weight bytes), else `tdpbssd`.
+#[inline(always)]
+unsafe fn tile_step<const UNSIGNED: bool>(rows: Rows, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
+    if UNSIGNED {
+        tile_step!("tdpbusd", rows, blk, n, xp, cp)
+    } else {
+        tile_step!("tdpbssd", rows, blk, n, xp, cp)
     }
 }
