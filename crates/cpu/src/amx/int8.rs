@@ -252,8 +252,8 @@ unsafe fn block_sums<const UNSIGNED: bool>(rows: Rows, nb: usize, act: Act) -> [
                 if let (true, Rows::Staged { m, .. }) = (UNSIGNED, rows) {
                     // − min · Σ x over the 32 columns, for each weight row
                     let xs = _mm512_loadu_ps(act.sums.add((blk + k) * ROWS));
-                    for i in 0..ROWS {
-                        acc[i] = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*m.add((blk + k) * ROWS + i)), acc[i]);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*m.add((blk + k) * ROWS + i)), *a);
                     }
                 }
             }
