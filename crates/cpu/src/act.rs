@@ -146,26 +146,59 @@ impl Activations {
     fn quantize(&mut self) {
         let n = self.f32.len();
         self.qs = vec![0; n];
-        self.d = Vec::with_capacity(n / self.block);
-        // written so that both loops vectorize: 16 independent maxima, and rounding to nearest
-        // (ties to even) by adding and subtracting 1.5 · 2^23, exact for |v| <= 127
-        const ROUND: f32 = 12_582_912.0;
-        for (src, dst) in self.f32.chunks_exact(self.block).zip(self.qs.chunks_exact_mut(self.block)) {
-            let mut m = [0f32; 16];
-            for c in src.chunks_exact(16) {
-                for i in 0..16 {
-                    m[i] = m[i].max(c[i].abs());
-                }
-            }
-            let d = m.iter().fold(0f32, |a, &b| a.max(b)) / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (q, v) in dst.iter_mut().zip(src) {
-                *q = ((v * inv + ROUND) - ROUND) as i8;
-            }
-            self.d.push(d);
+        self.d = vec![0.0; n / self.block];
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx512::available() {
+            // SAFETY: the CPU has AVX-512 (F, BW), checked just above.
+            unsafe { quantize_avx512(&self.f32, &mut self.qs, &mut self.d, self.block) };
+        } else {
+            quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
         if self.block == 256 {
             self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
+        }
+    }
+}
+
+/// Each `block` values of `x` to 8 bits: `d = max |x| / 127`, `q = round(x / d)` (nearest, ties
+/// to even). Written so that both loops vectorize: 16 independent maxima, and rounding by adding
+/// and subtracting 1.5 · 2^23 (exact for |v| <= 127).
+fn quantize(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
+    const ROUND: f32 = 12_582_912.0;
+    for ((src, dst), d) in x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d) {
+        let mut m = [0f32; 16];
+        for c in src.chunks_exact(16) {
+            for i in 0..16 {
+                m[i] = m[i].max(c[i].abs());
+            }
+        }
+        *d = m.iter().fold(0f32, |a, &b| a.max(b)) / 127.0;
+        let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+        for (q, v) in dst.iter_mut().zip(src) {
+            *q = ((v * inv + ROUND) - ROUND) as i8;
+        }
+    }
+}
+
+/// [`quantize`] with AVX-512 (the same values: `vcvtps2dq` rounds to nearest even, and `vpmovsdb`
+/// saturates as `as i8` does). The portable loops did not vectorize their maxima (`f32::max`
+/// keeps NaN rules) and were a tenth of a prefill.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
+    use std::arch::x86_64::*;
+    for ((src, dst), d) in x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d) {
+        let mut m = _mm512_setzero_ps();
+        for c in src.chunks_exact(16) {
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())));
+        }
+        *d = _mm512_reduce_max_ps(m) / 127.0;
+        let inv = _mm512_set1_ps(if *d > 0.0 { 1.0 / *d } else { 0.0 });
+        for (c, q) in src.chunks_exact(16).zip(dst.chunks_exact_mut(16)) {
+            let v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(v));
         }
     }
 }
@@ -179,4 +212,36 @@ fn fp8_order(x: &[f32]) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_quantization_is_the_portable_one() {
+        if !crate::simd::avx512::available() {
+            return;
+        }
+        let mut s = 0x2545f4914f6cdd1du64;
+        let mut x: Vec<f32> = (0..256 * 40)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((s % 7) as i32 - 3)
+            })
+            .collect();
+        // ties, zeros and a zero block
+        x[3] = 0.5 * x[0].abs();
+        x[256..288].fill(0.0);
+        for block in [32, 256] {
+            let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; x.len() / block]);
+            let (mut q2, mut d2) = (q1.clone(), d1.clone());
+            super::quantize(&x, &mut q1, &mut d1, block);
+            // SAFETY: AVX-512 checked above.
+            unsafe { super::quantize_avx512(&x, &mut q2, &mut d2, block) };
+            assert_eq!(d1, d2, "block {block}");
+            assert_eq!(q1, q2, "block {block}");
+        }
+    }
 }

@@ -122,10 +122,11 @@ pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
                     sums: if q4k { tiles.scaled_sums32.as_ptr().add(g * nb * ROWS) } else { std::ptr::null() },
                 };
                 let sums = if q4k { block_sums::<true>(rows, nb, act) } else { block_sums::<false>(rows, nb, act) };
-                let nbatch = (a.batch - g * ROWS).min(ROWS);
-                for (i, s) in sums.iter().enumerate().take(nr) {
-                    for (n, v) in s.iter().enumerate().take(nbatch) {
-                        *y.add((g * ROWS + n) * y_stride + r + i) = *v;
+                // sums[i][n] to y[g * 16 + n][r + i]: consecutive stores along each output row
+                for n in 0..(a.batch - g * ROWS).min(ROWS) {
+                    let yr = y.add((g * ROWS + n) * y_stride + r);
+                    for (i, s) in sums.iter().enumerate().take(nr) {
+                        *yr.add(i) = s[n];
                     }
                 }
             }
