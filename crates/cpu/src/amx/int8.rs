@@ -12,8 +12,10 @@
 //! each 32 weights as f32. The mins are applied with the activations' per-32 sums.
 //!
 //! The arithmetic is the vector kernels' (exact integer block sums, scaled in f32), but the
-//! integer work of 16 activation rows is one instruction: a product with up to 16 activation rows
-//! costs about what one row does, which is what batched decode, MTP verification and prefill need.
+//! integer work of 16 activation rows is one instruction. What remains per 32 columns is storing
+//! the sum tile and scaling it (the block scales rule out accumulating in the tiles, as the bf16
+//! tiles do): measured on 8192 × 4096 q8_0, 8 activation rows cost 2.1× one row and 16 rows 1.8×,
+//! against 3.7× and 4.8× with the vector kernel.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
