@@ -116,8 +116,10 @@ impl Activations {
             let pc = self.padded_cols;
             let groups = self.batch.div_ceil(16);
             let nd = pc / self.block.max(1);
+            let kquant = self.block == 256;
             let mut quads = vec![0i8; groups * pc * 16];
             let mut d = vec![0f32; groups * nd * 16];
+            let mut scaled_sums32 = if kquant { vec![0f32; groups * (pc / 32) * 16] } else { Vec::new() };
             for b in 0..self.batch {
                 let (g, n) = (b / 16, b % 16);
                 let dst = &mut quads[g * pc * 16..(g + 1) * pc * 16];
@@ -127,14 +129,10 @@ impl Activations {
                 for k in 0..nd {
                     d[(g * nd + k) * 16 + n] = self.d[b * nd + k];
                 }
-            }
-            let mut scaled_sums32 = Vec::new();
-            if self.block == 256 {
-                scaled_sums32 = vec![0f32; groups * (pc / 32) * 16];
-                for b in 0..self.batch {
-                    let (g, n) = (b / 16, b % 16);
-                    for k in 0..pc / 32 {
-                        let sum = self.sums16[b * pc / 16 + 2 * k] as f32 + self.sums16[b * pc / 16 + 2 * k + 1] as f32;
+                if kquant {
+                    let s16 = &self.sums16[b * pc / 16..(b + 1) * pc / 16];
+                    for (k, pair) in s16.chunks_exact(2).enumerate() {
+                        let sum = pair[0] as f32 + pair[1] as f32;
                         scaled_sums32[(g * (pc / 32) + k) * 16 + n] = sum * self.d[b * nd + k / 8];
                     }
                 }

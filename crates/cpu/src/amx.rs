@@ -75,15 +75,15 @@ unsafe fn xgetbv0() -> u64 {
 }
 
 /// Fewest activation rows for which this path beats the vector kernels (measured with
-/// `moeserve bench --kernels`): bf16 tiles read the weights directly, the other formats pay a
-/// decode into the panel. `MOESERVE_AMX_MIN_BATCH` overrides it (experiments).
+/// `moeserve bench --kernels`): bf16 and q8_0 tiles read the weights as stored, q4_K pays an
+/// unpacking and q6_K a decode into the bf16 panel. `MOESERVE_AMX_MIN_BATCH` overrides it
+/// (experiments).
 pub fn min_batch(format: Format) -> usize {
     static OVERRIDE: OnceLock<Option<usize>> = OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_AMX_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
     over.unwrap_or(match format {
         Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        // int8 tiles (see `int8`): q8_0 is read in place, q4_K pays an unpacking per 16 rows
         Format::Q8_0 => 3,
         Format::Q4K => 8,
         Format::Q6K => 12,

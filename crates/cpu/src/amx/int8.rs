@@ -159,11 +159,7 @@ unsafe fn stage_q4k(w: &PackedMatrix, r: usize, nr: usize, qp: *mut u8, stride: 
     for i in 0..ROWS {
         let q = qp.add(i * stride);
         if i >= nr {
-            std::ptr::write_bytes(q, 0, nsb * 256);
-            for k in 0..nsb * 8 {
-                *dp.add(k * ROWS + i) = 0.0;
-                *mp.add(k * ROWS + i) = 0.0;
-            }
+            zero_row(i, nsb * 8, q, dp, mp);
             continue;
         }
         let row = w.row(r + i).as_ptr();
@@ -200,10 +196,19 @@ unsafe fn stage_q8_0(w: &PackedMatrix, r: usize, nr: usize, nb: usize, qp: *mut 
                 *dp.add(k * ROWS + i) = crate::simd::f16_at(bp);
             }
         } else {
-            std::ptr::write_bytes(q, 0, 32 * nb);
-            for k in 0..nb {
-                *dp.add(k * ROWS + i) = 0.0;
-            }
+            zero_row(i, nb, q, dp, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Staged row `i` (of `nb` 32-byte blocks at `q`) past the matrix: zero bytes, scales and mins
+/// (`mp` may be null).
+unsafe fn zero_row(i: usize, nb: usize, q: *mut u8, dp: *mut f32, mp: *mut f32) {
+    std::ptr::write_bytes(q, 0, 32 * nb);
+    for k in 0..nb {
+        *dp.add(k * ROWS + i) = 0.0;
+        if !mp.is_null() {
+            *mp.add(k * ROWS + i) = 0.0;
         }
     }
 }
