@@ -9,10 +9,15 @@ pub struct Activations {
     pub(crate) padded_cols: usize,
     /// `[batch, padded_cols]`, zero padded.
     pub(crate) f32: Vec<f32>,
-    /// `[batch, padded_cols]` 8-bit values (block formats only).
+    /// `[batch, padded_cols]` 8-bit values (block formats only; q8_0: rows padded with zeros to
+    /// a multiple of 16, for the AMX tiles).
     pub(crate) qs: Vec<i8>,
-    /// One scale per activation block: 32 values for q8_0, 256 for the k-quants.
+    /// One scale per activation block: 32 values for q8_0, 256 for the k-quants (q8_0: padded
+    /// like `qs`).
     pub(crate) d: Vec<f32>,
+    /// q8_0: `-128 · Σ q` over each 32-value block (padded like `qs`): the q8_0 weights are
+    /// stored offset by 128 (unsigned), so each block's integer sum starts from this.
+    pub(crate) q8_offset: Vec<i32>,
     /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32;
     /// at most 16 · 127 in magnitude).
     pub(crate) sums16: Vec<i16>,
@@ -27,7 +32,8 @@ pub struct Activations {
     int8_tiles: std::sync::OnceLock<Int8Tiles>,
 }
 
-/// 8-bit activations as the right-hand operand of AMX int8 tiles, in groups of 16 rows.
+/// 8-bit activations as the right-hand operand of AMX int8 tiles, in groups of 16 rows (q4_K;
+/// q8_0 tiles take the activations as the left-hand operand, in place from `qs`).
 pub(crate) struct Int8Tiles {
     /// Per group `[padded_cols / 4][16][4]`: each 4 consecutive columns of the 16 rows side by
     /// side, so 32 columns are one 8 × 64-byte tile (512 bytes, contiguous). Rows past `batch`
@@ -63,6 +69,7 @@ impl Activations {
             f32: f,
             qs: Vec::new(),
             d: Vec::new(),
+            q8_offset: Vec::new(),
             sums16: Vec::new(),
             block,
             fp8_order,
@@ -156,6 +163,11 @@ impl Activations {
         quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
         if self.block == 256 {
             self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
+        } else {
+            let rows = self.batch.next_multiple_of(16);
+            self.qs.resize(rows * self.padded_cols, 0);
+            self.d.resize(rows * self.padded_cols / 32, 0.0);
+            self.q8_offset = self.qs.chunks_exact(32).map(|c| -128 * c.iter().map(|&q| q as i32).sum::<i32>()).collect();
         }
     }
 }

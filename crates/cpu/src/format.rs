@@ -2,8 +2,9 @@
 //!
 //! A [`PackedMatrix`] is a `[rows, cols]` weight (output rows × input columns) stored row by row,
 //! each row padded with zeros to a whole number of blocks (`padded_cols`), so the kernels never
-//! need a column tail. Quantized rows use the GGUF/ggml block layouts byte for byte (`q8_0`,
-//! `q4_K`, `q6_K`), so a GGUF tensor can be used as it is stored.
+//! need a column tail. `q4_K` and `q6_K` rows use the GGUF/ggml block layouts byte for byte, so a
+//! GGUF tensor can be used as it is stored. `q8_0` holds the same numbers regrouped for integer
+//! dot products over 16 rows at once (see [`Q8_0_GROUP`]).
 
 use half::{bf16, f16};
 
@@ -13,6 +14,18 @@ use crate::Error;
 pub const Q8_0_BLOCK: (usize, usize) = (34, 32);
 pub const Q4K_BLOCK: (usize, usize) = (144, 256);
 pub const Q6K_BLOCK: (usize, usize) = (210, 256);
+
+/// q8_0 rows are kept in groups of this many (the matrix padded with zero rows to whole groups).
+/// A group holds, for each 32-column block, the quantized weights of its 16 rows as 8 runs of
+/// `[16 rows][4 columns]` (512 bytes: the 4 consecutive columns of every row side by side, each
+/// byte offset by 128 to an unsigned value), then the f16 scales of the 16 rows for every block
+/// (32 bytes a block). One 64-byte vector then holds 4 columns of 16 rows, so `vpdpbusd` against
+/// 4 activation bytes broadcast gives 16 rows' sums with no horizontal additions, and each
+/// 512-byte block is the right-hand operand of an AMX int8 tile as it is stored. The same bytes
+/// as ggml's q8_0 (34 a block per row), in another order.
+pub const Q8_0_GROUP: usize = 16;
+/// Bytes of one 32-column block of a q8_0 group: the quantized weights (the scales follow all blocks).
+pub(crate) const Q8_0_GROUP_QUANTS: usize = 32 * Q8_0_GROUP;
 
 /// FP8 weights are decoded through f16 (`(i8 as i16) << 7 & 0xbf80` is the f16 with the same
 /// sign/exponent/mantissa bits, 2^-8 times the E4M3 value, subnormals included), so every block
@@ -114,7 +127,9 @@ impl PackedMatrix {
     fn empty(format: Format, rows: usize, cols: usize) -> Self {
         let padded_cols = cols.div_ceil(format.col_block()) * format.col_block();
         let row_bytes = format.row_bytes(padded_cols);
-        PackedMatrix { format, rows, cols, padded_cols, row_bytes, data: vec![0; rows * row_bytes], scales: Vec::new() }
+        let stored_rows = if format == Format::Q8_0 { rows.next_multiple_of(Q8_0_GROUP) } else { rows };
+        let data = vec![0; stored_rows * row_bytes];
+        PackedMatrix { format, rows, cols, padded_cols, row_bytes, data, scales: Vec::new() }
     }
 
     fn check_len(what: &str, found: usize, rows: usize, cols: usize) -> Result<(), Error> {
@@ -171,18 +186,19 @@ impl PackedMatrix {
                             .map_err(|e| Error(format!("quantizing to {}: {e}", format.name())))
                     })
                     .collect();
-                m.data = Vec::with_capacity(rows * m.row_bytes);
+                let mut data = Vec::with_capacity(rows * m.row_bytes);
                 for p in parts {
-                    m.data.extend_from_slice(&p?);
+                    data.extend_from_slice(&p?);
                 }
-                if m.data.len() != rows * m.row_bytes {
+                if data.len() != rows * m.row_bytes {
                     return Err(Error(format!(
                         "{} quantizer gave {} bytes, expected {}",
                         format.name(),
-                        m.data.len(),
+                        data.len(),
                         rows * m.row_bytes
                     )));
                 }
+                m.set_blocks(data);
             }
         }
         Ok(m)
@@ -239,15 +255,77 @@ impl PackedMatrix {
             )));
         }
         let mut m = Self::empty(format, rows, cols);
-        if bytes.len() != m.data.len() {
-            return Err(Error(format!("{} [{rows}, {cols}]: {} bytes, expected {}", format.name(), bytes.len(), m.data.len())));
+        if bytes.len() != rows * m.row_bytes {
+            return Err(Error(format!(
+                "{} [{rows}, {cols}]: {} bytes, expected {}",
+                format.name(),
+                bytes.len(),
+                rows * m.row_bytes
+            )));
         }
-        m.data = bytes;
+        m.set_blocks(bytes);
         Ok(m)
     }
 
+    /// ggml blocks, row after row, as the resident data (q8_0 regrouped, see [`Q8_0_GROUP`]).
+    fn set_blocks(&mut self, bytes: Vec<u8>) {
+        if self.format != Format::Q8_0 {
+            self.data = bytes;
+            return;
+        }
+        let nb = self.padded_cols / Q8_0_BLOCK.1;
+        for (r, row) in bytes.chunks_exact(self.row_bytes).enumerate() {
+            let (g, n) = (r / Q8_0_GROUP, r % Q8_0_GROUP);
+            let group = &mut self.data[g * Q8_0_GROUP * self.row_bytes..(g + 1) * Q8_0_GROUP * self.row_bytes];
+            let (quants, scales) = group.split_at_mut(nb * Q8_0_GROUP_QUANTS);
+            for (blk, b) in row.chunks_exact(Q8_0_BLOCK.0).enumerate() {
+                scales[blk * 32 + 2 * n..blk * 32 + 2 * n + 2].copy_from_slice(&b[..2]);
+                for (i, q4) in b[2..].chunks_exact(4).enumerate() {
+                    let at = blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4;
+                    for (d, &q) in quants[at..at + 4].iter_mut().zip(q4) {
+                        *d = q ^ 0x80;
+                    }
+                }
+            }
+        }
+        // rows past the matrix: zero weights (offset 128) and zero scales
+        for r in self.rows..self.rows.next_multiple_of(Q8_0_GROUP) {
+            let (g, n) = (r / Q8_0_GROUP, r % Q8_0_GROUP);
+            let quants = &mut self.data[g * Q8_0_GROUP * self.row_bytes..][..nb * Q8_0_GROUP_QUANTS];
+            for blk in 0..nb {
+                for i in 0..8 {
+                    quants[blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4..][..4].fill(0x80);
+                }
+            }
+        }
+    }
+
+    /// Row `r` as stored (not q8_0, whose rows are regrouped: [`Self::q8_0_group`]).
     pub(crate) fn row(&self, r: usize) -> &[u8] {
+        debug_assert!(self.format != Format::Q8_0, "q8_0 rows are stored in groups");
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// q8_0 rows `16 g .. 16 g + 16` (see [`Q8_0_GROUP`]): the quantized blocks, then the scales.
+    pub(crate) fn q8_0_group(&self, g: usize) -> &[u8] {
+        &self.data[g * Q8_0_GROUP * self.row_bytes..(g + 1) * Q8_0_GROUP * self.row_bytes]
+    }
+
+    /// q8_0 row `r` as f32 into `out` (`padded_cols` long), read from its group.
+    pub(crate) fn q8_0_decode_row(&self, r: usize, out: &mut [f32]) {
+        let nb = self.padded_cols / Q8_0_BLOCK.1;
+        let n = r % Q8_0_GROUP;
+        let group = self.q8_0_group(r / Q8_0_GROUP);
+        let scales = &group[nb * Q8_0_GROUP_QUANTS..];
+        for (blk, o) in out.chunks_exact_mut(32).enumerate().take(nb) {
+            let d = f16_at(scales, blk * 32 + 2 * n);
+            for (i, o4) in o.chunks_exact_mut(4).enumerate() {
+                let q = &group[blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4..][..4];
+                for (v, &q) in o4.iter_mut().zip(q) {
+                    *v = d * (q ^ 0x80) as i8 as f32;
+                }
+            }
+        }
     }
 
     /// FP8 scales of row `r` (one per column block of the padded row).
@@ -263,7 +341,8 @@ impl PackedMatrix {
 
     /// Row `r` as f32 (the reference every kernel is tested against), `padded_cols` long.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let row = self.row(r);
+        // q8_0 rows are read from their group
+        let row = if self.format == Format::Q8_0 { &[][..] } else { self.row(r) };
         let pc = self.padded_cols;
         match self.format {
             Format::F32 => row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
@@ -273,11 +352,8 @@ impl PackedMatrix {
                 (0..pc).map(|c| fp8_via_f16(row[c]) * scales[c / block[1]]).collect()
             }
             Format::Q8_0 => {
-                let mut out = Vec::with_capacity(pc);
-                for b in row.chunks_exact(Q8_0_BLOCK.0) {
-                    let d = f16_at(b, 0);
-                    out.extend(b[2..].iter().map(|&q| d * q as i8 as f32));
-                }
+                let mut out = vec![0f32; pc];
+                self.q8_0_decode_row(r, &mut out);
                 out
             }
             Format::Q4K => {

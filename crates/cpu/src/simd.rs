@@ -1,14 +1,15 @@
 //! x86-64 SIMD kernels, instantiated twice from one body: `avx2` (AVX2 + FMA + F16C) and
 //! `avx512` (the same code compiled with AVX-512VL/BW enabled, so it has 32 vector registers for
-//! larger tiles, and VNNI `vpdpbusd` for q8_0 dot products). One weight row is streamed once from
-//! memory and then reused from L1 for every tile of activation rows (up to 4 with AVX2, 8 with
-//! AVX-512); each tile keeps its accumulators in registers.
+//! larger tiles). One weight row is streamed once from memory and then reused from L1 for every
+//! tile of activation rows (up to 4 with AVX2, 8 with AVX-512); each tile keeps its accumulators in
+//! registers. q8_0, stored in groups of 16 rows, has its own kernels (`q8_0x16`: 16 rows per
+//! vector, `vpdpbusd` with AVX-512 VNNI).
 //!
 //! - f32 / bf16 / FP8: weights converted to f32 in registers (bf16: a 16-bit shift; FP8: the f16
 //!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`), FMA with f32 activations; FP8 block
 //!   scales are applied once per column block.
-//! - q8_0 / q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`,
-//!   `vpmaddwd`, or `vpdpbusd`), block scales applied in f32 once per block.
+//! - q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`, `vpmaddwd`),
+//!   block scales applied in f32 once per block.
 
 macro_rules! x86_kernels {
     ($features:literal, [$($detect:tt),*], $max_tile:literal, $vnni:literal) => {
@@ -18,8 +19,8 @@ mod kernels {
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
-use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK, Q8_0_BLOCK};
-use crate::simd::{f16_at, f16_splat, q4k_header};
+use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK};
+use crate::simd::{f16_at, q4k_header};
 
 const F32: u8 = 0;
 const BF16: u8 = 1;
@@ -35,6 +36,10 @@ pub fn available() -> bool {
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    if w.format == Format::Q8_0 {
+        // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
+        return crate::simd::q8_0x16::rows(w, a, r0, r1, y, y_stride, $vnni);
+    }
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
@@ -148,6 +153,9 @@ unsafe fn rows_gemm(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: 
 /// Row `r` as f32 (`padded_cols` values).
 #[target_feature(enable = $features)]
 unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
+    if w.format == Format::Q8_0 {
+        return w.q8_0_decode_row(r, out);
+    }
     let row = w.row(r).as_ptr();
     let pc = w.padded_cols;
     let o = out.as_mut_ptr();
@@ -165,17 +173,7 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
                 _mm256_storeu_ps(o.add(k), _mm256_mul_ps(load8::<FP8>(row, k), s));
             }
         }
-        Format::Q8_0 => {
-            for blk in 0..pc / 32 {
-                let bp = row.add(blk * Q8_0_BLOCK.0);
-                let d = f16_splat(bp);
-                for j in 0..4 {
-                    let q = _mm_loadl_epi64(bp.add(2 + 8 * j) as *const __m128i);
-                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                    _mm256_storeu_ps(o.add(blk * 32 + 8 * j), _mm256_mul_ps(v, d));
-                }
-            }
-        }
+        Format::Q8_0 => {} // read from its group above
         Format::Q4K => {
             let low = _mm256_set1_epi8(0x0f);
             let mut bytes = [0u8; 32];
@@ -213,6 +211,10 @@ unsafe fn tile<const R: usize, const BT: usize>(
     b0: usize,
     out: &mut [[f32; 8]; R],
 ) {
+    if w.format == Format::Q8_0 {
+        debug_assert!(false, "q8_0 products go to simd::q8_0x16");
+        return;
+    }
     let rows = rr.map(|r| w.row(r).as_ptr());
     let pc = w.padded_cols;
     let x = a.f32.as_ptr().add(b0 * pc);
@@ -226,7 +228,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
             fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order().as_ptr().add(b0 * pc), out)
         }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
-        Format::Q8_0 => q8_0_rows::<R, BT>(rows, pc / Q8_0_BLOCK.1, a, b0, out),
+        Format::Q8_0 => {} // never here (above)
         Format::Q4K if $max_tile == 8 && BT <= 2 => crate::simd::q4k_512::rows::<R, BT>(rows, pc / Q4K_BLOCK.1, a, b0, out),
         Format::Q4K => q4k_rows::<R, BT>(rows, pc / Q4K_BLOCK.1, a, b0, out),
         Format::Q6K => q6k_rows::<R, BT>(rows, pc / Q6K_BLOCK.1, a, b0, out),
@@ -409,44 +411,6 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
         si += 1;
     }
     store_sums(&tot, &[[0.0; BT]; R], out);
-}
-
-#[target_feature(enable = $features)]
-unsafe fn q8_0_rows<const R: usize, const BT: usize>(
-    rows: [*const u8; R],
-    nb: usize,
-    a: &Activations,
-    b0: usize,
-    out: &mut [[f32; 8]; R],
-) {
-    let pc = a.padded_cols;
-    let nbx = pc / 32;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); BT]; R];
-    for blk in 0..nb {
-        let mut dw = [0f32; R];
-        let mut wv = [_mm256_setzero_si256(); R];
-        let mut aw = [_mm256_setzero_si256(); R];
-        for j in 0..R {
-            let bp = rows[j].add(blk * Q8_0_BLOCK.0);
-            dw[j] = f16_at(bp);
-            wv[j] = _mm256_loadu_si256(bp.add(2) as *const __m256i);
-            aw[j] = _mm256_sign_epi8(wv[j], wv[j]);
-        }
-        for b in 0..BT {
-            let xq = _mm256_loadu_si256(a.qs.as_ptr().add((b0 + b) * pc + blk * 32) as *const __m256i);
-            let dx = *a.d.get_unchecked((b0 + b) * nbx + blk);
-            for j in 0..R {
-                let p = if $vnni {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw[j], _mm256_sign_epi8(xq, wv[j]))
-                } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(xq, wv[j])), ones)
-                };
-                acc[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(dw[j] * dx), _mm256_cvtepi32_ps(p), acc[j][b]);
-            }
-        }
-    }
-    store_sums(&acc, &[[0.0; BT]; R], out);
 }
 
 /// `_mm256_shuffle_epi8` masks that broadcast 16-bit lane `g` of each 128-bit half.
@@ -647,6 +611,7 @@ pub(crate) unsafe fn q4k_header(bp: *const u8) -> (f32, f32, std::arch::x86_64::
     (f16_at(bp), f16_at(bp.add(2)), sc, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m)))
 }
 
+mod q8_0x16;
 mod row512;
 pub(crate) use row512::{fp8_512, q4k_512};
 

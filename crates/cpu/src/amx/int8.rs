@@ -1,38 +1,42 @@
-//! q8_0 and q4_K weights on AMX int8 tiles (`tdpbssd`, `tdpbusd`).
+//! q8_0 and q4_K weights on AMX int8 tiles (`tdpbsud`, `tdpbusd`).
 //!
-//! A q8_0 row is a run of 34-byte blocks (an f16 scale, then 32 signed bytes), so the 32 bytes of
-//! one block of 16 consecutive rows are a tile of 16 rows × 32 bytes, `row_bytes` apart: the
-//! weights go to the tiles as they are stored, with no decoding. One `tdpbssd` multiplies that
-//! tile by the same block of 16 activation rows (8-bit, [`Activations::int8_tiles`]) into 16 × 16
-//! exact int32 dot products; the vector units then scale each by its weight block's scale times
-//! the activation block's scale and add it to f32 sums held in 16 registers.
+//! q8_0 is stored in groups of 16 rows whose 512-byte blocks (4 columns × 16 rows side by side,
+//! offset to unsigned bytes; see `format::Q8_0_GROUP`) are, as stored, the right-hand operand of
+//! a tile product over 32 columns. The left-hand operand is the same 32 columns of 16 activation
+//! rows, loaded in place from the 8-bit activations. One `tdpbsud` gives the 16 × 16 exact int32
+//! dot products of the block; the vector units add the offset correction, scale each sum by its
+//! weight block's scale times the activation block's scale, and add it to f32 sums held in 16
+//! registers.
 //!
 //! q4_K rows are unpacked first, 16 rows at a time, into a copy that stays in cache: one byte per
-//! weight (0–15, multiplied as unsigned by `tdpbusd`), the scale `d · sc` and the min `dmin · m` of
-//! each 32 weights as f32. The mins are applied with the activations' per-32 sums.
+//! weight (0–15, multiplied as unsigned by `tdpbusd` against the activations laid out by
+//! [`Activations::int8_tiles`]), the scale `d · sc` and the min `dmin · m` of each 32 weights as
+//! f32. The mins are applied with the activations' per-32 sums.
 //!
 //! The arithmetic is the vector kernels' (exact integer block sums, scaled in f32), but the
 //! integer work of 16 activation rows is one instruction. What remains per 32 columns is storing
 //! the sum tile and scaling it (the block scales rule out accumulating in the tiles, as the bf16
-//! tiles do): measured on 8192 × 4096 q8_0, 8 activation rows cost 2.1× one row and 16 rows 1.8×,
-//! against 3.7× and 4.8× with the vector kernel.
+//! tiles do), and on this VM the two vCPUs share one tile unit: so the vector kernels keep the
+//! products with few activation rows (see `amx::min_batch`).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
-use crate::format::{Format, PackedMatrix, Q4K_BLOCK, Q8_0_BLOCK};
+use crate::format::{Format, PackedMatrix, Q4K_BLOCK};
 
 /// Weight rows (and activation rows) per tile.
 const ROWS: usize = 16;
-/// Bytes of one 32-column block of the 16 activation rows (`Int8Tiles::quads`).
-const ACT_BLOCK_BYTES: usize = 512;
+/// Bytes of one 32-column block of 16 rows in a right-hand tile operand (`Int8Tiles::quads` for
+/// q4_K, a q8_0 group's block).
+const BLOCK_BYTES: usize = 512;
 
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-/// Palette 1. tmm0–3: 16 × 16 int32 sums; tmm4–5: 16 weight rows × 32 bytes; tmm6–7: the
-/// activations of one block, 8 rows of 4 columns × 16 activation rows.
+/// Palette 1. tmm0–3: 16 × 16 int32 sums; tmm4–5: the left-hand operands, 16 rows × 32 bytes
+/// (q4_K weight rows, or q8_0 activation rows); tmm6–7: the right-hand operands of one block,
+/// 8 rows of 4 columns × 16 rows (q4_K activations, or q8_0 weights).
 const CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
@@ -50,30 +54,26 @@ const CONFIG: TileConfig = {
 struct Sums([[i32; ROWS]; 4 * ROWS]);
 
 thread_local! {
-    /// Weight rows copied for [`Rows::Staged`]: 16 rows of 32-byte blocks, then their scales.
+    /// q4_K weight rows unpacked for [`Staged`]: 16 rows of 32-byte blocks, then their scales.
     static STAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Where a group of 16 weight rows is read from.
+/// Left-hand operands of the tile products: 16 rows of 32-byte blocks, `stride` apart (q4_K:
+/// the unpacked weight rows, with their scales as f32 at `d` and mins at `m`, 16 a block, read
+/// front to back once and reused from cache by every group of 16 activation rows; q8_0: the
+/// activation rows, `d` and `m` unused).
 #[derive(Clone, Copy)]
-enum Rows {
-    /// The q8_0 rows as stored (`row_bytes` apart); tiles load each block's 32 bytes in place and
-    /// the 16 block scales are gathered. For one group of activation rows: each weight byte is
-    /// read once, and the 16 rows are 16 memory streams.
-    InPlace { p: *const u8, row_bytes: usize },
-    /// The rows copied without their scales (`stride` apart, 32 bytes a block; the scales as f32
-    /// at `d`, 16 a block; q4_K's mins likewise at `m`, else null), read front to back once and
-    /// then reused from cache by every group of 16 activation rows (prefill chunks).
-    Staged { p: *const u8, stride: usize, d: *const f32, m: *const f32 },
+struct Staged {
+    p: *const u8,
+    stride: usize,
+    d: *const f32,
+    m: *const f32,
 }
 
-impl Rows {
+impl Staged {
     #[inline(always)]
     fn tile(self, blk: usize) -> (*const u8, usize) {
-        match self {
-            Rows::InPlace { p, row_bytes } => (p.wrapping_add(blk * Q8_0_BLOCK.0 + 2), row_bytes),
-            Rows::Staged { p, stride, .. } => (p.wrapping_add(blk * Q8_0_BLOCK.1), stride),
-        }
+        (self.p.wrapping_add(blk * 32), self.stride)
     }
 }
 
@@ -87,12 +87,51 @@ pub(super) fn takes(format: Format) -> bool {
 /// # Safety
 /// AMX must be available (`super::available()`), `takes(w.format)`, and `y` valid for the writes.
 pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+    if w.format == Format::Q8_0 {
+        q8_0_rows(w, a, r0, r1, y, y_stride);
+    } else {
+        q4k_rows(w, a, r0, r1, y, y_stride);
+    }
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// q8_0: each group of 16 weight rows in place against each group of 16 activation rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q8_0_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+    let (pc, nb) = (w.padded_cols, w.padded_cols / 32);
+    for g in r0 / ROWS..r1.div_ceil(ROWS) {
+        let group = w.q8_0_group(g).as_ptr();
+        for xg in 0..a.batch.div_ceil(ROWS) {
+            // the activations are padded with zero rows to whole groups of 16
+            let acts = Staged {
+                p: a.qs.as_ptr().add(xg * ROWS * pc) as *const u8,
+                stride: pc,
+                d: std::ptr::null(),
+                m: std::ptr::null(),
+            };
+            let at = xg * ROWS * nb;
+            let sums = q8_0_sums(acts, group, nb, a.d.as_ptr().add(at), a.q8_offset.as_ptr().add(at));
+            // sums[activation row][weight row]: consecutive outputs
+            for (i, s) in sums.iter().enumerate().take(a.batch - xg * ROWS) {
+                let yr = y.add((xg * ROWS + i) * y_stride);
+                for (n, &v) in s.iter().enumerate() {
+                    let r = g * ROWS + n;
+                    if (r0..r1).contains(&r) {
+                        *yr.add(r) = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// q4_K: 16 weight rows unpacked once, then against each group of 16 activation rows.
+unsafe fn q4k_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
     let tiles = a.int8_tiles();
-    let q4k = w.format == Format::Q4K;
     // 32-column blocks per row, and per activation scale
     let (nb, per_dx) = (w.padded_cols / 32, a.block / 32);
     let group_bytes = w.padded_cols * ROWS;
-    asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
     STAGE.with(|stage| {
         let mut stage = stage.borrow_mut();
         // staged rows one cache line longer than their bytes, so that the 16 rows of a tile do
@@ -107,23 +146,16 @@ pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
         let mut r = r0;
         while r < r1 {
             let nr = (r1 - r).min(ROWS);
-            let rows = if q4k {
-                stage_q4k(w, r, nr, qp, stride, dp, mp);
-                Rows::Staged { p: qp, stride, d: dp, m: mp }
-            } else if tiles.groups == 1 && nr == ROWS {
-                Rows::InPlace { p: w.row(r).as_ptr(), row_bytes: w.row_bytes }
-            } else {
-                stage_q8_0(w, r, nr, nb, qp, stride, dp);
-                Rows::Staged { p: qp, stride, d: dp, m: std::ptr::null() }
-            };
+            stage_q4k(w, r, nr, qp, stride, dp, mp);
+            let rows = Staged { p: qp, stride, d: dp, m: mp };
             for g in 0..tiles.groups {
                 let act = Act {
                     quads: tiles.quads.as_ptr().add(g * group_bytes) as *const u8,
                     d: tiles.d.as_ptr().add(g * (nb / per_dx) * ROWS),
                     per_dx,
-                    sums: if q4k { tiles.scaled_sums32.as_ptr().add(g * nb * ROWS) } else { std::ptr::null() },
+                    sums: tiles.scaled_sums32.as_ptr().add(g * nb * ROWS),
                 };
-                let sums = if q4k { block_sums::<true>(rows, nb, act) } else { block_sums::<false>(rows, nb, act) };
+                let sums = q4k_sums(rows, nb, act);
                 // sums[i][n] to y[g * 16 + n][r + i]: consecutive stores along each output row
                 for n in 0..(a.batch - g * ROWS).min(ROWS) {
                     let yr = y.add((g * ROWS + n) * y_stride + r);
@@ -135,10 +167,9 @@ pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
             r += nr;
         }
     });
-    asm!("tilerelease", options(nostack, nomem));
 }
 
-/// One group of 16 activation rows (see [`Int8Tiles`](crate::act::Int8Tiles)).
+/// One group of 16 activation rows for q4_K (see [`Int8Tiles`](crate::act::Int8Tiles)).
 #[derive(Clone, Copy)]
 struct Act {
     /// 512 bytes a 32-column block.
@@ -146,11 +177,11 @@ struct Act {
     /// 16 scales per `per_dx` blocks.
     d: *const f32,
     per_dx: usize,
-    /// q4_K: 16 scaled sums a block; else null.
+    /// 16 scaled sums a block.
     sums: *const f32,
 }
 
-/// Rows `r..r + nr` of a q4_K matrix unpacked for [`Rows::Staged`]: one byte per weight (0–15),
+/// Rows `r..r + nr` of a q4_K matrix unpacked for [`Staged`]: one byte per weight (0–15),
 /// and per 32 weights the scale `d · sc` and the min `dmin · m`. Rows past `nr` are zero.
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn stage_q4k(w: &PackedMatrix, r: usize, nr: usize, qp: *mut u8, stride: usize, dp: *mut f32, mp: *mut f32) {
@@ -182,25 +213,6 @@ unsafe fn stage_q4k(w: &PackedMatrix, r: usize, nr: usize, qp: *mut u8, stride: 
     }
 }
 
-/// Rows `r..r + nr` of a q8_0 matrix copied for [`Rows::Staged`], each read front to back. Rows
-/// past `nr` are zero.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn stage_q8_0(w: &PackedMatrix, r: usize, nr: usize, nb: usize, qp: *mut u8, stride: usize, dp: *mut f32) {
-    for i in 0..ROWS {
-        let q = qp.add(i * stride);
-        if i < nr {
-            let row = w.row(r + i).as_ptr();
-            for k in 0..nb {
-                let bp = row.add(k * Q8_0_BLOCK.0);
-                _mm256_store_si256(q.add(32 * k) as *mut __m256i, _mm256_loadu_si256(bp.add(2) as *const __m256i));
-                *dp.add(k * ROWS + i) = crate::simd::f16_at(bp);
-            }
-        } else {
-            zero_row(i, nb, q, dp, std::ptr::null_mut());
-        }
-    }
-}
-
 /// Staged row `i` (of `nb` 32-byte blocks at `q`) past the matrix: zero bytes, scales and mins
 /// (`mp` may be null).
 unsafe fn zero_row(i: usize, nb: usize, q: *mut u8, dp: *mut f32, mp: *mut f32) {
@@ -213,60 +225,33 @@ unsafe fn zero_row(i: usize, nb: usize, q: *mut u8, dp: *mut f32, mp: *mut f32) 
     }
 }
 
-/// 16 weight rows times one group of 16 activation rows: `[weight row][activation row]` sums.
-///
-/// The tiles run four blocks a step into four sum tiles, stored to one of two buffers; the
-/// vector units scale the sums of the step before (tile registers are not renamed and tile
-/// stores do not forward to vector loads, so this keeps the two units from waiting on each other).
-/// `UNSIGNED`: the weights are unsigned bytes (q4_K), with mins.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn block_sums<const UNSIGNED: bool>(rows: Rows, nb: usize, act: Act) -> [[f32; ROWS]; ROWS] {
-    let mut acc = [_mm512_setzero_ps(); ROWS];
+/// The software pipeline of both formats: the tiles run four blocks a step into four sum tiles
+/// (`tiles(blk, n, to)`, 1 KiB a block), stored to one of two buffers, and `scale(blk, sums)`
+/// folds the 16 × 16 sums of each block of the step before into f32 sums (tile registers are not
+/// renamed and tile stores do not forward to vector loads, so this keeps the tile and vector
+/// units from waiting on each other).
+#[inline(always)]
+unsafe fn pipeline(nb: usize, mut tiles: impl FnMut(usize, usize, *mut u8), mut scale: impl FnMut(usize, &[[i32; ROWS]])) {
     let mut c = [Sums([[0; ROWS]; 4 * ROWS]), Sums([[0; ROWS]; 4 * ROWS])];
-    // byte offsets of the 16 rows, to gather their block scales in place
-    let offsets = match rows {
-        Rows::InPlace { row_bytes, .. } => _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(row_bytes as i32),
-        ),
-        Rows::Staged { .. } => _mm512_setzero_si512(),
-    };
     let steps = nb.div_ceil(4);
     for step in 0..=steps {
         if step < steps {
             let blk = 4 * step;
-            let cp = c[step % 2].0.as_mut_ptr() as *mut u8;
-            tile_step::<UNSIGNED>(rows, blk, (nb - blk).min(4), act.quads.add(blk * ACT_BLOCK_BYTES), cp);
+            tiles(blk, (nb - blk).min(4), c[step % 2].0.as_mut_ptr() as *mut u8);
         }
         if step > 0 {
             let blk = 4 * (step - 1);
             let sums = &c[(step - 1) % 2].0;
             for k in 0..(nb - blk).min(4) {
-                let dw = match rows {
-                    // the f16 scale is the first 2 of the 4 bytes gathered from each row's block
-                    Rows::InPlace { p, .. } => _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_i32gather_epi32::<1>(
-                        offsets,
-                        p.add((blk + k) * Q8_0_BLOCK.0) as *const _,
-                    ))),
-                    Rows::Staged { d, .. } => _mm512_loadu_ps(d.add((blk + k) * ROWS)),
-                };
-                let mut dws = [0f32; ROWS];
-                _mm512_storeu_ps(dws.as_mut_ptr(), dw);
-                let dx = _mm512_loadu_ps(act.d.add((blk + k) / act.per_dx * ROWS));
-                for i in 0..ROWS {
-                    let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums[k * ROWS + i].as_ptr() as *const _));
-                    acc[i] = _mm512_fmadd_ps(s, _mm512_mul_ps(dx, _mm512_set1_ps(dws[i])), acc[i]);
-                }
-                if let (true, Rows::Staged { m, .. }) = (UNSIGNED, rows) {
-                    // − min · Σ x over the 32 columns, for each weight row
-                    let xs = _mm512_loadu_ps(act.sums.add((blk + k) * ROWS));
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*m.add((blk + k) * ROWS + i)), *a);
-                    }
-                }
+                scale(blk + k, &sums[k * ROWS..(k + 1) * ROWS]);
             }
         }
     }
+}
+
+/// The f32 sums held in registers, as rows.
+#[inline(always)]
+unsafe fn rows_of(acc: [__m512; ROWS]) -> [[f32; ROWS]; ROWS] {
     let mut out = [[0f32; ROWS]; ROWS];
     for i in 0..ROWS {
         _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i]);
@@ -274,9 +259,57 @@ unsafe fn block_sums<const UNSIGNED: bool>(rows: Rows, nb: usize, act: Act) -> [
     out
 }
 
+/// 16 staged q4_K weight rows times one group of 16 activation rows: `[weight row][activation
+/// row]` sums, mins applied.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q4k_sums(rows: Staged, nb: usize, act: Act) -> [[f32; ROWS]; ROWS] {
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    pipeline(
+        nb,
+        |blk, n, to| tile_step::<true>(rows, blk, n, act.quads.add(blk * BLOCK_BYTES), to),
+        |blk, sums| {
+            let mut dws = [0f32; ROWS];
+            _mm512_storeu_ps(dws.as_mut_ptr(), _mm512_loadu_ps(rows.d.add(blk * ROWS)));
+            let dx = _mm512_loadu_ps(act.d.add(blk / act.per_dx * ROWS));
+            for i in 0..ROWS {
+                let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums[i].as_ptr() as *const _));
+                acc[i] = _mm512_fmadd_ps(s, _mm512_mul_ps(dx, _mm512_set1_ps(dws[i])), acc[i]);
+            }
+            // − min · Σ x over the 32 columns, for each weight row
+            let xs = _mm512_loadu_ps(act.sums.add(blk * ROWS));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*rows.m.add(blk * ROWS + i)), *a);
+            }
+        },
+    );
+    rows_of(acc)
+}
+
+/// 16 activation rows (`acts`, with their block scales `dx` and offsets `off`, `nb` a row) times
+/// one q8_0 group (`group`: its blocks, then its scales): `[activation row][weight row]` sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn q8_0_sums(acts: Staged, group: *const u8, nb: usize, dx: *const f32, off: *const i32) -> [[f32; ROWS]; ROWS] {
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let scales = group.add(nb * BLOCK_BYTES);
+    pipeline(
+        nb,
+        |blk, n, to| tile_step::<false>(acts, blk, n, group.add(blk * BLOCK_BYTES), to),
+        |blk, sums| {
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * 32) as *const __m256i));
+            for i in 0..ROWS {
+                let s =
+                    _mm512_add_epi32(_mm512_load_si512(sums[i].as_ptr() as *const _), _mm512_set1_epi32(*off.add(i * nb + blk)));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*dx.add(i * nb + blk)));
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[i]);
+            }
+        },
+    );
+    rows_of(acc)
+}
+
 macro_rules! tile_step {
     ($dp:literal, $rows:expr, $blk:expr, $n:expr, $xp:expr, $cp:expr) => {{
-        let (rows, blk, n, xp, cp): (Rows, usize, usize, *const u8, *mut u8) = ($rows, $blk, $n, $xp, $cp);
+        let (rows, blk, n, xp, cp): (Staged, usize, usize, *const u8, *mut u8) = ($rows, $blk, $n, $xp, $cp);
         let (w0, ws) = rows.tile(blk);
         if n == 4 {
             let (w1, w2, w3) = (rows.tile(blk + 1).0, rows.tile(blk + 2).0, rows.tile(blk + 3).0);
@@ -313,7 +346,7 @@ macro_rules! tile_step {
                     "tileloadd tmm6, [{x} + {xs}*1]",
                     concat!($dp, " tmm0, tmm4, tmm6"),
                     "tilestored [{c} + {cs}*1], tmm0",
-                    w = in(reg) rows.tile(blk + k).0, ws = in(reg) ws, x = in(reg) xp.add(ACT_BLOCK_BYTES * k),
+                    w = in(reg) rows.tile(blk + k).0, ws = in(reg) ws, x = in(reg) xp.add(BLOCK_BYTES * k),
                     xs = in(reg) 64usize, c = in(reg) cp.add(1024 * k), cs = in(reg) 64usize,
                     options(nostack)
                 );
@@ -322,13 +355,15 @@ macro_rules! tile_step {
     }};
 }
 
-/// Blocks `blk..blk + n` (`n` of 1–4): int32 sums to `cp` (1 KiB a block), activation tiles at
-/// `xp` (512 bytes a block). `UNSIGNED`: `tdpbusd` (unsigned weight bytes), else `tdpbssd`.
+/// Blocks `blk..blk + n` (`n` of 1–4): int32 sums to `cp` (1 KiB a block), left-hand operands
+/// from `rows`, right-hand ones at `xp` (512 bytes a block). `Q4K`: `tdpbusd` (unsigned q4_K
+/// weights × signed activations); else `tdpbsud` (signed activations × q8_0 weights offset to
+/// unsigned).
 #[inline(always)]
-unsafe fn tile_step<const UNSIGNED: bool>(rows: Rows, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
-    if UNSIGNED {
+unsafe fn tile_step<const Q4K: bool>(rows: Staged, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
+    if Q4K {
         tile_step!("tdpbusd", rows, blk, n, xp, cp)
     } else {
-        tile_step!("tdpbssd", rows, blk, n, xp, cp)
+        tile_step!("tdpbsud", rows, blk, n, xp, cp)
     }
 }
