@@ -2,7 +2,8 @@
 # The GPU check, in two halves (the GPU machine has nvcc and a driver but no Rust):
 #
 #   scripts/gpu-check.sh build   here: builds the `cuda` feature's GPU test binaries and the release
-#                                `moeserve` into target/gpu-bundle/ (+ MANIFEST), ~40 MB stripped
+#                                `moeserve` into target/gpu-bundle/ (+ MANIFEST), ~250 MB stripped,
+#                                and target/gpu-bundle.tar.xz (~35 MB) to carry
 #   scripts/gpu-check.sh run     on the GPU machine, from the repo root, with target/gpu-bundle
 #                                carried: binary starts -> every GPU parity test -> kernel benchmarks
 #                                against the copy bandwidth and matmul rate measured in the same run ->
@@ -20,7 +21,8 @@
 #
 # Environment: GPU_BUNDLE (default target/gpu-bundle), GPU_CUDA_MAJOR, CUDA_COMPUTE_CAP,
 # GPU_SYNTH_PRESET (default gpu-r1-slice), GPU_SYNTH_DIR (default /tmp/moeserve-gpu-synth),
-# GPU_BENCH_PROMPT / GPU_BENCH_GEN (default 512 / 64).
+# GPU_BENCH_PROMPT / GPU_BENCH_GEN (default 512 / 64), GPU_TEST_TIMEOUT (seconds per test binary,
+# default 300), GPU_CHECK_OUT (where the logs go; default a fresh temporary directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${GPU_BUNDLE:-target/gpu-bundle}
@@ -36,6 +38,7 @@ build() {
   set -e
   command -v nvcc >/dev/null || die "needs nvcc: run scripts/install-cuda-toolkit.sh"
   command -v patchelf >/dev/null || die "needs patchelf: run scripts/install-cuda-toolkit.sh"
+  [ -e /usr/lib/x86_64-linux-gnu/libnccl.so ] || die "needs libnccl to link: run scripts/install-cuda-toolkit.sh --with-nccl"
   export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
   local t0=$SECONDS
   cargo build --release -p moeserve --features cuda
@@ -77,7 +80,10 @@ EOF
   } >"$BUNDLE/MANIFEST"
   cat "$BUNDLE/MANIFEST"
   du -sh "$BUNDLE"
-  echo "gpu-check build: done in $((SECONDS - t0)) s; carry $BUNDLE to the GPU machine and run: scripts/gpu-check.sh run"
+  # the binaries embed candle's PTX as text: ~250 MB, ~35 MB compressed
+  tar cf - -C "$(dirname "$BUNDLE")" "$(basename "$BUNDLE")" | xz -T0 -6 >"$BUNDLE.tar.xz"
+  du -sh "$BUNDLE.tar.xz"
+  echo "gpu-check build: done in $((SECONDS - t0)) s; carry $BUNDLE.tar.xz (or $BUNDLE) to the GPU machine and run: scripts/gpu-check.sh run"
 }
 
 # Point the CUDA 11.8 library references at the GPU machine's major version.
@@ -112,12 +118,21 @@ cuda_lib_path() {
       [ -d "$d/$sub" ] && ls "$d/$sub"/libcublas.so.* >/dev/null 2>&1 && dirs+=("$d/$sub")
     done
   done
+  # NCCL (and CUDA libraries the toolkit lacks) from the Python wheels of the machine's image
+  local lib
+  for lib in libnccl.so.2 libcublas.so.${MAJOR}; do
+    d=$(find /opt /usr/local/lib /usr/lib/python3* -maxdepth 9 -name "$lib" -path '*nvidia*' 2>/dev/null | head -n 1)
+    [ -n "$d" ] && dirs+=("$(dirname "$d")")
+  done
   local IFS=:
   echo "${dirs[*]}"
 }
 
 run() {
   local t0=$SECONDS
+  if [ ! -f "$BUNDLE/MANIFEST" ] && [ -f "$BUNDLE.tar.xz" ]; then
+    tar xJf "$BUNDLE.tar.xz" -C "$(dirname "$BUNDLE")" || die "cannot unpack $BUNDLE.tar.xz"
+  fi
   [ -f "$BUNDLE/MANIFEST" ] || die "no bundle at $BUNDLE: run 'scripts/gpu-check.sh build' on a machine with Rust and carry it"
   local moeserve="$BUNDLE/bin/moeserve" out
   out=${GPU_CHECK_OUT:-$(mktemp -d)}
@@ -140,7 +155,7 @@ run() {
   echo "== 2. GPU parity tests (embedded compute PTX)"
   local t ok=1
   for t in "$BUNDLE"/tests/*; do
-    if timeout 300 "$t" --test-threads=1 2>&1 | tee "$out/$(basename "$t").log" | grep -E "^test |relative error|panicked|test result"; then :; fi
+    if timeout "${GPU_TEST_TIMEOUT:-300}" "$t" --test-threads=1 2>&1 | tee "$out/$(basename "$t").log" | grep -E "^test |relative error|panicked|test result"; then :; fi
     if grep -q "^test result: ok" "$out/$(basename "$t").log"; then
       note "$(basename "$t")" "$(grep '^test result' "$out/$(basename "$t").log" | sed 's/^test result: //')"
     else
@@ -156,7 +171,7 @@ run() {
     for f in kernels/src/*.cu; do
       nvcc -arch=sm_90a --cubin -O3 -std=c++17 -I kernels/src -o "$cub/$(basename "${f%.cu}").cubin" "$f" || fail=1
     done
-    if [ $fail -eq 0 ] && MOESERVE_KERNELS_PTX_DIR=$cub timeout 300 "$BUNDLE/tests/gpu_parity" --test-threads=1 >"$out/sm90a.log" 2>&1; then
+    if [ $fail -eq 0 ] && MOESERVE_KERNELS_PTX_DIR=$cub timeout "${GPU_TEST_TIMEOUT:-300}" "$BUNDLE/tests/gpu_parity" --test-threads=1 >"$out/sm90a.log" 2>&1; then
       note "gpu_parity on sm_90a cubins" "$(grep '^test result' "$out/sm90a.log" | sed 's/^test result: //')"
     else
       ok=0

@@ -266,7 +266,9 @@ impl Mla {
         let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?; // [H, P, T]
         let v = c_kv.broadcast_matmul(&self.w_uv_t).ctx(ctx)?; // [H, T, V]
         let k_pe = k_pe.t().ctx(ctx)?.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, self.rope, t)).ctx(ctx)?; // [H, R, T]
-        let k_t = Tensor::cat(&[&k_nope, &k_pe], 1).ctx(ctx)?; // [H, P+R, T]
+                                                                                                                 // (cat along a later dim of a broadcast gives a strided result; CUDA's batched matmul
+                                                                                                                 // takes only contiguous batches)
+        let k_t = Tensor::cat(&[&k_nope, &k_pe], 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, P+R, T]
         let q = Tensor::cat(&[q_nope, q_pe], 2).ctx(ctx)?; // [H, S, P+R]
         let scores = q.matmul(&k_t).ctx(ctx)?; // [H, S, T]
         let p = self.softmax(&scores, start)?;

@@ -382,21 +382,37 @@ pub fn write_checkpoint(cfg: &DeepSeekConfig, dir: &Path, opts: &SynthOptions) -
         let mut f = BufWriter::new(File::create(&path).map_err(io(&path))?);
         f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io(&path))?;
         f.write_all(&h).map_err(io(&path))?;
+        // units of one tensor, or a scale with its FP8 weight (always directly after it)
+        let mut units: Vec<&[&Spec]> = Vec::new();
         let mut k = 0;
         while k < shard.len() {
-            // a scale is always directly followed by its FP8 weight (same shard)
-            let chunks = match (shard[k].stored, shard.get(k + 1), opts.fp8_block) {
-                (Stored::Scale, Some(w), Some(block)) if w.stored == Stored::Fp8 => {
-                    let (scale, q) = fp8_pair_bytes(w, opts.seed, block);
-                    vec![(shard[k], scale), (*w, q)]
-                }
-                (Stored::Bf16 | Stored::F32, _, _) => vec![(shard[k], plain_bytes(shard[k], opts.seed))],
+            let n = match (shard[k].stored, shard.get(k + 1), opts.fp8_block) {
+                (Stored::Scale, Some(w), Some(_)) if w.stored == Stored::Fp8 => 2,
+                (Stored::Bf16 | Stored::F32, _, _) => 1,
                 _ => return Err(Error::Input(format!("synth: {} is not paired with its FP8 weight", shard[k].name))),
             };
-            for (s, bytes) in chunks {
-                debug_assert_eq!(bytes.len(), s.bytes(), "{}", s.name);
-                f.write_all(&bytes).map_err(io(&path))?;
-                k += 1;
+            units.push(&shard[k..k + n]);
+            k += n;
+        }
+        // every tensor's values depend only on the seed and its name: generate a window of units
+        // on all threads, then write them in order (memory stays bounded by the window)
+        use rayon::prelude::*;
+        for window in units.chunks(2 * rayon::current_num_threads()) {
+            let chunks: Vec<Vec<Vec<u8>>> = window
+                .par_iter()
+                .map(|u| match (u, opts.fp8_block) {
+                    ([_, w], Some(block)) => {
+                        let (scale, q) = fp8_pair_bytes(w, opts.seed, block);
+                        vec![scale, q]
+                    }
+                    _ => vec![plain_bytes(u[0], opts.seed)],
+                })
+                .collect();
+            for (u, bytes) in window.iter().zip(chunks) {
+                for (s, bytes) in u.iter().zip(bytes) {
+                    debug_assert_eq!(bytes.len(), s.bytes(), "{}", s.name);
+                    f.write_all(&bytes).map_err(io(&path))?;
+                }
             }
         }
         f.flush().map_err(io(&path))?;
