@@ -9,18 +9,21 @@ pub struct Activations {
     pub(crate) padded_cols: usize,
     /// `[batch, padded_cols]`, zero padded.
     pub(crate) f32: Vec<f32>,
-    /// `[batch, padded_cols]` 8-bit values (block formats only; q8_0: rows padded with zeros to
-    /// a multiple of 16, for the AMX tiles).
+    /// `[batch, padded_cols]` 8-bit values (block formats only; rows padded with zeros to a
+    /// multiple of 16, which the AMX tiles load in groups of 16).
     pub(crate) qs: Vec<i8>,
-    /// One scale per activation block: 32 values for q8_0, 256 for the k-quants (q8_0: padded
-    /// like `qs`).
+    /// One scale per activation block: 32 values for q8_0, 256 for the k-quants (padded like
+    /// `qs`).
     pub(crate) d: Vec<f32>,
     /// q8_0: `-128 · Σ q` over each 32-value block (padded like `qs`): the q8_0 weights are
     /// stored offset by 128 (unsigned), so each block's integer sum starts from this.
     pub(crate) q8_offset: Vec<i32>,
-    /// k-quants: the sum of each 16 quantized values (for the q4_K mins and q6_K's offset of 32;
-    /// at most 16 · 127 in magnitude).
+    /// k-quants: the sum of each 16 quantized values (for q6_K's offset of 32; at most 16 · 127
+    /// in magnitude).
     pub(crate) sums16: Vec<i16>,
+    /// k-quants: the sum of each 32 quantized values times the block scale (for the q4_K mins;
+    /// padded like `qs`).
+    pub(crate) scaled_sums32: Vec<f32>,
     pub(crate) block: usize,
     /// FP8 weights with whole 32-column scale blocks, for the AVX2 FP8 kernel only (built on first
     /// use, see [`Self::fp8_order`]).
@@ -28,23 +31,6 @@ pub struct Activations {
     /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
     /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
-    /// The 8-bit rows laid out for AMX int8 tiles, built on first use (see [`Self::int8_tiles`]).
-    int8_tiles: std::sync::OnceLock<Int8Tiles>,
-}
-
-/// 8-bit activations as the right-hand operand of AMX int8 tiles, in groups of 16 rows (q4_K;
-/// q8_0 tiles take the activations as the left-hand operand, in place from `qs`).
-pub(crate) struct Int8Tiles {
-    /// Per group `[padded_cols / 4][16][4]`: each 4 consecutive columns of the 16 rows side by
-    /// side, so 32 columns are one 8 × 64-byte tile (512 bytes, contiguous). Rows past `batch`
-    /// are zero.
-    pub quads: Vec<i8>,
-    /// Per group `[padded_cols / block][16]`: the rows' block scales side by side (0 past `batch`).
-    pub d: Vec<f32>,
-    /// k-quants only, per group `[padded_cols / 32][16]`: each 32 quantized values' sum, times
-    /// their block's scale (for the q4_K mins).
-    pub scaled_sums32: Vec<f32>,
-    pub groups: usize,
 }
 
 impl Activations {
@@ -71,10 +57,10 @@ impl Activations {
             d: Vec::new(),
             q8_offset: Vec::new(),
             sums16: Vec::new(),
+            scaled_sums32: Vec::new(),
             block,
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
-            int8_tiles: std::sync::OnceLock::new(),
         };
         if block > 0 {
             a.quantize();
@@ -117,37 +103,6 @@ impl Activations {
         })
     }
 
-    /// The quantized rows for AMX int8 tiles (block formats only; see [`Int8Tiles`]).
-    pub(crate) fn int8_tiles(&self) -> &Int8Tiles {
-        self.int8_tiles.get_or_init(|| {
-            let pc = self.padded_cols;
-            let groups = self.batch.div_ceil(16);
-            let nd = pc / self.block.max(1);
-            let kquant = self.block == 256;
-            let mut quads = vec![0i8; groups * pc * 16];
-            let mut d = vec![0f32; groups * nd * 16];
-            let mut scaled_sums32 = if kquant { vec![0f32; groups * (pc / 32) * 16] } else { Vec::new() };
-            for b in 0..self.batch {
-                let (g, n) = (b / 16, b % 16);
-                let dst = &mut quads[g * pc * 16..(g + 1) * pc * 16];
-                for (c, q) in self.qs[b * pc..(b + 1) * pc].chunks_exact(4).enumerate() {
-                    dst[c * 64 + n * 4..c * 64 + n * 4 + 4].copy_from_slice(q);
-                }
-                for k in 0..nd {
-                    d[(g * nd + k) * 16 + n] = self.d[b * nd + k];
-                }
-                if kquant {
-                    let s16 = &self.sums16[b * pc / 16..(b + 1) * pc / 16];
-                    for (k, pair) in s16.chunks_exact(2).enumerate() {
-                        let sum = pair[0] as f32 + pair[1] as f32;
-                        scaled_sums32[(g * (pc / 32) + k) * 16 + n] = sum * self.d[b * nd + k / 8];
-                    }
-                }
-            }
-            Int8Tiles { quads, d, scaled_sums32, groups }
-        })
-    }
-
     fn quantize(&mut self) {
         let n = self.f32.len();
         self.qs = vec![0; n];
@@ -161,13 +116,15 @@ impl Activations {
         }
         #[cfg(not(target_arch = "x86_64"))]
         quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
+        let rows = self.batch.next_multiple_of(16);
+        self.qs.resize(rows * self.padded_cols, 0);
+        self.d.resize(rows * self.padded_cols / self.block, 0.0);
+        let sums32 = self.qs.chunks_exact(32).map(|c| c.iter().map(|&q| q as i32).sum::<i32>());
         if self.block == 256 {
             self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
+            self.scaled_sums32 = sums32.enumerate().map(|(k, s)| s as f32 * self.d[k / 8]).collect();
         } else {
-            let rows = self.batch.next_multiple_of(16);
-            self.qs.resize(rows * self.padded_cols, 0);
-            self.d.resize(rows * self.padded_cols / 32, 0.0);
-            self.q8_offset = self.qs.chunks_exact(32).map(|c| -128 * c.iter().map(|&q| q as i32).sum::<i32>()).collect();
+            self.q8_offset = sums32.map(|s| -128 * s).collect();
         }
     }
 }

@@ -7,7 +7,8 @@
 //! prefill chunk is no longer compute-bound.
 //!
 //! - bf16 weights are loaded into tiles straight from the packed rows (no copy);
-//! - q8_0 and q4_K weights go to int8 tiles instead (the `int8` module);
+//! - q8_0 and q4_K weights go to int8 tiles instead (the `int8` module), from their groups of 16
+//!   rows;
 //! - q6_K is decoded, 32 rows at a time, into a bf16 panel that stays in L2;
 //! - activations are split once per call into a bf16 high part and a bf16 low part (the rounding
 //!   error of the high part), both multiplied: together they carry 16 significant bits, so the
@@ -24,7 +25,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use crate::act::Activations;
-use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK};
+use crate::format::{Format, PackedMatrix, Q6K_BLOCK};
 use crate::simd::f16_at;
 
 mod int8;
@@ -76,8 +77,8 @@ unsafe fn xgetbv0() -> u64 {
 
 /// Fewest activation rows for which this path beats the vector kernels (measured with
 /// `moeserve bench --kernels`): bf16 and q8_0 tiles read the weights as stored, q4_K pays an
-/// unpacking and q6_K a decode into the bf16 panel. q8_0's vector kernel covers 16 weight rows
-/// per vector and keeps products of up to 11 activation rows (8192 × 4096: 8 rows 1.8–2.1 ms
+/// unpacking and q6_K a decode into the bf16 panel. The q8_0 and q4_K vector kernels cover 16
+/// weight rows per vector; q8_0's keeps products of up to 11 activation rows (8192 × 4096: 8 rows 1.8–2.1 ms
 /// against 2.2–2.7 ms on tiles, 16 rows 2.8–3.0 against 2.2). `MOESERVE_AMX_MIN_BATCH` overrides
 /// it (experiments).
 pub fn min_batch(format: Format) -> usize {
@@ -236,10 +237,10 @@ struct Sums([[f32; 256]; 4]);
 /// Row `r` of `w` (`pc` = its padded columns) as bf16, nearest even, at `o`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
-    if w.format == Format::Q8_0 {
-        // (q8_0 takes the int8 tiles; this keeps the panel path complete)
+    if w.format.grouped() {
+        // (q8_0 and q4_K take the int8 tiles; this keeps the panel path complete)
         let mut f = vec![0f32; pc];
-        w.q8_0_decode_row(r, &mut f);
+        w.decode_grouped_row(r, &mut f);
         for c in 0..pc / 16 {
             store16(o.add(16 * c), _mm512_loadu_ps(f.as_ptr().add(16 * c)));
         }
@@ -272,28 +273,7 @@ unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
                 store16(o.add(16 * c), _mm512_mul_ps(_mm512_cvtph_ps(h), scale));
             }
         }
-        Format::Q8_0 => {} // read from its group above
-        Format::Q4K => {
-            let low = _mm_set1_epi8(0x0f);
-            for sb in 0..pc / Q4K_BLOCK.1 {
-                let bp = row.add(sb * Q4K_BLOCK.0);
-                let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
-                let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-                let ob = o.add(sb * 256);
-                for c in 0..4 {
-                    // low nibbles: values 64c..64c+32 (group 2c); high nibbles: the next 32
-                    for half in 0..2 {
-                        let q = _mm_loadu_si128(bp.add(16 + 32 * c + 16 * half) as *const __m128i);
-                        for (h, v) in [_mm_and_si128(q, low), _mm_and_si128(_mm_srli_epi16(q, 4), low)].into_iter().enumerate() {
-                            let g = 2 * c + h;
-                            let (scale, off) = (_mm512_set1_ps(d * sc[g] as f32), _mm512_set1_ps(-dmin * m[g] as f32));
-                            let vals = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), scale, off);
-                            store16(ob.add(64 * c + 32 * h + 16 * half), vals);
-                        }
-                    }
-                }
-            }
-        }
+        Format::Q8_0 | Format::Q4K => {} // read from its group above
         Format::Q6K => {
             let (low4, low2, m32) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(0x03), _mm_set1_epi8(32));
             for sb in 0..pc / Q6K_BLOCK.1 {

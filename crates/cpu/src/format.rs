@@ -2,9 +2,9 @@
 //!
 //! A [`PackedMatrix`] is a `[rows, cols]` weight (output rows × input columns) stored row by row,
 //! each row padded with zeros to a whole number of blocks (`padded_cols`), so the kernels never
-//! need a column tail. `q4_K` and `q6_K` rows use the GGUF/ggml block layouts byte for byte, so a
-//! GGUF tensor can be used as it is stored. `q8_0` holds the same numbers regrouped for integer
-//! dot products over 16 rows at once (see [`Q8_0_GROUP`]).
+//! need a column tail. `q6_K` rows use the GGUF/ggml block layout byte for byte, so a GGUF tensor
+//! can be used as it is stored. `q8_0` and `q4_K` hold the same bytes regrouped for integer dot
+//! products over 16 rows at once (see [`Q8_0_GROUP`] and [`Q4K_GROUP_RECORD`]).
 
 use half::{bf16, f16};
 
@@ -26,6 +26,17 @@ pub const Q6K_BLOCK: (usize, usize) = (210, 256);
 pub const Q8_0_GROUP: usize = 16;
 /// Bytes of one 32-column block of a q8_0 group: the quantized weights (the scales follow all blocks).
 pub(crate) const Q8_0_GROUP_QUANTS: usize = 32 * Q8_0_GROUP;
+
+/// q4_K rows are kept in groups of 16 too ([`Q8_0_GROUP`]), one record of this many bytes per
+/// 256-column superblock: the 16 rows' `d` (f16), their `dmin` (f16), their 12 bytes of packed
+/// 6-bit scales and mins as three runs of `[16 rows][4 bytes]` (256 bytes of header), then the
+/// quantized nibbles as for q8_0: for each 64-column chunk, 8 runs of `[16 rows][4 bytes]` of
+/// ggml's bytes (low nibbles: 4 columns of the chunk's first 32, high nibbles: the same 4 of its
+/// last 32). One 64-byte vector masked to its low or high nibbles is then 4 columns of 16 rows,
+/// ready for `vpdpbusd` or, unpacked, for an AMX tile; the scales of 16 rows decode as vectors.
+pub const Q4K_GROUP_RECORD: usize = Q4K_BLOCK.0 * Q8_0_GROUP;
+/// Bytes of a q4_K record's header (`d`, `dmin`, the packed scales of 16 rows).
+pub(crate) const Q4K_GROUP_HEADER: usize = 256;
 
 /// FP8 weights are decoded through f16 (`(i8 as i16) << 7 & 0xbf80` is the f16 with the same
 /// sign/exponent/mantissa bits, 2^-8 times the E4M3 value, subnormals included), so every block
@@ -81,6 +92,11 @@ impl Format {
         }
     }
 
+    /// Whether the rows are stored in groups of 16 ([`Q8_0_GROUP`]).
+    pub(crate) fn grouped(&self) -> bool {
+        matches!(self, Format::Q8_0 | Format::Q4K)
+    }
+
     /// Whether the kernels multiply quantized 8-bit activations (integer dot products).
     pub(crate) fn int_activations(&self) -> bool {
         matches!(self, Format::Q8_0 | Format::Q4K | Format::Q6K)
@@ -127,7 +143,7 @@ impl PackedMatrix {
     fn empty(format: Format, rows: usize, cols: usize) -> Self {
         let padded_cols = cols.div_ceil(format.col_block()) * format.col_block();
         let row_bytes = format.row_bytes(padded_cols);
-        let stored_rows = if format == Format::Q8_0 { rows.next_multiple_of(Q8_0_GROUP) } else { rows };
+        let stored_rows = if format.grouped() { rows.next_multiple_of(Q8_0_GROUP) } else { rows };
         let data = vec![0; stored_rows * row_bytes];
         PackedMatrix { format, rows, cols, padded_cols, row_bytes, data, scales: Vec::new() }
     }
@@ -267,55 +283,87 @@ impl PackedMatrix {
         Ok(m)
     }
 
-    /// ggml blocks, row after row, as the resident data (q8_0 regrouped, see [`Q8_0_GROUP`]).
+    /// ggml blocks, row after row, as the resident data (q8_0 and q4_K regrouped, see
+    /// [`Q8_0_GROUP`] and [`Q4K_GROUP_RECORD`]).
     fn set_blocks(&mut self, bytes: Vec<u8>) {
-        if self.format != Format::Q8_0 {
+        if !self.format.grouped() {
             self.data = bytes;
             return;
         }
-        let nb = self.padded_cols / Q8_0_BLOCK.1;
+        let group_bytes = Q8_0_GROUP * self.row_bytes;
         for (r, row) in bytes.chunks_exact(self.row_bytes).enumerate() {
             let (g, n) = (r / Q8_0_GROUP, r % Q8_0_GROUP);
-            let group = &mut self.data[g * Q8_0_GROUP * self.row_bytes..(g + 1) * Q8_0_GROUP * self.row_bytes];
-            let (quants, scales) = group.split_at_mut(nb * Q8_0_GROUP_QUANTS);
-            for (blk, b) in row.chunks_exact(Q8_0_BLOCK.0).enumerate() {
-                scales[blk * 32 + 2 * n..blk * 32 + 2 * n + 2].copy_from_slice(&b[..2]);
-                for (i, q4) in b[2..].chunks_exact(4).enumerate() {
-                    let at = blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4;
-                    for (d, &q) in quants[at..at + 4].iter_mut().zip(q4) {
-                        *d = q ^ 0x80;
+            let group = &mut self.data[g * group_bytes..(g + 1) * group_bytes];
+            if self.format == Format::Q8_0 {
+                let (quants, scales) = group.split_at_mut(row.len() / Q8_0_BLOCK.0 * Q8_0_GROUP_QUANTS);
+                for (blk, b) in row.chunks_exact(Q8_0_BLOCK.0).enumerate() {
+                    scales[blk * 32 + 2 * n..blk * 32 + 2 * n + 2].copy_from_slice(&b[..2]);
+                    for (i, q4) in b[2..].chunks_exact(4).enumerate() {
+                        let at = blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4;
+                        for (d, &q) in group_quants(quants, at).iter_mut().zip(q4) {
+                            *d = q ^ 0x80;
+                        }
+                    }
+                }
+            } else {
+                for (sb, b) in row.chunks_exact(Q4K_BLOCK.0).enumerate() {
+                    let rec = &mut group[sb * Q4K_GROUP_RECORD..(sb + 1) * Q4K_GROUP_RECORD];
+                    rec[2 * n..2 * n + 2].copy_from_slice(&b[0..2]);
+                    rec[32 + 2 * n..32 + 2 * n + 2].copy_from_slice(&b[2..4]);
+                    for (i, q4) in b[4..].chunks_exact(4).enumerate() {
+                        // scale words (3), then the quantized bytes (32 per 64-column chunk)
+                        rec[64 * (i + 1) + 4 * n..][..4].copy_from_slice(q4);
                     }
                 }
             }
         }
-        // rows past the matrix: zero weights (offset 128) and zero scales
-        for r in self.rows..self.rows.next_multiple_of(Q8_0_GROUP) {
-            let (g, n) = (r / Q8_0_GROUP, r % Q8_0_GROUP);
-            let quants = &mut self.data[g * Q8_0_GROUP * self.row_bytes..][..nb * Q8_0_GROUP_QUANTS];
-            for blk in 0..nb {
-                for i in 0..8 {
-                    quants[blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4..][..4].fill(0x80);
+        // rows past the matrix: zero weights (q8_0: offset 128) and zero scales
+        if self.format == Format::Q8_0 {
+            let nb = self.padded_cols / Q8_0_BLOCK.1;
+            for r in self.rows..self.rows.next_multiple_of(Q8_0_GROUP) {
+                let (g, n) = (r / Q8_0_GROUP, r % Q8_0_GROUP);
+                let quants = &mut self.data[g * group_bytes..][..nb * Q8_0_GROUP_QUANTS];
+                for blk in 0..nb {
+                    for i in 0..8 {
+                        group_quants(quants, blk * Q8_0_GROUP_QUANTS + i * 64 + n * 4).fill(0x80);
+                    }
                 }
             }
         }
     }
 
-    /// Row `r` as stored (not q8_0, whose rows are regrouped: [`Self::q8_0_group`]).
+    /// Row `r` as stored (not the grouped formats: [`Self::group`]).
     pub(crate) fn row(&self, r: usize) -> &[u8] {
-        debug_assert!(self.format != Format::Q8_0, "q8_0 rows are stored in groups");
+        debug_assert!(!self.format.grouped(), "q8_0 and q4_K rows are stored in groups");
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// q8_0 rows `16 g .. 16 g + 16` (see [`Q8_0_GROUP`]): the quantized blocks, then the scales.
-    pub(crate) fn q8_0_group(&self, g: usize) -> &[u8] {
+    /// Rows `16 g .. 16 g + 16` of a grouped format (see [`Q8_0_GROUP`] and [`Q4K_GROUP_RECORD`]).
+    pub(crate) fn group(&self, g: usize) -> &[u8] {
         &self.data[g * Q8_0_GROUP * self.row_bytes..(g + 1) * Q8_0_GROUP * self.row_bytes]
     }
 
-    /// q8_0 row `r` as f32 into `out` (`padded_cols` long), read from its group.
-    pub(crate) fn q8_0_decode_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.padded_cols / Q8_0_BLOCK.1;
+    /// Row `r` of a grouped format as f32 into `out` (`padded_cols` long).
+    pub(crate) fn decode_grouped_row(&self, r: usize, out: &mut [f32]) {
         let n = r % Q8_0_GROUP;
-        let group = self.q8_0_group(r / Q8_0_GROUP);
+        let group = self.group(r / Q8_0_GROUP);
+        if self.format == Format::Q4K {
+            for (sb, o) in out.chunks_exact_mut(Q4K_BLOCK.1).enumerate().take(self.padded_cols / Q4K_BLOCK.1) {
+                let rec = &group[sb * Q4K_GROUP_RECORD..(sb + 1) * Q4K_GROUP_RECORD];
+                let (d, dmin) = (f16_at(rec, 2 * n), f16_at(rec, 32 + 2 * n));
+                let packed: Vec<u8> = (0..3).flat_map(|i| rec[64 * (i + 1) + 4 * n..][..4].to_vec()).collect();
+                let (sc, m) = q4k_scales(&packed);
+                for (k, v) in o.iter_mut().enumerate() {
+                    let (chunk, col) = (k / 64, k % 64);
+                    let (gi, j) = (2 * chunk + col / 32, col % 32);
+                    let q = rec[Q4K_GROUP_HEADER + chunk * 512 + (j / 4) * 64 + 4 * n + j % 4];
+                    let q = if col < 32 { q & 0xf } else { q >> 4 };
+                    *v = d * sc[gi] as f32 * q as f32 - dmin * m[gi] as f32;
+                }
+            }
+            return;
+        }
+        let nb = self.padded_cols / Q8_0_BLOCK.1;
         let scales = &group[nb * Q8_0_GROUP_QUANTS..];
         for (blk, o) in out.chunks_exact_mut(32).enumerate().take(nb) {
             let d = f16_at(scales, blk * 32 + 2 * n);
@@ -341,36 +389,20 @@ impl PackedMatrix {
 
     /// Row `r` as f32 (the reference every kernel is tested against), `padded_cols` long.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        // q8_0 rows are read from their group
-        let row = if self.format == Format::Q8_0 { &[][..] } else { self.row(r) };
         let pc = self.padded_cols;
+        // (the grouped formats have no rows as stored)
+        let row = if self.format.grouped() { &[][..] } else { self.row(r) };
         match self.format {
+            Format::Q8_0 | Format::Q4K => {
+                let mut out = vec![0f32; pc];
+                self.decode_grouped_row(r, &mut out);
+                out
+            }
             Format::F32 => row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Format::Bf16 => row.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
             Format::Fp8 { block } => {
                 let scales = self.fp8_row_scales(r);
                 (0..pc).map(|c| fp8_via_f16(row[c]) * scales[c / block[1]]).collect()
-            }
-            Format::Q8_0 => {
-                let mut out = vec![0f32; pc];
-                self.q8_0_decode_row(r, &mut out);
-                out
-            }
-            Format::Q4K => {
-                let mut out = Vec::with_capacity(pc);
-                for b in row.chunks_exact(Q4K_BLOCK.0) {
-                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                    let (sc, m) = q4k_scales(&b[4..16]);
-                    let qs = &b[16..];
-                    for j in 0..4 {
-                        let q = &qs[32 * j..32 * j + 32];
-                        let (d1, m1) = (d * sc[2 * j] as f32, dmin * m[2 * j] as f32);
-                        let (d2, m2) = (d * sc[2 * j + 1] as f32, dmin * m[2 * j + 1] as f32);
-                        out.extend(q.iter().map(|&v| d1 * (v & 0xf) as f32 - m1));
-                        out.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
-                    }
-                }
-                out
             }
             Format::Q6K => {
                 let mut out = vec![0f32; pc];
@@ -397,6 +429,11 @@ impl PackedMatrix {
             }
         }
     }
+}
+
+/// The 4 bytes at `at` of a q8_0 group's quantized blocks.
+fn group_quants(quants: &mut [u8], at: usize) -> &mut [u8] {
+    &mut quants[at..at + 4]
 }
 
 pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {

@@ -19,8 +19,8 @@ mod kernels {
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
-use crate::format::{q4k_scales, Format, PackedMatrix, Q4K_BLOCK, Q6K_BLOCK};
-use crate::simd::{f16_at, q4k_header};
+use crate::format::{Format, PackedMatrix, Q6K_BLOCK};
+use crate::simd::f16_at;
 
 const F32: u8 = 0;
 const BF16: u8 = 1;
@@ -36,9 +36,9 @@ pub fn available() -> bool {
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    if w.format == Format::Q8_0 {
+    if w.format.grouped() {
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
-        return crate::simd::q8_0x16::rows(w, a, r0, r1, y, y_stride, $vnni);
+        return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
     }
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
@@ -48,7 +48,7 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
     // 32 registers: eight streams for one activation row of the float formats and q8_0, four
     // for one or two rows otherwise (the k-quant tiles would spill with eight)
     if $max_tile == 8 && a.batch <= 2 {
-        if a.batch == 1 && !matches!(w.format, Format::Q4K | Format::Q6K) {
+        if a.batch == 1 && w.format != Format::Q6K {
             return streams::<8>(w, a, r0, r1, y, y_stride);
         }
         return streams::<4>(w, a, r0, r1, y, y_stride);
@@ -70,8 +70,8 @@ unsafe fn streams<const R: usize>(w: &PackedMatrix, a: &Activations, r0: usize, 
 unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], y: *mut f32, y_stride: usize) {
     let mut b0 = 0;
     while b0 < a.batch {
-        // q4_K / q6_K keep per-tile integer sums beside the float ones: at most 4 rows a tile
-        let cap = if matches!(w.format, Format::Q4K | Format::Q6K) { 4 } else { $max_tile };
+        // q6_K keeps per-tile integer sums beside the float ones: at most 4 rows a tile
+        let cap = if w.format == Format::Q6K { 4 } else { $max_tile };
         let bt = (a.batch - b0).min(cap);
         let mut out = [[0f32; 8]; R];
         match bt {
@@ -153,8 +153,8 @@ unsafe fn rows_gemm(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: 
 /// Row `r` as f32 (`padded_cols` values).
 #[target_feature(enable = $features)]
 unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
-    if w.format == Format::Q8_0 {
-        return w.q8_0_decode_row(r, out);
+    if w.format.grouped() {
+        return w.decode_grouped_row(r, out);
     }
     let row = w.row(r).as_ptr();
     let pc = w.padded_cols;
@@ -173,30 +173,7 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
                 _mm256_storeu_ps(o.add(k), _mm256_mul_ps(load8::<FP8>(row, k), s));
             }
         }
-        Format::Q8_0 => {} // read from its group above
-        Format::Q4K => {
-            let low = _mm256_set1_epi8(0x0f);
-            let mut bytes = [0u8; 32];
-            for sb in 0..pc / 256 {
-                let bp = row.add(sb * Q4K_BLOCK.0);
-                let (d, dmin) = (f16_at(bp), f16_at(bp.add(2)));
-                let (sc, m) = q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-                for c in 0..4 {
-                    let q = _mm256_loadu_si256(bp.add(16 + 32 * c) as *const __m256i);
-                    // low nibbles: values 64c..64c+32, high nibbles: the next 32
-                    for (h, v) in [_mm256_and_si256(q, low), _mm256_and_si256(_mm256_srli_epi16(q, 4), low)].into_iter().enumerate() {
-                        let g = 2 * c + h;
-                        let (scale, off) = (_mm256_set1_ps(d * sc[g] as f32), _mm256_set1_ps(-dmin * m[g] as f32));
-                        _mm256_storeu_si256(bytes.as_mut_ptr() as *mut __m256i, v);
-                        for j in 0..4 {
-                            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(bytes.as_ptr().add(8 * j) as *const __m128i));
-                            let vals = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), scale, off);
-                            _mm256_storeu_ps(o.add(sb * 256 + 64 * c + 32 * h + 8 * j), vals);
-                        }
-                    }
-                }
-            }
-        }
+        Format::Q8_0 | Format::Q4K => {} // read from its group above
         Format::Q6K => out.copy_from_slice(&w.dequantize_row(r)),
     }
 }
@@ -211,8 +188,8 @@ unsafe fn tile<const R: usize, const BT: usize>(
     b0: usize,
     out: &mut [[f32; 8]; R],
 ) {
-    if w.format == Format::Q8_0 {
-        debug_assert!(false, "q8_0 products go to simd::q8_0x16");
+    if w.format.grouped() {
+        debug_assert!(false, "q8_0 and q4_K products go to simd::grouped");
         return;
     }
     let rows = rr.map(|r| w.row(r).as_ptr());
@@ -228,9 +205,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
             fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order().as_ptr().add(b0 * pc), out)
         }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
-        Format::Q8_0 => {} // never here (above)
-        Format::Q4K if $max_tile == 8 && BT <= 2 => crate::simd::q4k_512::rows::<R, BT>(rows, pc / Q4K_BLOCK.1, a, b0, out),
-        Format::Q4K => q4k_rows::<R, BT>(rows, pc / Q4K_BLOCK.1, a, b0, out),
+        Format::Q8_0 | Format::Q4K => {} // never here (above)
         Format::Q6K => q6k_rows::<R, BT>(rows, pc / Q6K_BLOCK.1, a, b0, out),
     }
 }
@@ -413,22 +388,6 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
     store_sums(&tot, &[[0.0; BT]; R], out);
 }
 
-/// `_mm256_shuffle_epi8` masks that broadcast 16-bit lane `g` of each 128-bit half.
-static LANE16: [[u8; 32]; 8] = {
-    let mut m = [[0u8; 32]; 8];
-    let mut g = 0;
-    while g < 8 {
-        let mut i = 0;
-        while i < 16 {
-            m[g][2 * i] = 2 * g as u8;
-            m[g][2 * i + 1] = 2 * g as u8 + 1;
-            i += 1;
-        }
-        g += 1;
-    }
-    m
-};
-
 /// Horizontal sums of the correction accumulators (`store_sums`' `minus`).
 #[inline]
 #[target_feature(enable = $features)]
@@ -440,67 +399,6 @@ unsafe fn hsums<const R: usize, const BT: usize>(v: &[[__m256; BT]; R]) -> [[f32
         }
     }
     out
-}
-
-#[target_feature(enable = $features)]
-unsafe fn q4k_rows<const R: usize, const BT: usize>(
-    rows: [*const u8; R],
-    nsb: usize,
-    a: &Activations,
-    b0: usize,
-    out: &mut [[f32; 8]; R],
-) {
-    let pc = a.padded_cols;
-    let low = _mm256_set1_epi8(0x0f);
-    let mut acc = [[_mm256_setzero_ps(); BT]; R];
-    // Σ min · activations, in vectors: (16 mins, each twice) · (16 sums of 16 activations)
-    let mut mins = [[_mm256_setzero_ps(); BT]; R];
-    for sb in 0..nsb {
-        let mut d = [[0f32; 2]; R];
-        // the 8 group scales as 16-bit lanes, in both halves; the 8 mins, each twice
-        let mut scv = [_mm256_setzero_si256(); R];
-        let mut mv = [_mm256_setzero_si256(); R];
-        for j in 0..R {
-            let (dd, dmin, sc, m) = q4k_header(rows[j].add(sb * Q4K_BLOCK.0));
-            d[j] = [dd, dmin];
-            scv[j] = _mm256_broadcastsi128_si256(sc);
-            mv[j] = m;
-        }
-        let mut sumi = [[_mm256_setzero_si256(); BT]; R];
-        for c in 0..4 {
-            let mut lo = [_mm256_setzero_si256(); R];
-            let mut hi = [_mm256_setzero_si256(); R];
-            let mut s_lo = [_mm256_setzero_si256(); R];
-            let mut s_hi = [_mm256_setzero_si256(); R];
-            for j in 0..R {
-                let q = _mm256_loadu_si256(rows[j].add(sb * Q4K_BLOCK.0 + 16 + 32 * c) as *const __m256i);
-                lo[j] = _mm256_and_si256(q, low);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                s_lo[j] = _mm256_shuffle_epi8(scv[j], _mm256_loadu_si256(LANE16[2 * c].as_ptr() as *const __m256i));
-                s_hi[j] = _mm256_shuffle_epi8(scv[j], _mm256_loadu_si256(LANE16[2 * c + 1].as_ptr() as *const __m256i));
-            }
-            for b in 0..BT {
-                let xp = a.qs.as_ptr().add((b0 + b) * pc + sb * 256 + 64 * c);
-                let x0 = _mm256_loadu_si256(xp as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add(32) as *const __m256i);
-                for j in 0..R {
-                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], x0), s_lo[j]);
-                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], x1), s_hi[j]);
-                    sumi[j][b] = _mm256_add_epi32(sumi[j][b], _mm256_add_epi32(p0, p1));
-                }
-            }
-        }
-        for b in 0..BT {
-            let dx = *a.d.get_unchecked((b0 + b) * (pc / 256) + sb);
-            let s16 = _mm256_loadu_si256(a.sums16.as_ptr().add((b0 + b) * (pc / 16) + sb * 16) as *const __m256i);
-            for j in 0..R {
-                let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(mv[j], s16));
-                acc[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(d[j][0] * dx), _mm256_cvtepi32_ps(sumi[j][b]), acc[j][b]);
-                mins[j][b] = _mm256_fmadd_ps(_mm256_set1_ps(d[j][1] * dx), msum, mins[j][b]);
-            }
-        }
-    }
-    store_sums(&acc, &hsums(&mins), out);
 }
 
 #[target_feature(enable = $features)]
@@ -596,24 +494,10 @@ pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
 }
 
-/// A q4_K superblock's header at `bp`: `d`, `dmin`, the 8 group scales as 16-bit lanes (one
-/// 128-bit half) and the 8 mins, each twice, as 16-bit lanes.
-///
-/// # Safety
-/// `bp` must be readable for 16 bytes, and the CPU must have AVX2 and F16C.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-pub(crate) unsafe fn q4k_header(bp: *const u8) -> (f32, f32, std::arch::x86_64::__m128i, std::arch::x86_64::__m256i) {
-    use std::arch::x86_64::*;
-    let (sc, m) = crate::format::q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-    let sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u64::from_le_bytes(sc) as i64));
-    let m = _mm_cvtsi64_si128(u64::from_le_bytes(m) as i64);
-    (f16_at(bp), f16_at(bp.add(2)), sc, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m)))
-}
-
-mod q8_0x16;
+mod grouped;
 mod row512;
-pub(crate) use row512::{fp8_512, q4k_512};
+pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};
+pub(crate) use row512::fp8_512;
 
 /// AVX2 + FMA + F16C.
 pub mod avx2 {

@@ -97,6 +97,31 @@ fn kernels_match_the_reference_on_ragged_shapes() {
 }
 
 #[test]
+fn grouped_formats_in_several_streams_match_the_reference() {
+    // q8_0 and q4_K are stored in groups of 16 rows: enough rows that a thread's unit of work
+    // holds four or more groups (the kernels then read four groups side by side), the last group
+    // ragged
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let (rows, cols) = (1000, 2048);
+    for format in [Format::Q8_0, Format::Q4K] {
+        let w = pack(format, &mut rng, rows, cols);
+        for batch in [1, 2, 3, 5, 8, 12] {
+            let x = rand_vec(&mut rng, batch * cols);
+            let mut want = vec![0f32; batch * rows];
+            matmul_reference(&w, &x, batch, &mut want);
+            let scale = magnitudes(&w, &x, batch);
+            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2] {
+                let a = activations(&w, &x, batch);
+                let mut got = vec![f32::NAN; batch * rows];
+                matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
+                let e = scaled_err(&got, &want, &scale);
+                assert!(e < 5e-3, "{format:?} {backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn grouped_products_match_separate_ones() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     let ws: Vec<PackedMatrix> = (0..5).map(|i| pack(Format::Q4K, &mut rng, 40 + 17 * i, 512)).collect();

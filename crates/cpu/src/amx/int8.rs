@@ -1,17 +1,15 @@
-//! q8_0 and q4_K weights on AMX int8 tiles (`tdpbsud`, `tdpbusd`).
+//! q8_0 and q4_K weights on AMX int8 tiles (`tdpbsud`).
 //!
-//! q8_0 is stored in groups of 16 rows whose 512-byte blocks (4 columns × 16 rows side by side,
-//! offset to unsigned bytes; see `format::Q8_0_GROUP`) are, as stored, the right-hand operand of
-//! a tile product over 32 columns. The left-hand operand is the same 32 columns of 16 activation
-//! rows, loaded in place from the 8-bit activations. One `tdpbsud` gives the 16 × 16 exact int32
-//! dot products of the block; the vector units add the offset correction, scale each sum by its
+//! Both formats are stored in groups of 16 rows whose 32-column blocks are 8 runs of 4 columns ×
+//! 16 rows (see `format::Q8_0_GROUP` and `format::Q4K_GROUP_RECORD`): the layout of the
+//! right-hand operand of a tile product. q8_0 blocks (offset to unsigned bytes) are that operand
+//! as stored; q4_K nibbles are masked to bytes 0–15, a group at a time, into a buffer that stays
+//! in cache, with each block's `d · sc` and `dmin · m` as vectors of the 16 rows. The left-hand
+//! operand is the same 32 columns of 16 activation rows, loaded in place from the 8-bit
+//! activations. One `tdpbsud` gives the 16 × 16 exact int32 dot products of a block; the vector
+//! units add the offset correction (q8_0) or subtract the mins (q4_K), scale each sum by its
 //! weight block's scale times the activation block's scale, and add it to f32 sums held in 16
 //! registers.
-//!
-//! q4_K rows are unpacked first, 16 rows at a time, into a copy that stays in cache: one byte per
-//! weight (0–15, multiplied as unsigned by `tdpbusd` against the activations laid out by
-//! [`Activations::int8_tiles`]), the scale `d · sc` and the min `dmin · m` of each 32 weights as
-//! f32. The mins are applied with the activations' per-32 sums.
 //!
 //! The arithmetic is the vector kernels' (exact integer block sums, scaled in f32), but the
 //! integer work of 16 activation rows is one instruction. What remains per 32 columns is storing
@@ -23,20 +21,19 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
-use crate::format::{Format, PackedMatrix, Q4K_BLOCK};
+use crate::format::{Format, PackedMatrix, Q4K_GROUP_RECORD};
+use crate::simd::{q4k_group_scale, q4k_nibbles, q4k_scale_words};
 
 /// Weight rows (and activation rows) per tile.
 const ROWS: usize = 16;
-/// Bytes of one 32-column block of 16 rows in a right-hand tile operand (`Int8Tiles::quads` for
-/// q4_K, a q8_0 group's block).
+/// Bytes of one 32-column block of 16 weight rows, the right-hand tile operand.
 const BLOCK_BYTES: usize = 512;
 
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
-/// Palette 1. tmm0–3: 16 × 16 int32 sums; tmm4–5: the left-hand operands, 16 rows × 32 bytes
-/// (q4_K weight rows, or q8_0 activation rows); tmm6–7: the right-hand operands of one block,
-/// 8 rows of 4 columns × 16 rows (q4_K activations, or q8_0 weights).
+/// Palette 1. tmm0–3: 16 × 16 int32 sums; tmm4–5: the left-hand operands, 16 activation rows ×
+/// 32 bytes; tmm6–7: the right-hand operands of one block, 8 rows of 4 columns × 16 weight rows.
 const CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
@@ -54,23 +51,20 @@ const CONFIG: TileConfig = {
 struct Sums([[i32; ROWS]; 4 * ROWS]);
 
 thread_local! {
-    /// q4_K weight rows unpacked for [`Staged`]: 16 rows of 32-byte blocks, then their scales.
+    /// One q4_K group unpacked: the 512-byte right-hand operand of each 32-column block, then
+    /// each block's 16 scales `d · sc` and 16 mins `dmin · m` as f32.
     static STAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Left-hand operands of the tile products: 16 rows of 32-byte blocks, `stride` apart (q4_K:
-/// the unpacked weight rows, with their scales as f32 at `d` and mins at `m`, 16 a block, read
-/// front to back once and reused from cache by every group of 16 activation rows; q8_0: the
-/// activation rows, `d` and `m` unused).
+/// The left-hand operands of the tile products: 16 activation rows of 32-byte blocks, `stride`
+/// apart.
 #[derive(Clone, Copy)]
-struct Staged {
+struct Acts {
     p: *const u8,
     stride: usize,
-    d: *const f32,
-    m: *const f32,
 }
 
-impl Staged {
+impl Acts {
     #[inline(always)]
     fn tile(self, blk: usize) -> (*const u8, usize) {
         (self.p.wrapping_add(blk * 32), self.stride)
@@ -88,30 +82,45 @@ pub(super) fn takes(format: Format) -> bool {
 /// AMX must be available (`super::available()`), `takes(w.format)`, and `y` valid for the writes.
 pub(super) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
     asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
-    if w.format == Format::Q8_0 {
-        q8_0_rows(w, a, r0, r1, y, y_stride);
-    } else {
-        q4k_rows(w, a, r0, r1, y, y_stride);
-    }
+    STAGE.with(|stage| grouped_rows(w, a, r0, r1, y, y_stride, &mut stage.borrow_mut()));
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// q8_0: each group of 16 weight rows in place against each group of 16 activation rows.
+/// Each group of 16 weight rows (q4_K: unpacked into `stage` first) against each group of 16
+/// activation rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn q8_0_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+unsafe fn grouped_rows(
+    w: &PackedMatrix,
+    a: &Activations,
+    r0: usize,
+    r1: usize,
+    y: *mut f32,
+    y_stride: usize,
+    stage: &mut Vec<u8>,
+) {
     let (pc, nb) = (w.padded_cols, w.padded_cols / 32);
+    let q4k = w.format == Format::Q4K;
+    if q4k {
+        // 64 bytes of slack to align the buffer to a cache line
+        stage.resize(nb * (BLOCK_BYTES + 2 * ROWS * 4) + 64, 0);
+    }
+    let base = stage.as_mut_ptr();
+    let sp = base.add(base.align_offset(64));
     for g in r0 / ROWS..r1.div_ceil(ROWS) {
-        let group = w.q8_0_group(g).as_ptr();
+        let group = w.group(g).as_ptr();
+        if q4k {
+            stage_q4k(group, pc / 256, sp);
+        }
         for xg in 0..a.batch.div_ceil(ROWS) {
             // the activations are padded with zero rows to whole groups of 16
-            let acts = Staged {
-                p: a.qs.as_ptr().add(xg * ROWS * pc) as *const u8,
-                stride: pc,
-                d: std::ptr::null(),
-                m: std::ptr::null(),
+            let acts = Acts { p: a.qs.as_ptr().add(xg * ROWS * pc) as *const u8, stride: pc };
+            let sums = if q4k {
+                let dx = a.d.as_ptr().add(xg * ROWS * (pc / 256));
+                q4k_sums(acts, sp, nb, dx, a.scaled_sums32.as_ptr().add(xg * ROWS * nb))
+            } else {
+                let at = xg * ROWS * nb;
+                q8_0_sums(acts, group, nb, a.d.as_ptr().add(at), a.q8_offset.as_ptr().add(at))
             };
-            let at = xg * ROWS * nb;
-            let sums = q8_0_sums(acts, group, nb, a.d.as_ptr().add(at), a.q8_offset.as_ptr().add(at));
             // sums[activation row][weight row]: consecutive outputs
             for (i, s) in sums.iter().enumerate().take(a.batch - xg * ROWS) {
                 let yr = y.add((xg * ROWS + i) * y_stride);
@@ -126,101 +135,24 @@ unsafe fn q8_0_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: 
     }
 }
 
-/// q4_K: 16 weight rows unpacked once, then against each group of 16 activation rows.
-unsafe fn q4k_rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    let tiles = a.int8_tiles();
-    // 32-column blocks per row, and per activation scale
-    let (nb, per_dx) = (w.padded_cols / 32, a.block / 32);
-    let group_bytes = w.padded_cols * ROWS;
-    STAGE.with(|stage| {
-        let mut stage = stage.borrow_mut();
-        // staged rows one cache line longer than their bytes, so that the 16 rows of a tile do
-        // not all fall in the same L1 set; then the scales and mins; 64 bytes of slack to align
-        // them to a cache line
-        let stride = nb * 32 + 64;
-        stage.resize(ROWS * stride + 2 * nb * ROWS * 4 + 64, 0);
-        let base = stage.as_mut_ptr();
-        let qp = base.add(base.align_offset(64));
-        let dp = qp.add(ROWS * stride) as *mut f32;
-        let mp = dp.add(nb * ROWS);
-        let mut r = r0;
-        while r < r1 {
-            let nr = (r1 - r).min(ROWS);
-            stage_q4k(w, r, nr, qp, stride, dp, mp);
-            let rows = Staged { p: qp, stride, d: dp, m: mp };
-            for g in 0..tiles.groups {
-                let act = Act {
-                    quads: tiles.quads.as_ptr().add(g * group_bytes) as *const u8,
-                    d: tiles.d.as_ptr().add(g * (nb / per_dx) * ROWS),
-                    per_dx,
-                    sums: tiles.scaled_sums32.as_ptr().add(g * nb * ROWS),
-                };
-                let sums = q4k_sums(rows, nb, act);
-                // sums[i][n] to y[g * 16 + n][r + i]: consecutive stores along each output row
-                for n in 0..(a.batch - g * ROWS).min(ROWS) {
-                    let yr = y.add((g * ROWS + n) * y_stride + r);
-                    for (i, s) in sums.iter().enumerate().take(nr) {
-                        *yr.add(i) = s[n];
-                    }
-                }
+/// A q4_K group (`nsb` records) unpacked at `sp`: each 32-column block's nibbles as bytes (the
+/// right-hand tile operand, 512 bytes), then per block the 16 rows' `d · sc` and `dmin · m`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn stage_q4k(group: *const u8, nsb: usize, sp: *mut u8) {
+    let nb = nsb * 8;
+    let (dp, mp) = (sp.add(nb * BLOCK_BYTES) as *mut f32, sp.add(nb * BLOCK_BYTES + nb * ROWS * 4) as *mut f32);
+    for sb in 0..nsb {
+        let rec = group.add(sb * Q4K_GROUP_RECORD);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i));
+        let words = q4k_scale_words(rec);
+        for gi in 0..8 {
+            let blk = sb * 8 + gi;
+            _mm512_storeu_ps(dp.add(blk * ROWS), q4k_group_scale(&words, false, gi, d));
+            _mm512_storeu_ps(mp.add(blk * ROWS), q4k_group_scale(&words, true, gi, dmin));
+            for (i, v) in q4k_nibbles(rec, gi).into_iter().enumerate() {
+                _mm512_store_si512(sp.add(blk * BLOCK_BYTES + 64 * i) as *mut _, v);
             }
-            r += nr;
-        }
-    });
-}
-
-/// One group of 16 activation rows for q4_K (see [`Int8Tiles`](crate::act::Int8Tiles)).
-#[derive(Clone, Copy)]
-struct Act {
-    /// 512 bytes a 32-column block.
-    quads: *const u8,
-    /// 16 scales per `per_dx` blocks.
-    d: *const f32,
-    per_dx: usize,
-    /// 16 scaled sums a block.
-    sums: *const f32,
-}
-
-/// Rows `r..r + nr` of a q4_K matrix unpacked for [`Staged`]: one byte per weight (0–15),
-/// and per 32 weights the scale `d · sc` and the min `dmin · m`. Rows past `nr` are zero.
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn stage_q4k(w: &PackedMatrix, r: usize, nr: usize, qp: *mut u8, stride: usize, dp: *mut f32, mp: *mut f32) {
-    let nsb = w.padded_cols / Q4K_BLOCK.1;
-    let low = _mm256_set1_epi8(0x0f);
-    for i in 0..ROWS {
-        let q = qp.add(i * stride);
-        if i >= nr {
-            zero_row(i, nsb * 8, q, dp, mp);
-            continue;
-        }
-        let row = w.row(r + i).as_ptr();
-        for sb in 0..nsb {
-            let bp = row.add(sb * Q4K_BLOCK.0);
-            let (d, dmin) = (crate::simd::f16_at(bp), crate::simd::f16_at(bp.add(2)));
-            let (sc, m) = crate::format::q4k_scales(std::slice::from_raw_parts(bp.add(4), 12));
-            for j in 0..8 {
-                *dp.add((sb * 8 + j) * ROWS + i) = d * sc[j] as f32;
-                *mp.add((sb * 8 + j) * ROWS + i) = dmin * m[j] as f32;
-            }
-            // 32 bytes hold weights 64c..64c+32 (low nibbles) and the next 32 (high nibbles)
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(bp.add(16 + 32 * c) as *const __m256i);
-                let o = q.add(sb * 256 + 64 * c);
-                _mm256_store_si256(o as *mut __m256i, _mm256_and_si256(v, low));
-                _mm256_store_si256(o.add(32) as *mut __m256i, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-            }
-        }
-    }
-}
-
-/// Staged row `i` (of `nb` 32-byte blocks at `q`) past the matrix: zero bytes, scales and mins
-/// (`mp` may be null).
-unsafe fn zero_row(i: usize, nb: usize, q: *mut u8, dp: *mut f32, mp: *mut f32) {
-    std::ptr::write_bytes(q, 0, 32 * nb);
-    for k in 0..nb {
-        *dp.add(k * ROWS + i) = 0.0;
-        if !mp.is_null() {
-            *mp.add(k * ROWS + i) = 0.0;
         }
     }
 }
@@ -259,26 +191,22 @@ unsafe fn rows_of(acc: [__m512; ROWS]) -> [[f32; ROWS]; ROWS] {
     out
 }
 
-/// 16 staged q4_K weight rows times one group of 16 activation rows: `[weight row][activation
-/// row]` sums, mins applied.
+/// 16 activation rows (`acts`, with their superblock scales `dx`, `nb / 8` a row, and scaled
+/// block sums `xs`, `nb` a row) times one unpacked q4_K group (`sp`, see [`stage_q4k`]):
+/// `[activation row][weight row]` sums, mins applied.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn q4k_sums(rows: Staged, nb: usize, act: Act) -> [[f32; ROWS]; ROWS] {
+unsafe fn q4k_sums(acts: Acts, sp: *const u8, nb: usize, dx: *const f32, xs: *const f32) -> [[f32; ROWS]; ROWS] {
     let mut acc = [_mm512_setzero_ps(); ROWS];
+    let (dp, mp) = (sp.add(nb * BLOCK_BYTES) as *const f32, sp.add(nb * BLOCK_BYTES + nb * ROWS * 4) as *const f32);
     pipeline(
         nb,
-        |blk, n, to| tile_step::<true>(rows, blk, n, act.quads.add(blk * BLOCK_BYTES), to),
+        |blk, n, to| tile_step(acts, blk, n, sp.add(blk * BLOCK_BYTES), to),
         |blk, sums| {
-            let mut dws = [0f32; ROWS];
-            _mm512_storeu_ps(dws.as_mut_ptr(), _mm512_loadu_ps(rows.d.add(blk * ROWS)));
-            let dx = _mm512_loadu_ps(act.d.add(blk / act.per_dx * ROWS));
+            let (dw, mw) = (_mm512_loadu_ps(dp.add(blk * ROWS)), _mm512_loadu_ps(mp.add(blk * ROWS)));
             for i in 0..ROWS {
                 let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums[i].as_ptr() as *const _));
-                acc[i] = _mm512_fmadd_ps(s, _mm512_mul_ps(dx, _mm512_set1_ps(dws[i])), acc[i]);
-            }
-            // − min · Σ x over the 32 columns, for each weight row
-            let xs = _mm512_loadu_ps(act.sums.add(blk * ROWS));
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fnmadd_ps(xs, _mm512_set1_ps(*rows.m.add(blk * ROWS + i)), *a);
+                let a = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(*dx.add(i * (nb / 8) + blk / 8))), acc[i]);
+                acc[i] = _mm512_fnmadd_ps(mw, _mm512_set1_ps(*xs.add(i * nb + blk)), a);
             }
         },
     );
@@ -288,12 +216,12 @@ unsafe fn q4k_sums(rows: Staged, nb: usize, act: Act) -> [[f32; ROWS]; ROWS] {
 /// 16 activation rows (`acts`, with their block scales `dx` and offsets `off`, `nb` a row) times
 /// one q8_0 group (`group`: its blocks, then its scales): `[activation row][weight row]` sums.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn q8_0_sums(acts: Staged, group: *const u8, nb: usize, dx: *const f32, off: *const i32) -> [[f32; ROWS]; ROWS] {
+unsafe fn q8_0_sums(acts: Acts, group: *const u8, nb: usize, dx: *const f32, off: *const i32) -> [[f32; ROWS]; ROWS] {
     let mut acc = [_mm512_setzero_ps(); ROWS];
     let scales = group.add(nb * BLOCK_BYTES);
     pipeline(
         nb,
-        |blk, n, to| tile_step::<false>(acts, blk, n, group.add(blk * BLOCK_BYTES), to),
+        |blk, n, to| tile_step(acts, blk, n, group.add(blk * BLOCK_BYTES), to),
         |blk, sums| {
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * 32) as *const __m256i));
             for i in 0..ROWS {
@@ -309,7 +237,7 @@ unsafe fn q8_0_sums(acts: Staged, group: *const u8, nb: usize, dx: *const f32, o
 
 macro_rules! tile_step {
     ($dp:literal, $rows:expr, $blk:expr, $n:expr, $xp:expr, $cp:expr) => {{
-        let (rows, blk, n, xp, cp): (Staged, usize, usize, *const u8, *mut u8) = ($rows, $blk, $n, $xp, $cp);
+        let (rows, blk, n, xp, cp): (Acts, usize, usize, *const u8, *mut u8) = ($rows, $blk, $n, $xp, $cp);
         let (w0, ws) = rows.tile(blk);
         if n == 4 {
             let (w1, w2, w3) = (rows.tile(blk + 1).0, rows.tile(blk + 2).0, rows.tile(blk + 3).0);
@@ -356,14 +284,8 @@ macro_rules! tile_step {
 }
 
 /// Blocks `blk..blk + n` (`n` of 1–4): int32 sums to `cp` (1 KiB a block), left-hand operands
-/// from `rows`, right-hand ones at `xp` (512 bytes a block). `Q4K`: `tdpbusd` (unsigned q4_K
-/// weights × signed activations); else `tdpbsud` (signed activations × q8_0 weights offset to
-/// unsigned).
+/// (signed activations) from `rows`, right-hand ones (unsigned weights) at `xp`, 512 bytes a block.
 #[inline(always)]
-unsafe fn tile_step<const Q4K: bool>(rows: Staged, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
-    if Q4K {
-        tile_step!("tdpbusd", rows, blk, n, xp, cp)
-    } else {
-        tile_step!("tdpbsud", rows, blk, n, xp, cp)
-    }
+unsafe fn tile_step(rows: Acts, blk: usize, n: usize, xp: *const u8, cp: *mut u8) {
+    tile_step!("tdpbsud", rows, blk, n, xp, cp)
 }

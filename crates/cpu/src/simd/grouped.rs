@@ -1,0 +1,375 @@
+//! q8_0 and q4_K products on their grouped layouts ([`Q8_0_GROUP`], [`Q4K_GROUP_RECORD`]): 16
+//! weight rows at a time.
+//!
+//! A 64-byte vector of a group holds 4 consecutive columns of its 16 rows (q4_K: after masking
+//! its low or high nibbles). `vpdpbusd` against the same 4 columns of one activation row (4
+//! signed bytes broadcast to every lane) adds to the 16 rows' dot products in 16 int32 lanes;
+//! eight such steps are a 32-column block. The block's sums are exact (q8_0: started from the
+//! activations' `q8_offset`, as its weights are stored offset by 128), and one `fma` scales them
+//! by the 16 rows' block scales times the activation block's scale (q4_K: `d · sc`, then the
+//! mins `dmin · m` times the activations' scaled block sums). A group gives 16 consecutive
+//! outputs per activation row: no horizontal sums, and each weight vector is loaded once for all
+//! the activation rows of a tile, so a batch of rows costs little more than one while the weights
+//! stream from memory. q4_K's packed 6-bit scales decode 16 rows at a time, as vectors.
+//!
+//! The AVX2 kernels (no VNNI) multiply with `vpmaddubsw` / `vpmaddwd` (q8_0: the weights turned
+//! back into signed bytes), 8 rows per vector.
+
+use std::arch::x86_64::*;
+
+use crate::act::Activations;
+use crate::format::{Format, PackedMatrix, Q4K_GROUP_HEADER, Q4K_GROUP_RECORD, Q8_0_GROUP, Q8_0_GROUP_QUANTS};
+
+/// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row, through
+/// the groups that hold those rows. `wide`: the AVX-512 VNNI kernels, else AVX2.
+///
+/// # Safety
+/// The CPU must have the kernel's features (AVX-512 F/BW/VL/VNNI, or AVX2/FMA/F16C), `w` is
+/// q8_0 or q4_K, `a` was prepared for it, and `y` must be valid for the writes.
+pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize, wide: bool) {
+    let (g0, g1) = (r0 / Q8_0_GROUP, r1.div_ceil(Q8_0_GROUP));
+    let out = Out { y, y_stride, r0, r1 };
+    // four groups at a time from four parts of the range, so that each thread keeps four memory
+    // streams going (one stream reads about half the bandwidth); with AVX-512 at any batch (the
+    // tiles of 4 activation rows after the first read the 4 groups from L2), with AVX2 (16
+    // registers) at one or two rows
+    if (wide || a.batch <= 2) && g1 - g0 >= 4 {
+        let part = (g1 - g0) / 4;
+        for i in 0..part {
+            tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
+        }
+        for g in g0 + 4 * part..g1 {
+            tiles::<1>(w, a, [g], out, wide);
+        }
+    } else {
+        for g in g0..g1 {
+            tiles::<1>(w, a, [g], out, wide);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Out {
+    y: *mut f32,
+    y_stride: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// Groups `gs` against every activation row, a tile of rows at a time.
+#[inline(always)]
+unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G], out: Out, wide: bool) {
+    // 4 groups × 4 rows of accumulators, or 1 group × 8 rows (AVX-512's 32 registers)
+    let cap = if wide && G == 1 { 8 } else { 4 };
+    let mut b0 = 0;
+    while b0 < a.batch {
+        let bt = (a.batch - b0).min(cap);
+        let mut sums = [[[0f32; Q8_0_GROUP]; 8]; G];
+        macro_rules! go {
+            ($bt:literal) => {
+                match (w.format == Format::Q4K, wide) {
+                    (false, true) => q8_0_512::<G, $bt>(w, gs, a, b0, &mut sums),
+                    (false, false) => q8_0_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                    (true, true) => q4k_512::<G, $bt>(w, gs, a, b0, &mut sums),
+                    (true, false) => q4k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                }
+            };
+        }
+        match bt {
+            1 => go!(1),
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            _ => go!(8),
+        }
+        for (j, &g) in gs.iter().enumerate() {
+            for (b, s) in sums[j].iter().enumerate().take(bt) {
+                let yb = out.y.add((b0 + b) * out.y_stride);
+                for (n, &v) in s.iter().enumerate() {
+                    let r = g * Q8_0_GROUP + n;
+                    if (out.r0..out.r1).contains(&r) {
+                        *yb.add(r) = v;
+                    }
+                }
+            }
+        }
+        b0 += bt;
+    }
+}
+
+/// Pointers to the quantized blocks and the scales of each q8_0 group.
+#[inline(always)]
+unsafe fn group_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], nb: usize) -> ([*const u8; G], [*const u8; G]) {
+    let q = gs.map(|g| w.group(g).as_ptr());
+    (q, q.map(|p| p.add(nb * Q8_0_GROUP_QUANTS)))
+}
+
+/// q8_0, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn q8_0_512<const G: usize, const BT: usize>(
+    w: &PackedMatrix,
+    gs: [usize; G],
+    a: &Activations,
+    b0: usize,
+    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
+) {
+    let (pc, nb) = (w.padded_cols, w.padded_cols / 32);
+    let (qp, sp) = group_ptrs(w, gs, nb);
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let (dx, off) = (a.d.as_ptr().add(b0 * nb), a.q8_offset.as_ptr().add(b0 * nb));
+    let mut acc = [[_mm512_setzero_ps(); BT]; G];
+    for blk in 0..nb {
+        for j in 0..G {
+            let q = qp[j].add(blk * Q8_0_GROUP_QUANTS);
+            let wv: [__m512i; 8] = std::array::from_fn(|i| _mm512_loadu_si512(q.add(64 * i) as *const _));
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sp[j].add(blk * 32) as *const __m256i));
+            for b in 0..BT {
+                let s = dot_block(wv, xq.add(b * pc + blk * 32), *off.add(b * nb + blk));
+                let s = _mm512_cvtepi32_ps(s);
+                acc[j][b] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(*dx.add(b * nb + blk))), acc[j][b]);
+            }
+        }
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            _mm512_storeu_ps(sums[j][b].as_mut_ptr(), acc[j][b]);
+        }
+    }
+}
+
+/// The 16 rows' integer dot products of one 32-column block (`w`: 8 vectors of 4 columns × 16
+/// rows, unsigned) with the 32 signed bytes at `x`, started from `start`. Written out so that each
+/// 4 activation bytes are a broadcast memory operand of `vpdpbusd`: left to itself the compiler
+/// hoisted the broadcasts of every activation row out of the loops and spilled them to the stack.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn dot_block(w: [__m512i; 8], x: *const u8, start: i32) -> __m512i {
+    let mut s0 = _mm512_set1_epi32(start);
+    let mut s1 = _mm512_setzero_si512();
+    std::arch::asm!(
+        "vpdpbusd {s0}, {w0}, dword ptr [{x}]{{1to16}}",
+        "vpdpbusd {s1}, {w1}, dword ptr [{x} + 4]{{1to16}}",
+        "vpdpbusd {s0}, {w2}, dword ptr [{x} + 8]{{1to16}}",
+        "vpdpbusd {s1}, {w3}, dword ptr [{x} + 12]{{1to16}}",
+        "vpdpbusd {s0}, {w4}, dword ptr [{x} + 16]{{1to16}}",
+        "vpdpbusd {s1}, {w5}, dword ptr [{x} + 20]{{1to16}}",
+        "vpdpbusd {s0}, {w6}, dword ptr [{x} + 24]{{1to16}}",
+        "vpdpbusd {s1}, {w7}, dword ptr [{x} + 28]{{1to16}}",
+        s0 = inout(zmm_reg) s0, s1 = inout(zmm_reg) s1,
+        w0 = in(zmm_reg) w[0], w1 = in(zmm_reg) w[1], w2 = in(zmm_reg) w[2], w3 = in(zmm_reg) w[3],
+        w4 = in(zmm_reg) w[4], w5 = in(zmm_reg) w[5], w6 = in(zmm_reg) w[6], w7 = in(zmm_reg) w[7],
+        x = in(reg) x,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    _mm512_add_epi32(s0, s1)
+}
+
+/// q8_0, AVX2: as [`q8_0_512`], each half group (8 rows) in 256-bit vectors, signed bytes again.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_256<const G: usize, const BT: usize>(
+    w: &PackedMatrix,
+    gs: [usize; G],
+    a: &Activations,
+    b0: usize,
+    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
+) {
+    let (pc, nb) = (w.padded_cols, w.padded_cols / 32);
+    let (qp, sp) = group_ptrs(w, gs, nb);
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let dx = a.d.as_ptr().add(b0 * nb);
+    let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+    let mut acc = [[[_mm256_setzero_ps(); 2]; BT]; G];
+    for blk in 0..nb {
+        for j in 0..G {
+            let q = qp[j].add(blk * Q8_0_GROUP_QUANTS);
+            for h in 0..2 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(sp[j].add(blk * 32 + 16 * h) as *const __m128i));
+                let mut s = [_mm256_setzero_si256(); BT];
+                for i in 0..8 {
+                    let wv = _mm256_xor_si256(_mm256_loadu_si256(q.add(64 * i + 32 * h) as *const __m256i), flip);
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    for b in 0..BT {
+                        let x = _mm256_set1_epi32((xq.add(b * pc + blk * 32 + 4 * i) as *const i32).read_unaligned());
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, wv));
+                        s[b] = _mm256_add_epi32(s[b], _mm256_madd_epi16(p, ones));
+                    }
+                }
+                for b in 0..BT {
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*dx.add(b * nb + blk)));
+                    acc[j][b][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[b]), scale, acc[j][b][h]);
+                }
+            }
+        }
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            for h in 0..2 {
+                _mm256_storeu_ps(sums[j][b].as_mut_ptr().add(8 * h), acc[j][b][h]);
+            }
+        }
+    }
+}
+
+/// The 6-bit scales and mins of a q4_K record's 16 rows, each byte of these words one 32-column
+/// group's (words 0 and 1: groups 0–3 and 4–7 of the scales; 2 and 3: of the mins), decoded as
+/// ggml's `get_scale_min_k4` does with 32-bit masks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn q4k_scale_words(rec: *const u8) -> [__m512i; 4] {
+    let (m6, m4, m2) = (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
+    let u = |i: usize| _mm512_loadu_si512(rec.add(64 * (i + 1)) as *const _);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let hi = |lo4: __m512i, top: __m512i| {
+        _mm512_or_si512(lo4, _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(top), m2)))
+    };
+    [
+        _mm512_and_si512(u0, m6),
+        hi(_mm512_and_si512(u2, m4), u0),
+        _mm512_and_si512(u1, m6),
+        hi(_mm512_and_si512(_mm512_srli_epi32::<4>(u2), m4), u1),
+    ]
+}
+
+/// Group `gi`'s byte of each lane of `words` (as decoded by [`q4k_scale_words`]) as f32, times `by`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn q4k_group_scale(words: &[__m512i; 4], mins: bool, gi: usize, by: __m512) -> __m512 {
+    let w = words[2 * mins as usize + gi / 4];
+    let b = _mm512_and_si512(_mm512_srlv_epi32(w, _mm512_set1_epi32(8 * (gi % 4) as i32)), _mm512_set1_epi32(0xff));
+    _mm512_mul_ps(_mm512_cvtepi32_ps(b), by)
+}
+
+/// The 8 vectors of 4 columns × 16 rows of 32-column group `gi` of a q4_K record, as bytes 0–15.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn q4k_nibbles(rec: *const u8, gi: usize) -> [__m512i; 8] {
+    let q = rec.add(Q4K_GROUP_HEADER + (gi / 2) * 512);
+    let low = _mm512_set1_epi8(0x0f);
+    std::array::from_fn(|i| {
+        let v = _mm512_loadu_si512(q.add(64 * i) as *const _);
+        if gi % 2 == 0 {
+            _mm512_and_si512(v, low)
+        } else {
+            _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
+        }
+    })
+}
+
+/// q4_K, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn q4k_512<const G: usize, const BT: usize>(
+    w: &PackedMatrix,
+    gs: [usize; G],
+    a: &Activations,
+    b0: usize,
+    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
+) {
+    let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
+    let gp = gs.map(|g| w.group(g).as_ptr());
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let (dx, xs) = (a.d.as_ptr().add(b0 * nsb), a.scaled_sums32.as_ptr().add(b0 * nb));
+    // the sums and the mins in separate accumulators: two dependency chains instead of one
+    let mut acc = [[_mm512_setzero_ps(); BT]; G];
+    let mut mins = [[_mm512_setzero_ps(); BT]; G];
+    for sb in 0..nsb {
+        for j in 0..G {
+            let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(rec as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i));
+            let words = q4k_scale_words(rec);
+            for gi in 0..8 {
+                let (scale, min) = (q4k_group_scale(&words, false, gi, d), q4k_group_scale(&words, true, gi, dmin));
+                let wv = q4k_nibbles(rec, gi);
+                for b in 0..BT {
+                    let s = _mm512_cvtepi32_ps(dot_block(wv, xq.add(b * pc + sb * 256 + 32 * gi), 0));
+                    acc[j][b] = _mm512_fmadd_ps(s, _mm512_mul_ps(scale, _mm512_set1_ps(*dx.add(b * nsb + sb))), acc[j][b]);
+                    mins[j][b] = _mm512_fmadd_ps(min, _mm512_set1_ps(*xs.add(b * nb + sb * 8 + gi)), mins[j][b]);
+                }
+            }
+        }
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            _mm512_storeu_ps(sums[j][b].as_mut_ptr(), _mm512_sub_ps(acc[j][b], mins[j][b]));
+        }
+    }
+}
+
+/// q4_K, AVX2: as [`q4k_512`], each half group (8 rows) in 256-bit vectors with `vpmaddubsw`
+/// (nibbles × signed activations, pairs at most 2 · 15 · 127: no saturation) and `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_256<const G: usize, const BT: usize>(
+    w: &PackedMatrix,
+    gs: [usize; G],
+    a: &Activations,
+    b0: usize,
+    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
+) {
+    let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
+    let gp = gs.map(|g| w.group(g).as_ptr());
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let (dx, xs) = (a.d.as_ptr().add(b0 * nsb), a.scaled_sums32.as_ptr().add(b0 * nb));
+    let (low, ones, m6, m4, m2, ff) = (
+        _mm256_set1_epi8(0x0f),
+        _mm256_set1_epi16(1),
+        _mm256_set1_epi32(0x3f3f_3f3f),
+        _mm256_set1_epi32(0x0f0f_0f0f),
+        _mm256_set1_epi32(0x0303_0303),
+        _mm256_set1_epi32(0xff),
+    );
+    let mut acc = [[[_mm256_setzero_ps(); 2]; BT]; G];
+    for sb in 0..nsb {
+        for j in 0..G {
+            let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
+            for h in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * h) as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(32 + 16 * h) as *const __m128i));
+                let u = |i: usize| _mm256_loadu_si256(rec.add(64 * (i + 1) + 32 * h) as *const __m256i);
+                let (u0, u1, u2) = (u(0), u(1), u(2));
+                let hi = |lo4: __m256i, top: __m256i| {
+                    _mm256_or_si256(lo4, _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<6>(top), m2)))
+                };
+                let words = [
+                    _mm256_and_si256(u0, m6),
+                    hi(_mm256_and_si256(u2, m4), u0),
+                    _mm256_and_si256(u1, m6),
+                    hi(_mm256_and_si256(_mm256_srli_epi32::<4>(u2), m4), u1),
+                ];
+                for gi in 0..8 {
+                    let byte = |w: __m256i| {
+                        _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, _mm256_set1_epi32(8 * (gi % 4) as i32)), ff))
+                    };
+                    let scale = _mm256_mul_ps(byte(words[gi / 4]), d);
+                    let min = _mm256_mul_ps(byte(words[2 + gi / 4]), dmin);
+                    let q = rec.add(Q4K_GROUP_HEADER + (gi / 2) * 512 + 32 * h);
+                    let mut s = [_mm256_setzero_si256(); BT];
+                    for i in 0..8 {
+                        let v = _mm256_loadu_si256(q.add(64 * i) as *const __m256i);
+                        let nib =
+                            if gi % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
+                        for b in 0..BT {
+                            let x = (xq.add(b * pc + sb * 256 + 32 * gi + 4 * i) as *const i32).read_unaligned();
+                            let p = _mm256_maddubs_epi16(nib, _mm256_set1_epi32(x));
+                            s[b] = _mm256_add_epi32(s[b], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                    for b in 0..BT {
+                        let sc = _mm256_mul_ps(scale, _mm256_set1_ps(*dx.add(b * nsb + sb)));
+                        let acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[b]), sc, acc[j][b][h]);
+                        acc[j][b][h] = _mm256_fnmadd_ps(min, _mm256_set1_ps(*xs.add(b * nb + sb * 8 + gi)), acc_b);
+                    }
+                }
+            }
+        }
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            for h in 0..2 {
+                _mm256_storeu_ps(sums[j][b].as_mut_ptr().add(8 * h), acc[j][b][h]);
+            }
+        }
+    }
+}
