@@ -274,6 +274,9 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(
     // the sums and the mins in separate accumulators: two dependency chains instead of one
     let mut acc = [[_mm512_setzero_ps(); BT]; G];
     let mut mins = [[_mm512_setzero_ps(); BT]; G];
+    // each superblock's scales of every group first (to L1), then the 32-column groups with the
+    // G records side by side, so that the loads of the G memory streams stay close together
+    let mut scales = [[[_mm512_setzero_ps(); 2]; 8]; G];
     for sb in 0..nsb {
         for j in 0..G {
             let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
@@ -281,7 +284,13 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(
             let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(32) as *const __m256i));
             let words = q4k_scale_words(rec);
             for gi in 0..8 {
-                let (scale, min) = (q4k_group_scale(&words, false, gi, d), q4k_group_scale(&words, true, gi, dmin));
+                scales[j][gi] = [q4k_group_scale(&words, false, gi, d), q4k_group_scale(&words, true, gi, dmin)];
+            }
+        }
+        for gi in 0..8 {
+            for j in 0..G {
+                let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
+                let [scale, min] = scales[j][gi];
                 let wv = q4k_nibbles(rec, gi);
                 for b in 0..BT {
                     let s = _mm512_cvtepi32_ps(dot_block(wv, xq.add(b * pc + sb * 256 + 32 * gi), 0));
