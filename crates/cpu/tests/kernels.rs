@@ -97,6 +97,28 @@ fn kernels_match_the_reference_on_ragged_shapes() {
 }
 
 #[test]
+fn q8_0_groups_in_several_streams_match_the_reference() {
+    // enough rows that a thread's unit of work holds four or more groups of 16 (the q8_0 kernel
+    // then reads four groups side by side), the last group ragged
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let (rows, cols) = (1000, 2048);
+    let w = pack(Format::Q8_0, &mut rng, rows, cols);
+    for batch in [1, 2, 3, 5, 8, 12] {
+        let x = rand_vec(&mut rng, batch * cols);
+        let mut want = vec![0f32; batch * rows];
+        matmul_reference(&w, &x, batch, &mut want);
+        let scale = magnitudes(&w, &x, batch);
+        for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2] {
+            let a = activations(&w, &x, batch);
+            let mut got = vec![f32::NAN; batch * rows];
+            matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
+            let e = scaled_err(&got, &want, &scale);
+            assert!(e < 5e-3, "q8_0 {backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
+        }
+    }
+}
+
+#[test]
 fn grouped_products_match_separate_ones() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     let ws: Vec<PackedMatrix> = (0..5).map(|i| pack(Format::Q4K, &mut rng, 40 + 17 * i, 512)).collect();
