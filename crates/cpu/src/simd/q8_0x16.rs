@@ -12,6 +12,9 @@
 //! The AVX2 kernel (no VNNI) turns the weights back into signed bytes and multiplies with
 //! `vpmaddubsw` / `vpmaddwd`, as the row kernels do.
 
+// Register-blocked loops index several accumulator arrays by the same counters.
+#![allow(clippy::needless_range_loop)]
+
 use std::arch::x86_64::*;
 
 use crate::act::Activations;
