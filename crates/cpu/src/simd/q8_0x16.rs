@@ -6,8 +6,9 @@
 //! sums start from the activations' `q8_offset` (the weights are stored offset by 128), so they
 //! are exact, and one `fma` scales them by the 16 rows' block scales times the activation block's
 //! scale. A group gives 16 consecutive outputs per activation row: no horizontal sums, and each
-//! weight vector is loaded once for all the activation rows of a tile, so a batch of rows costs
-//! little more than one while the weights stream from memory.
+//! weight vector is loaded once for all the activation rows of a tile. Measured on 8192 × 4096:
+//! 2 activation rows cost what one does, 4 rows 1.3–1.5×, 8 rows 1.8–2× (there the integer
+//! arithmetic, not the memory stream, sets the time).
 //!
 //! The AVX2 kernel (no VNNI) turns the weights back into signed bytes and multiplies with
 //! `vpmaddubsw` / `vpmaddwd`, as the row kernels do.
