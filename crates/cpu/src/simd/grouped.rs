@@ -254,7 +254,7 @@ pub(crate) unsafe fn q4k_nibbles(rec: *const u8, gi: usize) -> [__m512i; 8] {
     let low = _mm512_set1_epi8(0x0f);
     std::array::from_fn(|i| {
         let v = _mm512_loadu_si512(q.add(64 * i) as *const _);
-        if gi % 2 == 0 {
+        if gi.is_multiple_of(2) {
             _mm512_and_si512(v, low)
         } else {
             _mm512_and_si512(_mm512_srli_epi16::<4>(v), low)
