@@ -351,7 +351,10 @@ impl PackedMatrix {
             for (sb, o) in out.chunks_exact_mut(Q4K_BLOCK.1).enumerate().take(self.padded_cols / Q4K_BLOCK.1) {
                 let rec = &group[sb * Q4K_GROUP_RECORD..(sb + 1) * Q4K_GROUP_RECORD];
                 let (d, dmin) = (f16_at(rec, 2 * n), f16_at(rec, 32 + 2 * n));
-                let packed: Vec<u8> = (0..3).flat_map(|i| rec[64 * (i + 1) + 4 * n..][..4].to_vec()).collect();
+                let mut packed = [0u8; 12];
+                for (i, word) in packed.chunks_exact_mut(4).enumerate() {
+                    word.copy_from_slice(&rec[64 * (i + 1) + 4 * n..][..4]);
+                }
                 let (sc, m) = q4k_scales(&packed);
                 for (k, v) in o.iter_mut().enumerate() {
                     let (chunk, col) = (k / 64, k % 64);
