@@ -1,14 +1,15 @@
 //! `moeserve bench`: prefill and decode throughput (median of several runs), peak resident
 //! memory, and the decode roofline from the active bytes per token and a bandwidth probe run
 //! in the same process. With `--speculative mtp` it also decodes speculatively (against the plain
-//! decode of the same run) and measures a K+1-token verify step against a 1-token step.
+//! decode of the same run) and measures a K+1-token verify step against a 1-token step; with
+//! `--profile`, the time of each stage of a decode step.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Tensor;
 use clap::Args as ClapArgs;
-use moeserve_core::DeepSeekConfig;
+use moeserve_core::{profile, DeepSeekConfig};
 use moeserve_engine::{generate, Engine, Event, GenerateRequest, Request, SamplingParams};
 use moeserve_model::{ForwardBatch, LatentKv, ModelGroup, Mtp};
 use rand::{Rng, SeedableRng};
@@ -35,6 +36,10 @@ pub struct Args {
     /// read bandwidth measured in the same run (no model is loaded).
     #[arg(long)]
     pub kernels: bool,
+    /// After the timed runs, one more generation with every stage of a step timed: milliseconds
+    /// for each stage of the prefill and per decoded token, and its share of the step.
+    #[arg(long)]
+    pub profile: bool,
     /// Formats of the kernel benchmark (default: all of f32,bf16,fp8,q8_0,q4k,q6k).
     #[arg(long, value_delimiter = ',')]
     pub kernel_formats: Vec<String>,
@@ -186,6 +191,9 @@ pub fn run(args: Args) -> Result<()> {
         decode.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>()
     );
 
+    if args.profile {
+        profile_decode(model, &req(args.gen_len.max(2)))?;
+    }
     if spec_k > 0 {
         bench_speculative(model, &req(args.gen_len.max(2)), spec_k, args.runs.max(1), tg, &plain_ids)?;
     }
@@ -231,6 +239,40 @@ pub fn run(args: Args) -> Result<()> {
     if !args.concurrency.is_empty() {
         bench_concurrency(loaded.model, &args, tg)?;
     }
+    Ok(())
+}
+
+/// One more greedy generation with the stage spans on: each stage's time in the prefill step,
+/// then per decode step (the spans are read and reset when the prefill's token comes out).
+fn profile_decode(model: &ModelGroup, req: &GenerateRequest) -> Result<()> {
+    let mut prefill = None;
+    profile::enable(true);
+    let s = generate(model, req, |_| {
+        if prefill.is_none() {
+            prefill = Some(profile::totals());
+            profile::reset();
+        }
+        Ok(())
+    });
+    profile::enable(false);
+    let s = s?;
+    let table = |totals: Vec<(&str, std::time::Duration, u64)>, steps: f64, step_ms: f64| {
+        for (name, total, calls) in totals {
+            let ms = total.as_secs_f64() * 1e3 / steps;
+            println!("  {name:<48} {ms:8.3} ms {:6.1} % {:6.1}", 100.0 * ms / step_ms, calls as f64 / steps);
+        }
+    };
+    let prefill_ms = s.prefill.as_secs_f64() * 1e3;
+    println!("prefill profile: {prefill_ms:.3} ms for {} tokens (stage: ms, share of the step, calls)", req.prompt.len());
+    table(prefill.unwrap_or_default(), 1.0, prefill_ms);
+    let steps = s.decode_steps.max(1) as f64;
+    let step_ms = s.decode.as_secs_f64() * 1e3 / steps;
+    println!(
+        "decode profile: {step_ms:.3} ms per step over {} steps (stage: ms per step, share of the step, calls per step)",
+        s.decode_steps
+    );
+    table(profile::totals(), steps, step_ms);
+    profile::reset();
     Ok(())
 }
 

@@ -4,6 +4,7 @@ pub mod comm;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod profile;
 pub mod rendezvous;
 
 pub use comm::{Communicator, SoloComm, ThreadComm, ThreadGroup};

@@ -61,7 +61,10 @@ pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl Fn
     while stats.generated < req.max_tokens {
         let step = Instant::now();
         let hidden = model.forward(&batch, &mut [&mut cache])?;
-        let next = sampler.sample_with_history(&last_logits(model, &hidden)?, &req.prompt, &output);
+        let logits = last_logits(model, &hidden)?;
+        let p = moeserve_core::profile::span("sampling");
+        let next = sampler.sample_with_history(&logits, &req.prompt, &output);
+        drop(p);
         if stats.generated == 0 {
             stats.prefill = t0.elapsed();
         } else {

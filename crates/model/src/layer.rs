@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use moeserve_core::{error::Context, DeepSeekConfig, Result};
+use moeserve_core::{error::Context, profile, DeepSeekConfig, Result};
 use moeserve_quant::Weights;
 
 use crate::batch::ForwardBatch;
@@ -76,13 +76,26 @@ impl DecoderLayer {
         cache_layer: usize,
     ) -> Result<Tensor> {
         let ctx = || format!("layer {cache_layer} residual");
-        let a = self.reduce_tp(self.attn.forward(&self.input_norm.forward(h)?, batch, rope, kv, cache_layer)?)?;
+        let x = {
+            let _p = profile::span("norms and residuals");
+            self.input_norm.forward(h)?
+        };
+        let a = {
+            let _p = profile::span("attention block");
+            self.reduce_tp(self.attn.forward(&x, batch, rope, kv, cache_layer)?)?
+        };
+        let _p = profile::span("norms and residuals");
         let h = (h + a).ctx(ctx)?;
         let x = self.post_norm.forward(&h)?;
-        let f = match &self.ffn {
-            Ffn::Dense(m) => self.reduce_tp(m.forward(&x)?)?,
-            Ffn::Moe(m) => m.forward(&x)?,
+        drop(_p);
+        let f = {
+            let _p = profile::span("ffn block");
+            match &self.ffn {
+                Ffn::Dense(m) => self.reduce_tp(m.forward(&x)?)?,
+                Ffn::Moe(m) => m.forward(&x)?,
+            }
         };
+        let _p = profile::span("norms and residuals");
         (h + f).ctx(ctx)
     }
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use moeserve_core::{error::Context, DeepSeekConfig, Error, Result};
+use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
 use moeserve_cpu::{Format, PackedMatrix, Product};
 use moeserve_quant::{Linear, Slice, Weights};
 
@@ -59,8 +59,7 @@ struct CpuAbsorbed {
 impl CpuAbsorbed {
     /// `kvb: [H, P+V, L]` as f32 values.
     fn new(kvb: &[f32], heads: usize, nope: usize, v: usize, latent: usize, quantized: bool) -> Result<Self> {
-        let bf16_exact = kvb.iter().all(|x| x.to_bits() & 0xffff == 0);
-        let format = if quantized || bf16_exact { Format::Bf16 } else { Format::F32 };
+        let format = if quantized || moeserve_cpu::bf16_exact(kvb) { Format::Bf16 } else { Format::F32 };
         let head = |h: usize| &kvb[h * (nope + v) * latent..(h + 1) * (nope + v) * latent];
         let pack = |rows, cols, w: Vec<f32>| {
             PackedMatrix::from_f32(format, rows, cols, &w).map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))
@@ -168,6 +167,7 @@ impl Mla {
     ) -> Result<Tensor> {
         let ctx = || format!("mla layer {layer}");
         let n = x.dims()[0];
+        let p = profile::span("attention block/projections in");
         let q = match &self.q {
             QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
             QProj::Full(p) => p.forward(x)?,
@@ -180,6 +180,8 @@ impl Mla {
         let c_kv = self.kv_a_norm.forward(&a.narrow(1, 0, self.latent).ctx(ctx)?)?; // [n, L]
         let k_pe = rope.apply(&a.narrow(1, self.latent, self.rope).ctx(ctx)?.unsqueeze(1).ctx(ctx)?)?; // [n, 1, R]
         let rows = Tensor::cat(&[&c_kv, &k_pe.squeeze(1).ctx(ctx)?], 1).ctx(ctx)?; // [n, L+R]
+        drop(p);
+        let p = profile::span("attention block/attention");
 
         let mut outs = Vec::with_capacity(batch.chunks.len());
         let mut offset = 0;
@@ -206,6 +208,8 @@ impl Mla {
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
+        drop(p);
+        let _p = profile::span("attention block/o_proj");
         self.o_proj.forward(&Tensor::cat(&outs, 0).ctx(ctx)?)
     }
 
@@ -223,7 +227,9 @@ impl Mla {
             // the CPU kernels: absorption on the pool, one fused pass over the cache rows
             let (h, s, _) = q_nope.dims3().ctx(ctx)?;
             let vec = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
+            let p = profile::span("attention block/attention/absorbed products");
             let q_lat = CpuAbsorbed::per_head(&cpu.uk_t, &vec(q_nope)?, s); // [H, S, L]
+            drop(p);
             let shape = moeserve_cpu::MlaShape {
                 heads: h,
                 queries: s,
@@ -233,8 +239,11 @@ impl Mla {
                 start,
             };
             let q_pe = vec(q_pe)?;
+            let p = profile::span("attention block/attention/over the cache");
             let o_lat =
                 with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
+            drop(p);
+            let _p = profile::span("attention block/attention/absorbed products");
             let o = CpuAbsorbed::per_head(&cpu.uv, &o_lat, s); // [H, S, V]
             return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
         }

@@ -259,6 +259,7 @@ impl DeepSeekModel {
 
     /// Float32 logits `[n, vocab]` from post-norm hidden states (vocab parts gathered).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _p = moeserve_core::profile::span("lm_head");
         let local = self.lm_head.forward(hidden)?.to_dtype(DType::F32).ctx(|| "logits".into())?;
         self.par.gather_columns(&local)
     }
