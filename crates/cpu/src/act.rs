@@ -36,10 +36,15 @@ pub struct Activations {
 impl Activations {
     /// `x: [batch, cols]` row-major for a weight of `format` whose rows are `padded_cols` long.
     pub fn new(format: Format, x: &[f32], batch: usize, cols: usize, padded_cols: usize) -> Self {
-        let mut f = vec![0f32; batch * padded_cols];
-        for b in 0..batch {
-            f[b * padded_cols..b * padded_cols + cols].copy_from_slice(&x[b * cols..(b + 1) * cols]);
-        }
+        let f = if cols == padded_cols {
+            x[..batch * cols].to_vec()
+        } else {
+            let mut f = vec![0f32; batch * padded_cols];
+            for b in 0..batch {
+                f[b * padded_cols..b * padded_cols + cols].copy_from_slice(&x[b * cols..(b + 1) * cols]);
+            }
+            f
+        };
         let block = match format {
             Format::Q8_0 => 32,
             Format::Q4K | Format::Q6K => 256,
@@ -104,25 +109,26 @@ impl Activations {
     }
 
     fn quantize(&mut self) {
-        let n = self.f32.len();
-        self.qs = vec![0; n];
-        self.d = vec![0.0; n / self.block];
+        // the real rows' values, then zero padding rows (whose sums are zero too)
+        let (n, block) = (self.f32.len(), self.block);
+        let padded = self.batch.next_multiple_of(16) * self.padded_cols;
+        self.qs = vec![0; padded];
+        self.d = vec![0.0; padded / block];
+        let mut sums16 = vec![0i16; padded / 16];
+        let (qs, d, sums) = (&mut self.qs[..n], &mut self.d[..n / block], &mut sums16[..n / 16]);
         #[cfg(target_arch = "x86_64")]
         if crate::simd::avx512::available() {
             // SAFETY: the CPU has AVX-512 (F, BW), checked just above.
-            unsafe { quantize_avx512(&self.f32, &mut self.qs, &mut self.d, self.block) };
+            unsafe { quantize_avx512(&self.f32, qs, d, sums, block) };
         } else {
-            quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
+            quantize(&self.f32, qs, d, sums, block);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        quantize(&self.f32, &mut self.qs, &mut self.d, self.block);
-        let rows = self.batch.next_multiple_of(16);
-        self.qs.resize(rows * self.padded_cols, 0);
-        self.d.resize(rows * self.padded_cols / self.block, 0.0);
-        let sums32 = self.qs.chunks_exact(32).map(|c| c.iter().map(|&q| q as i32).sum::<i32>());
-        if self.block == 256 {
-            self.sums16 = self.qs.chunks_exact(16).map(|c| c.iter().map(|&q| q as i16).sum()).collect();
+        quantize(&self.f32, qs, d, sums, block);
+        let sums32 = sums16.chunks_exact(2).map(|p| p[0] as i32 + p[1] as i32);
+        if block == 256 {
             self.scaled_sums32 = sums32.enumerate().map(|(k, s)| s as f32 * self.d[k / 8]).collect();
+            self.sums16 = sums16;
         } else {
             self.q8_offset = sums32.map(|s| -128 * s).collect();
         }
@@ -130,9 +136,9 @@ impl Activations {
 }
 
 /// Each `block` values of `x` to 8 bits: `d = max |x| / 127`, `q = round(x / d)` (nearest, ties
-/// to even). Written so that both loops vectorize: 16 independent maxima, and rounding by adding
-/// and subtracting 1.5 · 2^23 (exact for |v| <= 127).
-fn quantize(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
+/// to even), and the sum of each 16 `q`. Written so that both loops vectorize: 16 independent
+/// maxima, and rounding by adding and subtracting 1.5 · 2^23 (exact for |v| <= 127).
+fn quantize(x: &[f32], qs: &mut [i8], d: &mut [f32], sums16: &mut [i16], block: usize) {
     const ROUND: f32 = 12_582_912.0;
     for ((src, dst), d) in x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d) {
         let mut m = [0f32; 16];
@@ -147,6 +153,9 @@ fn quantize(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
             *q = ((v * inv + ROUND) - ROUND) as i8;
         }
     }
+    for (s, q) in sums16.iter_mut().zip(qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| v as i16).sum();
+    }
 }
 
 /// [`quantize`] with AVX-512 (the same values: `vcvtps2dq` rounds to nearest even, and `vpmovsdb`
@@ -154,7 +163,7 @@ fn quantize(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
 /// keeps NaN rules) and were a tenth of a prefill.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize) {
+unsafe fn quantize_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], sums16: &mut [i16], block: usize) {
     use std::arch::x86_64::*;
     for ((src, dst), d) in x.chunks_exact(block).zip(qs.chunks_exact_mut(block)).zip(d) {
         let mut m = _mm512_setzero_ps();
@@ -167,6 +176,19 @@ unsafe fn quantize_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], block: usize)
             let v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), inv));
             _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(v));
         }
+    }
+    // sums of 16: `vpsadbw` adds each 8 bytes (made unsigned by + 128) into a 64-bit lane
+    let (flip, zero) = (_mm512_set1_epi8(-128), _mm512_setzero_si512());
+    for (q, s) in qs.chunks_exact(64).zip(sums16.chunks_exact_mut(4)) {
+        let sad = _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(q.as_ptr() as *const _), flip), zero);
+        let mut lanes = [0u64; 8];
+        _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, sad);
+        for (k, s) in s.iter_mut().enumerate() {
+            *s = (lanes[2 * k] + lanes[2 * k + 1]) as i16 - 16 * 128;
+        }
+    }
+    for (s, q) in sums16.iter_mut().zip(qs.chunks_exact(16)).skip(qs.len() / 64 * 4) {
+        *s = q.iter().map(|&v| v as i16).sum();
     }
 }
 
@@ -202,13 +224,15 @@ mod tests {
         x[3] = 0.5 * x[0].abs();
         x[256..288].fill(0.0);
         for block in [32, 256] {
-            let (mut q1, mut d1) = (vec![0i8; x.len()], vec![0f32; x.len() / block]);
-            let (mut q2, mut d2) = (q1.clone(), d1.clone());
-            super::quantize(&x, &mut q1, &mut d1, block);
+            let (mut q1, mut d1, mut s1) = (vec![0i8; x.len()], vec![0f32; x.len() / block], vec![0i16; x.len() / 16]);
+            let (mut q2, mut d2, mut s2) = (q1.clone(), d1.clone(), s1.clone());
+            super::quantize(&x, &mut q1, &mut d1, &mut s1, block);
             // SAFETY: AVX-512 checked above.
-            unsafe { super::quantize_avx512(&x, &mut q2, &mut d2, block) };
+            unsafe { super::quantize_avx512(&x, &mut q2, &mut d2, &mut s2, block) };
             assert_eq!(d1, d2, "block {block}");
             assert_eq!(q1, q2, "block {block}");
+            assert_eq!(s1, s2, "block {block}");
+            assert!(s1.iter().any(|&s| s != 0));
         }
     }
 }

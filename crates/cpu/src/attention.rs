@@ -128,6 +128,7 @@ mod wide {
     use std::arch::x86_64::*;
 
     use super::OneQuery;
+    use crate::simd::exp16;
 
     /// Cached rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
     /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
@@ -140,24 +141,6 @@ mod wide {
         } else {
             (1u16 << n) - 1
         }
-    }
-
-    /// `e^x` for `x <= 0` (softmax terms): `2^k · 2^f` with `k` the nearest integer to
-    /// `x·log2(e)` and `2^f` (`|f| <= 1/2`) a degree-6 Taylor polynomial, relative error
-    /// about 2e-7; below about -87 it flushes to zero through `vscalefps`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp16(x: __m512) -> __m512 {
-        const C: [f32; 6] = [std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355, 0.000_154_035_3];
-        let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
-        let k = _mm512_roundscale_ps::<0x08>(t);
-        let f = _mm512_sub_ps(t, k);
-        let mut p = _mm512_set1_ps(C[5]);
-        for &c in C[..5].iter().rev() {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-        }
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(p, k)
     }
 
     /// `o: [group.len(), latent]` for the query rows of `group` (one sequence's cache).

@@ -122,6 +122,12 @@ impl std::fmt::Debug for PackedMatrix {
     }
 }
 
+/// Whether every value is a bf16 value (its low 16 bits zero): such weights (from a bf16
+/// checkpoint) lose nothing as [`Format::Bf16`].
+pub fn bf16_exact(values: &[f32]) -> bool {
+    values.iter().all(|x| x.to_bits() & 0xffff == 0)
+}
+
 impl PackedMatrix {
     pub fn format(&self) -> Format {
         self.format

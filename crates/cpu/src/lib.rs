@@ -12,6 +12,7 @@ mod amx;
 pub mod attention;
 pub mod bandwidth;
 pub mod bench;
+pub mod elementwise;
 pub mod format;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]
@@ -19,7 +20,8 @@ mod simd;
 
 pub use act::Activations;
 pub use attention::{mla_attention, mla_attention_reference, mla_attention_with, MlaShape};
-pub use format::{Format, PackedMatrix};
+pub use elementwise::silu_mul;
+pub use format::{bf16_exact, Format, PackedMatrix};
 pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, on_pool, Backend, Product};
 
 /// A packing or shape error (the caller adds the tensor name).

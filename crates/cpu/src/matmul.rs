@@ -112,7 +112,7 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
         let rows_per = (unit_bytes / p.w.row_bytes.max(1)).clamp(1, p.w.rows.max(1));
         let rows_per = if rows_per > 32 { rows_per.next_multiple_of(32) } else { rows_per };
         // q8_0 and q4_K are stored in groups of 16 rows: whole groups a unit
-        let rows_per = if p.w.format.grouped() { rows_per.next_multiple_of(Q8_0_GROUP) } else { rows_per };
+        let rows_per = if p.w.format.grouped() { rows_per.max(4 * Q8_0_GROUP).next_multiple_of(Q8_0_GROUP) } else { rows_per };
         let mut r = 0;
         while r < p.w.rows {
             units.push((i, r, (r + rows_per).min(p.w.rows)));

@@ -494,6 +494,28 @@ pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
 }
 
+/// `e^x`: `2^k · 2^f` with `k` the nearest integer to `x·log2(e)` and `2^f` (`|f| <= 1/2`) a
+/// degree-6 Taylor polynomial, relative error about 2e-7; below about -87 it flushes to zero and
+/// above about 88 it overflows to infinity, both through `vscalefps`.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const C: [f32; 6] = [std::f32::consts::LN_2, 0.240_226_5, 0.055_504_11, 0.009_618_129, 0.001_333_355, 0.000_154_035_3];
+    let t = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E));
+    let k = _mm512_roundscale_ps::<0x08>(t);
+    let f = _mm512_sub_ps(t, k);
+    let mut p = _mm512_set1_ps(C[5]);
+    for &c in C[..5].iter().rev() {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(p, k)
+}
+
 mod grouped;
 mod row512;
 pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use moeserve_core::{error::Context, DeepSeekConfig, Result};
+use moeserve_core::{error::Context, profile, DeepSeekConfig, Result};
 use moeserve_cpu::PackedMatrix;
 use moeserve_quant::Weights;
 
@@ -70,7 +70,11 @@ impl Moe {
         if self.par.world() > 1 {
             return self.forward_parallel(x)?.to_dtype(x.dtype()).ctx(|| "moe out".into());
         }
-        let routing = self.router.route(x)?;
+        let routing = {
+            let _p = profile::span("ffn block/router");
+            self.router.route(x)?
+        };
+        let _p = profile::span("ffn block/experts");
         if let Some(out) = self.grouped_forward(x, &routing)? {
             return out.to_dtype(x.dtype()).ctx(|| "moe out".into());
         }
@@ -180,6 +184,7 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
     let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
     let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
     {
+        let _p = profile::span("ffn block/experts/gate and up products");
         let mut products = Vec::with_capacity(2 * groups.len());
         for ((((w, _, _), g), u), &(ag, au)) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()).zip(&uses) {
             products.push(moeserve_cpu::Product { w: w[0], x: &acts[ag], y: g });
@@ -188,9 +193,7 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         moeserve_cpu::matmul_many(&mut products);
     }
     for (g, u) in gate.iter_mut().zip(&up) {
-        for (g, u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        moeserve_cpu::silu_mul(g, u);
     }
     let down_acts: Vec<_> =
         groups.iter().zip(&gate).map(|((w, rows, _), h)| moeserve_cpu::activations(w[2], h, rows.len())).collect();
@@ -201,7 +204,9 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         .zip(down.iter_mut())
         .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y })
         .collect();
+    let p = profile::span("ffn block/experts/down products");
     moeserve_cpu::matmul_many(&mut products);
+    drop(p);
     let mut out = vec![0f32; n * hidden];
     for ((_, rows, ws), y) in groups.iter().zip(&down) {
         for ((&t, &w), yr) in rows.iter().zip(ws).zip(y.chunks_exact(hidden)) {

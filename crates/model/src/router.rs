@@ -61,7 +61,7 @@ pub struct Router {
 }
 
 /// The router weight `[n_experts, hidden]` in float32, held once: a tensor on a device, the
-/// kernels' matrix on the CPU.
+/// kernels' matrix on the CPU (as bf16 where that holds the same values).
 #[derive(Debug, Clone)]
 enum RouterWeight {
     Tensor(Tensor),
@@ -88,7 +88,10 @@ impl Router {
         };
         let weight = if w.device.is_cpu() {
             let values = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).ctx(|| w.name("weight"))?;
-            let p = moeserve_cpu::PackedMatrix::from_f32(moeserve_cpu::Format::F32, rc.n_experts, cfg.hidden_size, &values)
+            // bf16 when that is exact (a bf16 checkpoint's router): half the bytes, the same
+            // weights; the products still sum in f32
+            let format = if moeserve_cpu::bf16_exact(&values) { moeserve_cpu::Format::Bf16 } else { moeserve_cpu::Format::F32 };
+            let p = moeserve_cpu::PackedMatrix::from_f32(format, rc.n_experts, cfg.hidden_size, &values)
                 .map_err(|e| moeserve_core::Error::Input(format!("{}: {e}", w.name("weight"))))?;
             RouterWeight::Packed(std::sync::Arc::new(p))
         } else {
