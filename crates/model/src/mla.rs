@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
 use moeserve_cpu::{Format, PackedMatrix, Product};
+use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
 use crate::batch::ForwardBatch;
@@ -168,15 +169,22 @@ impl Mla {
         let ctx = || format!("mla layer {layer}");
         let n = x.dims()[0];
         let p = profile::span("attention block/projections in");
-        let q = match &self.q {
-            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
-            QProj::Full(p) => p.forward(x)?,
+        // the two projections of x in one kernel call where they can be
+        let (q, a) = match &self.q {
+            QProj::LowRank { a, norm, b } => {
+                let [qa, kva] = forward_same_input([a.as_ref(), self.kv_a.as_ref()], x)?;
+                (b.forward(&norm.forward(&qa)?)?, kva)
+            }
+            QProj::Full(p) => {
+                let [q, kva] = forward_same_input([p.as_ref(), self.kv_a.as_ref()], x)?;
+                (q, kva)
+            }
         };
         let q = q.reshape((n, self.heads, self.nope + self.rope)).ctx(ctx)?; // [n, H, P+R]
         let q_nope = q.narrow(2, 0, self.nope).ctx(ctx)?; // [n, H, P]
         let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope).ctx(ctx)?)?; // [n, H, R]
 
-        let a = self.kv_a.forward(x)?; // [n, L+R]
+        // a: [n, L+R]
         let c_kv = self.kv_a_norm.forward(&a.narrow(1, 0, self.latent).ctx(ctx)?)?; // [n, L]
         let k_pe = rope.apply(&a.narrow(1, self.latent, self.rope).ctx(ctx)?.unsqueeze(1).ctx(ctx)?)?; // [n, 1, R]
         let rows = Tensor::cat(&[&c_kv, &k_pe.squeeze(1).ctx(ctx)?], 1).ctx(ctx)?; // [n, L+R]

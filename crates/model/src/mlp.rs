@@ -43,8 +43,9 @@ impl Mlp {
 
     /// `x: [n, hidden]` -> `down(silu(gate x) ⊙ up x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?).ctx(|| "silu".into())?;
-        let h = (g * self.up.forward(x)?).ctx(|| "swiglu".into())?;
+        let [g, u] = moeserve_quant::packed::forward_same_input([self.gate.as_ref(), self.up.as_ref()], x)?;
+        let g = candle_nn::ops::silu(&g).ctx(|| "silu".into())?;
+        let h = (g * u).ctx(|| "swiglu".into())?;
         self.down.forward(&h)
     }
 }
