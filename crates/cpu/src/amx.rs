@@ -78,17 +78,18 @@ unsafe fn xgetbv0() -> u64 {
 /// Fewest activation rows for which this path beats the vector kernels (measured with
 /// `moeserve bench --kernels`): bf16 and q8_0 tiles read the weights as stored, q4_K pays an
 /// unpacking and q6_K a decode into the bf16 panel. The q8_0 and q4_K vector kernels cover 16
-/// weight rows per vector; q8_0's keeps products of up to 11 activation rows (8192 × 4096: 8 rows 1.8–2.1 ms
-/// against 2.2–2.7 ms on tiles, 16 rows 2.8–3.0 against 2.2). `MOESERVE_AMX_MIN_BATCH` overrides
-/// it (experiments).
+/// weight rows per vector and keep the smaller batches (8192 × 4096, three interleaved runs each:
+/// q8_0 at 12, 16, 24 rows 2.6–3.3, 3.1–3.8, 4.1–4.6 ms against 3.7–3.8, 3.6–3.9, 5.3–5.5 on
+/// tiles, a wash at 48; q4_K at 8, 20, 28 rows 1.5, 2.6–3.2, 3.9–4.5 ms against 2.4–3.7, 5.3–6.8,
+/// 4.8–5.0, tiles ahead from 32). `MOESERVE_AMX_MIN_BATCH` overrides it (experiments).
 pub fn min_batch(format: Format) -> usize {
     static OVERRIDE: OnceLock<Option<usize>> = OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_AMX_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
     over.unwrap_or(match format {
         Format::F32 | Format::Fp8 { .. } => usize::MAX,
         Format::Bf16 => 2,
-        Format::Q8_0 => 12,
-        Format::Q4K => 8,
+        Format::Q8_0 => 48,
+        Format::Q4K => 32,
         Format::Q6K => 12,
     })
 }

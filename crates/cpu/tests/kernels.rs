@@ -100,12 +100,12 @@ fn kernels_match_the_reference_on_ragged_shapes() {
 fn grouped_formats_in_several_streams_match_the_reference() {
     // q8_0 and q4_K are stored in groups of 16 rows: enough rows that a thread's unit of work
     // holds four or more groups (the kernels then read four groups side by side), the last group
-    // ragged
+    // ragged; batches on both sides of the AMX thresholds (q4_K 32, q8_0 48 rows)
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     let (rows, cols) = (1000, 2048);
     for format in [Format::Q8_0, Format::Q4K] {
         let w = pack(format, &mut rng, rows, cols);
-        for batch in [1, 2, 3, 5, 8, 12] {
+        for batch in [1, 2, 3, 5, 8, 12, 31, 49] {
             let x = rand_vec(&mut rng, batch * cols);
             let mut want = vec![0f32; batch * rows];
             matmul_reference(&w, &x, batch, &mut want);
