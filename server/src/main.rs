@@ -41,7 +41,6 @@ enum Command {
 
 fn main() {
     pin_thread_count();
-    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cli_generate::run(a),
@@ -55,20 +54,6 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-/// A model step allocates and frees the same buffers every time (activations, logits, expert
-/// outputs). glibc maps the larger ones fresh with `mmap` and returns freed heap tops to the
-/// kernel, so every step paid page faults and page zeroing for them (about 5 % of a prefill).
-/// Fixed thresholds keep allocations under 32 MiB on the heap and freed memory in the process;
-/// the loader still hands its temporaries back with `malloc_trim` once the weights are resident.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
 
