@@ -93,11 +93,20 @@ impl Activations {
             let pc = self.padded_cols;
             let part = pc * 16;
             let mut out = vec![0u16; self.batch.div_ceil(16) * 2 * part];
+            #[cfg(target_arch = "x86_64")]
+            let wide = crate::simd::avx512::available() && is_x86_feature_detected!("avx512bf16");
             for b in 0..self.batch {
                 let (g, n) = (b / 16, b % 16);
                 let x = &self.f32[b * pc..(b + 1) * pc];
                 let (hi, lo) = out[2 * g * part..2 * (g + 1) * part].split_at_mut(part);
-                for (k, &v) in x.iter().enumerate() {
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: AVX-512 F/BW/VL and BF16 checked above; `hi` and `lo` hold
+                    // `pc / 2` pairs of 16 rows.
+                    done = unsafe { bf16_pairs_avx512(x, n, hi, lo) };
+                }
+                for (k, &v) in x.iter().enumerate().skip(done) {
                     let h = half::bf16::from_f32(v);
                     let i = (k / 2) * 32 + 2 * n + k % 2;
                     hi[i] = h.to_bits();
@@ -192,6 +201,34 @@ unsafe fn quantize_avx512(x: &[f32], qs: &mut [i8], d: &mut [f32], sums16: &mut 
     }
 }
 
+/// [`Activations::bf16_pairs`] of row `n` of its group for the columns up to a multiple of 32
+/// (returned): 32 columns at a time, rounded to nearest even by `vcvtne2ps2bf16` as
+/// `half::bf16::from_f32` rounds (it flushes denormal inputs to zero, which no activation is
+/// near), each column pair a 32-bit word scattered to its place among the 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn bf16_pairs_avx512(x: &[f32], n: usize, hi: &mut [u16], lo: &mut [u16]) -> usize {
+    use std::arch::x86_64::*;
+    let full = x.len() / 32 * 32;
+    assert!(hi.len() >= full * 16 && lo.len() >= full * 16);
+    // word j of 32 columns (the pair 2j, 2j + 1) goes to word 16 j + n
+    let idx = _mm512_add_epi32(
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)),
+        _mm512_set1_epi32(n as i32),
+    );
+    let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+    for k0 in (0..full).step_by(32) {
+        let (a, b) = (_mm512_loadu_ps(x.as_ptr().add(k0)), _mm512_loadu_ps(x.as_ptr().add(k0 + 16)));
+        let h: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+        let (ha, hb) = (widen(_mm512_castsi512_si256(h)), widen(_mm512_extracti64x4_epi64::<1>(h)));
+        let l: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+        let word = k0 / 2 * 16;
+        _mm512_i32scatter_epi32::<4>(hi.as_mut_ptr().add(2 * word) as *mut _, idx, h);
+        _mm512_i32scatter_epi32::<4>(lo.as_mut_ptr().add(2 * word) as *mut _, idx, l);
+    }
+    full
+}
+
 /// Each 32 values reordered to the FP8 kernel's decode order (see [`Activations::fp8_order`]).
 fn fp8_order(x: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
@@ -205,6 +242,39 @@ fn fp8_order(x: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_bf16_pairs_are_the_portable_ones() {
+        if !(crate::simd::avx512::available() && is_x86_feature_detected!("avx512bf16")) {
+            return;
+        }
+        let cols: usize = 100; // three whole 32-column steps and a tail
+        let mut s = 0x9e3779b97f4a7c15u64;
+        let x: Vec<f32> = (0..cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((s % 9) as i32 - 4)
+            })
+            .collect();
+        for n in [0, 5, 15] {
+            let (mut hi, mut lo) = (vec![0u16; cols.next_multiple_of(2) * 16], vec![0u16; cols.next_multiple_of(2) * 16]);
+            let (mut want_hi, mut want_lo) = (hi.clone(), lo.clone());
+            // SAFETY: features checked above.
+            let done = unsafe { super::bf16_pairs_avx512(&x, n, &mut hi, &mut lo) };
+            assert_eq!(done, 96);
+            for (k, &v) in x.iter().enumerate().take(done) {
+                let h = half::bf16::from_f32(v);
+                let i = (k / 2) * 32 + 2 * n + k % 2;
+                want_hi[i] = h.to_bits();
+                want_lo[i] = half::bf16::from_f32(v - h.to_f32()).to_bits();
+            }
+            assert_eq!(hi, want_hi, "row {n}");
+            assert_eq!(lo, want_lo, "row {n}");
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_quantization_is_the_portable_one() {

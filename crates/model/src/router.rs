@@ -114,7 +114,10 @@ impl Router {
                 let (xs, n) = moeserve_quant::packed::rows_f32(x, w.cols(), "router")?;
                 let mut logits = vec![0f32; n * w.rows()];
                 moeserve_cpu::matmul(w, &xs, n, &mut logits);
-                return Ok(self.route_rows(logits.chunks_exact(w.rows())));
+                // a prefill's tokens select their experts on every thread
+                use rayon::prelude::*;
+                let picks: Vec<_> = logits.par_chunks_exact(w.rows()).with_min_len(8).map(|row| self.select(row)).collect();
+                return Ok(self.routing(picks));
             }
         };
         let logits = x.to_dtype(DType::F32).ctx(ctx)?.matmul(&weight.t().ctx(ctx)?).ctx(ctx)?;
@@ -127,9 +130,13 @@ impl Router {
 
     /// The routing of every token's logits.
     fn route_rows<'a>(&self, rows: impl Iterator<Item = &'a [f32]>) -> Routing {
+        self.routing(rows.map(|row| self.select(row)))
+    }
+
+    /// Every token's selection ([`Self::select`]) in one routing.
+    fn routing(&self, picks: impl IntoIterator<Item = (Vec<usize>, Vec<f32>)>) -> Routing {
         let mut routing = Routing { top_k: self.cfg.top_k, experts: Vec::new(), weights: Vec::new() };
-        for row in rows {
-            let (e, w) = self.select(row);
+        for (e, w) in picks {
             routing.experts.extend(e.iter().map(|&i| i as u32));
             routing.weights.extend(w);
         }
