@@ -73,6 +73,28 @@ impl Activations {
         a
     }
 
+    /// Rows `rows` of these activations, in that order, as activations of their own: the values
+    /// [`Activations::new`] gives those rows (each row is quantized on its own), copied instead
+    /// of computed again. A MoE layer's experts each take some of a step's tokens.
+    pub fn gather(&self, rows: &[usize]) -> Activations {
+        let pc = self.padded_cols;
+        let padded = if self.block > 0 { rows.len().next_multiple_of(16) } else { rows.len() };
+        let blocks = if self.block > 0 { pc / self.block } else { 0 };
+        Activations {
+            batch: rows.len(),
+            padded_cols: pc,
+            f32: gather_rows(&self.f32, rows, pc, rows.len()),
+            qs: gather_rows(&self.qs, rows, pc, padded),
+            d: gather_rows(&self.d, rows, blocks, padded),
+            q8_offset: gather_rows(&self.q8_offset, rows, pc / 32, padded),
+            sums16: gather_rows(&self.sums16, rows, pc / 16, padded),
+            scaled_sums32: gather_rows(&self.scaled_sums32, rows, pc / 32, padded),
+            block: self.block,
+            fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
+            bf16_pairs: std::sync::OnceLock::new(),
+        }
+    }
+
     pub(crate) fn has_fp8_order(&self) -> bool {
         self.fp8_order.is_some()
     }
@@ -142,6 +164,19 @@ impl Activations {
             self.q8_offset = sums32.map(|s| -128 * s).collect();
         }
     }
+}
+
+/// Rows `rows` of `per` values each out of `v` (empty stays empty), zero rows up to `padded`.
+fn gather_rows<T: Copy + Default>(v: &[T], rows: &[usize], per: usize, padded: usize) -> Vec<T> {
+    if v.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(padded * per);
+    for &r in rows {
+        out.extend_from_slice(&v[r * per..(r + 1) * per]);
+    }
+    out.resize(padded * per, T::default());
+    out
 }
 
 /// Each `block` values of `x` to 8 bits: `d = max |x| / 127`, `q = round(x / d)` (nearest, ties
@@ -242,6 +277,29 @@ fn fp8_order(x: &[f32]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    use super::Activations;
+    use crate::format::Format;
+
+    #[test]
+    fn gathered_rows_are_the_rows_prepared_again() {
+        let (cols, padded_cols) = (300, 512);
+        let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1 + i % 7) as f32).collect();
+        for format in [Format::Q8_0, Format::Q4K, Format::Q6K, Format::Bf16] {
+            let all = Activations::new(format, &x, 5, cols, padded_cols);
+            let rows = [3, 0, 3, 4];
+            let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * cols..(r + 1) * cols].to_vec()).collect();
+            let want = Activations::new(format, &picked, rows.len(), cols, padded_cols);
+            let got = all.gather(&rows);
+            assert_eq!((got.batch, got.padded_cols, got.block), (want.batch, want.padded_cols, want.block));
+            assert_eq!(got.f32, want.f32, "{format:?}");
+            assert_eq!(got.qs, want.qs, "{format:?}");
+            assert_eq!(got.d, want.d, "{format:?}");
+            assert_eq!(got.q8_offset, want.q8_offset, "{format:?}");
+            assert_eq!(got.sums16, want.sums16, "{format:?}");
+            assert_eq!(got.scaled_sums32, want.scaled_sums32, "{format:?}");
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_bf16_pairs_are_the_portable_ones() {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Result};
-use moeserve_cpu::PackedMatrix;
+use moeserve_cpu::{Activations, Format, PackedMatrix};
 use moeserve_quant::Weights;
 
 mod dispatch;
@@ -162,24 +162,34 @@ impl Moe {
 /// gate and up projections of every group in one parallel kernel call, SiLU·mul, then every down
 /// projection in a second call.
 fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<Vec<f32>> {
-    // the gate and up activations of each group, prepared once per distinct input: a decode
-    // step's experts all take the same token, and gate and up share theirs when they share a
+    // x's activations prepared once per weight format (each token quantized once, not once per
+    // expert it goes to), and each group's rows gathered from them unless it takes every row (a
+    // decode step's experts all take its one token); gate and up share theirs when they share a
     // format
-    let mut acts = Vec::with_capacity(2 * groups.len());
+    let mut acts: Vec<Activations> = Vec::new();
+    let mut bases: Vec<(Format, usize, usize)> = Vec::new(); // format, columns, index in acts
     let mut uses: Vec<(usize, usize)> = Vec::with_capacity(groups.len());
-    for (g, (w, rows, _)) in groups.iter().enumerate() {
-        let same =
-            |(v, r, _): &Group| r == rows && [0, 1].iter().all(|&i| v[i].format() == w[i].format() && v[i].cols() == w[i].cols());
-        if let Some(k) = groups[..g].iter().position(same) {
-            uses.push(uses[k]);
-            continue;
-        }
-        let input: Vec<f32> = rows.iter().flat_map(|&t| &xs[t * hidden..(t + 1) * hidden]).copied().collect();
-        acts.push(moeserve_cpu::activations(w[0], &input, rows.len()));
-        if w[1].format() != w[0].format() {
-            acts.push(moeserve_cpu::activations(w[1], &input, rows.len()));
-        }
-        uses.push((acts.len() - 1 - usize::from(w[1].format() != w[0].format()), acts.len() - 1));
+    for (w, rows, _) in groups {
+        let every = rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
+        let mut prepare = |m: &PackedMatrix| {
+            let base = match bases.iter().find(|b| b.0 == m.format() && b.1 == m.cols()) {
+                Some(b) => b.2,
+                None => {
+                    acts.push(moeserve_cpu::activations(m, xs, n));
+                    bases.push((m.format(), m.cols(), acts.len() - 1));
+                    acts.len() - 1
+                }
+            };
+            if every {
+                return base;
+            }
+            let picked = acts[base].gather(rows);
+            acts.push(picked);
+            acts.len() - 1
+        };
+        let g = prepare(w[0]);
+        let u = if w[1].format() == w[0].format() && w[1].cols() == w[0].cols() { g } else { prepare(w[1]) };
+        uses.push((g, u));
     }
     let mut gate: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[0].rows()]).collect();
     let mut up: Vec<Vec<f32>> = groups.iter().map(|(w, rows, _)| vec![0f32; rows.len() * w[1].rows()]).collect();
