@@ -22,6 +22,9 @@ use crate::norm::RmsNorm;
 use crate::parallel::Parallel;
 use crate::rope::RopeTables;
 
+/// Query rows per step of the naive (prefill) attention.
+const QUERY_CHUNK: usize = 64;
+
 #[derive(Debug, Clone)]
 enum QProj {
     /// q_a_proj -> q_a_layernorm -> q_b_proj (V3, V2 with q_lora_rank)
@@ -279,17 +282,33 @@ impl Mla {
     fn attend_naive(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla naive".to_string();
         let (c_kv, k_pe) = self.split_entries(entries)?;
-        let t = c_kv.dims()[0];
-        let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?; // [H, P, T]
+        let (t, s) = (c_kv.dims()[0], q_nope.dims()[1]);
+        let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?.transpose(1, 2).ctx(ctx)?; // [H, T, P]
         let v = c_kv.broadcast_matmul(&self.w_uv_t).ctx(ctx)?; // [H, T, V]
-        let k_pe = k_pe.t().ctx(ctx)?.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, self.rope, t)).ctx(ctx)?; // [H, R, T]
-                                                                                                                 // (cat along a later dim of a broadcast gives a strided result; CUDA's batched matmul
-                                                                                                                 // takes only contiguous batches)
-        let k_t = Tensor::cat(&[&k_nope, &k_pe], 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, P+R, T]
+        let k_pe = k_pe.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, t, self.rope)).ctx(ctx)?; // [H, T, R]
+        let k = Tensor::cat(&[&k_nope, &k_pe], 2).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, T, P+R]
         let q = Tensor::cat(&[q_nope, q_pe], 2).ctx(ctx)?; // [H, S, P+R]
-        let scores = q.matmul(&k_t).ctx(ctx)?; // [H, S, T]
-        let p = self.softmax(&scores, start)?;
-        p.matmul(&v).ctx(ctx) // [H, S, V]
+                                                           // the queries in chunks, each against only the keys it may see: a long prompt's products
+                                                           // halve, and a score tensor is [H, QUERY_CHUNK, T] instead of [H, S, T]
+        let mut outs = Vec::with_capacity(s.div_ceil(QUERY_CHUNK));
+        for c0 in (0..s).step_by(QUERY_CHUNK) {
+            let len = (s - c0).min(QUERY_CHUNK);
+            let seen = start + c0 + len;
+            // (CUDA's batched matmul takes only contiguous batches)
+            let rows = |x: &Tensor| {
+                let part = x.narrow(1, 0, seen)?;
+                if x.device().is_cpu() {
+                    Ok(part)
+                } else {
+                    part.contiguous()
+                }
+            };
+            let (kc, vc) = (rows(&k).ctx(ctx)?, rows(&v).ctx(ctx)?); // [H, seen, P+R], [H, seen, V]
+            let scores = q.narrow(1, c0, len).ctx(ctx)?.matmul(&kc.t().ctx(ctx)?).ctx(ctx)?; // [H, len, seen]
+            let p = self.softmax(&scores, start + c0)?;
+            outs.push(p.matmul(&vc).ctx(ctx)?); // [H, len, V]
+        }
+        Tensor::cat(&outs, 1).ctx(ctx) // [H, S, V]
     }
 
     /// `scale · scores` + causal mask, softmax in f32, back to the compute dtype.
