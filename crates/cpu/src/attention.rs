@@ -143,6 +143,29 @@ mod wide {
         }
     }
 
+    /// `[Σ a[0], Σ a[1], .., Σ a[15]]`: the 16 vectors' sums in one vector, by a transposing tree
+    /// (45 instructions for 16 sums, against about 9 for each sum on its own).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
+        // pairs: within each 128-bit lane, a[2j]'s and a[2j+1]'s partial sums interleaved
+        let mut b = [_mm512_setzero_ps(); 8];
+        for j in 0..8 {
+            let (x, y) = (a[2 * j], a[2 * j + 1]);
+            b[j] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+        }
+        // quads: each 128-bit lane holds one partial sum of each of 4 vectors
+        let mut c = [_mm512_setzero_ps(); 4];
+        for j in 0..4 {
+            let (x, y) = (_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+            c[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+        }
+        // add the 128-bit lanes pairwise, twice
+        let d0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[0], c[1]), _mm512_shuffle_f32x4::<0xdd>(c[0], c[1]));
+        let d1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[2], c[3]), _mm512_shuffle_f32x4::<0xdd>(c[2], c[3]));
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
+    }
+
     /// `o: [group.len(), latent]` for the query rows of `group` (one sequence's cache).
     ///
     /// # Safety
@@ -176,8 +199,20 @@ mod wide {
                 if n == 0 {
                     continue;
                 }
-                // scores, four rows at a time against one load of the query
+                // scores: 16 rows at a time, their sums transposed into one vector (no
+                // horizontal sum per row), then four at a time against one load of the query
                 let mut t = 0;
+                while n - t >= 16 {
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for &(qv, i, m) in &qs[g] {
+                        let er = e.add((t0 + t) * row + i);
+                        for (k, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(k * row)), *acc);
+                        }
+                    }
+                    _mm512_storeu_ps(p.as_mut_ptr().add(t), _mm512_mul_ps(_mm512_set1_ps(q.scale), sum16(&acc)));
+                    t += 16;
+                }
                 while t < n {
                     let k4 = (n - t).min(4);
                     let mut acc = [_mm512_setzero_ps(); 4];
@@ -295,4 +330,33 @@ pub fn mla_attention_reference(q_lat: &[f32], q_pe: &[f32], entries: &[f32], sha
         }
     }
     out
+}
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums_of(v: &[f32]) -> [f32; 16] {
+        let mut a = [_mm512_setzero_ps(); 16];
+        for (k, a) in a.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(v.as_ptr().add(16 * k));
+        }
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), super::wide::sum16(&a));
+        out
+    }
+
+    #[test]
+    fn sum16_sums_each_vector() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let v: Vec<f32> = (0..256).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 16.0).collect();
+        // SAFETY: AVX-512F checked above.
+        let got = unsafe { sums_of(&v) };
+        for (k, g) in got.iter().enumerate() {
+            let want: f32 = v[16 * k..16 * (k + 1)].iter().sum();
+            assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "vector {k}: {g} vs {want}");
+        }
+    }
 }
