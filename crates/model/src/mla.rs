@@ -294,17 +294,18 @@ impl Mla {
         for c0 in (0..s).step_by(QUERY_CHUNK) {
             let len = (s - c0).min(QUERY_CHUNK);
             let seen = start + c0 + len;
-            // (CUDA's batched matmul takes only contiguous batches)
-            let rows = |x: &Tensor| {
-                let part = x.narrow(1, 0, seen)?;
+            // rows `from..from + n` of each head (CUDA's batched matmul takes only contiguous
+            // batches; the CPU's takes the view)
+            let rows = |x: &Tensor, from: usize, n: usize| {
+                let part = x.narrow(1, from, n)?;
                 if x.device().is_cpu() {
                     Ok(part)
                 } else {
                     part.contiguous()
                 }
             };
-            let (kc, vc) = (rows(&k).ctx(ctx)?, rows(&v).ctx(ctx)?); // [H, seen, P+R], [H, seen, V]
-            let scores = q.narrow(1, c0, len).ctx(ctx)?.matmul(&kc.t().ctx(ctx)?).ctx(ctx)?; // [H, len, seen]
+            let (kc, vc) = (rows(&k, 0, seen).ctx(ctx)?, rows(&v, 0, seen).ctx(ctx)?); // [H, seen, P+R], [H, seen, V]
+            let scores = rows(&q, c0, len).ctx(ctx)?.matmul(&kc.t().ctx(ctx)?).ctx(ctx)?; // [H, len, seen]
             let p = self.softmax(&scores, start + c0)?;
             outs.push(p.matmul(&vc).ctx(ctx)?); // [H, len, V]
         }
