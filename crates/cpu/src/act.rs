@@ -79,7 +79,7 @@ impl Activations {
     pub fn gather(&self, rows: &[usize]) -> Activations {
         let pc = self.padded_cols;
         let padded = if self.block > 0 { rows.len().next_multiple_of(16) } else { rows.len() };
-        let blocks = if self.block > 0 { pc / self.block } else { 0 };
+        let blocks = pc.checked_div(self.block).unwrap_or(0);
         Activations {
             batch: rows.len(),
             padded_cols: pc,
