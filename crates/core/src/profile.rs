@@ -1,6 +1,7 @@
 //! Wall-clock time per named stage of a model step, for `moeserve bench --profile`. Off unless
 //! enabled; a span then costs one relaxed atomic load. Spans nest, and each reports its inclusive
 //! time: the caller's stages and their parts (`mla`, `mla/attention`) are told apart by name.
+//! Spans of every thread add up (the ranks of a tensor-parallel group record theirs at once).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

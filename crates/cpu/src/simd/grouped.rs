@@ -311,9 +311,10 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(
         for gi in 0..8 {
             for j in 0..G {
                 let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
-                let pf = rec.add(PREFETCH + gi * (Q4K_GROUP_RECORD / 8));
+                // (past the matrix's end for its last records: a prefetch does not fault)
+                let pf = rec.wrapping_add(PREFETCH + gi * (Q4K_GROUP_RECORD / 8));
                 for l in 0..Q4K_GROUP_RECORD / 8 / 64 + 1 {
-                    _mm_prefetch::<_MM_HINT_T0>(pf.add(64 * l) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l) as *const i8);
                 }
                 let [scale, min] = scales[j][gi];
                 let wv = q4k_nibbles_x16(rec, gi);
