@@ -129,10 +129,8 @@ impl Activations {
                     done = unsafe { bf16_pairs_avx512(x, n, hi, lo) };
                 }
                 for (k, &v) in x.iter().enumerate().skip(done) {
-                    let h = half::bf16::from_f32(v);
                     let i = (k / 2) * 32 + 2 * n + k % 2;
-                    hi[i] = h.to_bits();
-                    lo[i] = half::bf16::from_f32(v - h.to_f32()).to_bits();
+                    (hi[i], lo[i]) = bf16_pair(v);
                 }
             }
             out
@@ -164,6 +162,12 @@ impl Activations {
             self.q8_offset = sums32.map(|s| -128 * s).collect();
         }
     }
+}
+
+/// `x` as the bits of a bf16 high part `h = bf16(x)` and a low part `bf16(x - h)`.
+fn bf16_pair(x: f32) -> (u16, u16) {
+    let h = half::bf16::from_f32(x);
+    (h.to_bits(), half::bf16::from_f32(x - h.to_f32()).to_bits())
 }
 
 /// Rows `rows` of `per` values each out of `v` (empty stays empty), zero rows up to `padded`.
@@ -280,6 +284,19 @@ mod tests {
     use super::Activations;
     use crate::format::Format;
 
+    /// `n` values in ±0.5 times powers of ten over `decades` decades around 1 (xorshift from `seed`).
+    fn random_values(n: usize, seed: u64, decades: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((s % decades) as i32 - (decades / 2) as i32)
+            })
+            .collect()
+    }
+
     #[test]
     fn gathered_rows_are_the_rows_prepared_again() {
         let (cols, padded_cols) = (300, 512);
@@ -307,15 +324,7 @@ mod tests {
             return;
         }
         let cols: usize = 100; // three whole 32-column steps and a tail
-        let mut s = 0x9e3779b97f4a7c15u64;
-        let x: Vec<f32> = (0..cols)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((s % 9) as i32 - 4)
-            })
-            .collect();
+        let x = random_values(cols, 0x9e3779b97f4a7c15, 9);
         for n in [0, 5, 15] {
             let (mut hi, mut lo) = (vec![0u16; cols.next_multiple_of(2) * 16], vec![0u16; cols.next_multiple_of(2) * 16]);
             let (mut want_hi, mut want_lo) = (hi.clone(), lo.clone());
@@ -323,10 +332,8 @@ mod tests {
             let done = unsafe { super::bf16_pairs_avx512(&x, n, &mut hi, &mut lo) };
             assert_eq!(done, 96);
             for (k, &v) in x.iter().enumerate().take(done) {
-                let h = half::bf16::from_f32(v);
                 let i = (k / 2) * 32 + 2 * n + k % 2;
-                want_hi[i] = h.to_bits();
-                want_lo[i] = half::bf16::from_f32(v - h.to_f32()).to_bits();
+                (want_hi[i], want_lo[i]) = super::bf16_pair(v);
             }
             assert_eq!(hi, want_hi, "row {n}");
             assert_eq!(lo, want_lo, "row {n}");
@@ -339,15 +346,7 @@ mod tests {
         if !crate::simd::avx512::available() {
             return;
         }
-        let mut s = 0x2545f4914f6cdd1du64;
-        let mut x: Vec<f32> = (0..256 * 40)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 10f32.powi((s % 7) as i32 - 3)
-            })
-            .collect();
+        let mut x = random_values(256 * 40, 0x2545f4914f6cdd1d, 7);
         // ties, zeros and a zero block
         x[3] = 0.5 * x[0].abs();
         x[256..288].fill(0.0);
