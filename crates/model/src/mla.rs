@@ -171,8 +171,9 @@ impl Mla {
     ) -> Result<Tensor> {
         let ctx = || format!("mla layer {layer}");
         let n = x.dims()[0];
-        let p = profile::span("attention block/projections in");
-        // the two projections of x in one kernel call where they can be
+        let span = profile::span("attention block/projections in");
+        // q: [n, H·(P+R)] and a = kv_a(x): [n, L+R], the two products of x in one kernel call
+        // where they can be
         let (q, a) = match &self.q {
             QProj::LowRank { a, norm, b } => {
                 let [qa, kva] = forward_same_input([a.as_ref(), self.kv_a.as_ref()], x)?;
@@ -187,12 +188,11 @@ impl Mla {
         let q_nope = q.narrow(2, 0, self.nope).ctx(ctx)?; // [n, H, P]
         let q_pe = rope.apply(&q.narrow(2, self.nope, self.rope).ctx(ctx)?)?; // [n, H, R]
 
-        // a: [n, L+R]
         let c_kv = self.kv_a_norm.forward(&a.narrow(1, 0, self.latent).ctx(ctx)?)?; // [n, L]
         let k_pe = rope.apply(&a.narrow(1, self.latent, self.rope).ctx(ctx)?.unsqueeze(1).ctx(ctx)?)?; // [n, 1, R]
         let rows = Tensor::cat(&[&c_kv, &k_pe.squeeze(1).ctx(ctx)?], 1).ctx(ctx)?; // [n, L+R]
-        drop(p);
-        let p = profile::span("attention block/attention");
+        drop(span);
+        let span = profile::span("attention block/attention");
 
         let mut outs = Vec::with_capacity(batch.chunks.len());
         let mut offset = 0;
@@ -219,8 +219,8 @@ impl Mla {
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
-        drop(p);
-        let _p = profile::span("attention block/o_proj");
+        drop(span);
+        let _span = profile::span("attention block/o_proj");
         self.o_proj.forward(&Tensor::cat(&outs, 0).ctx(ctx)?)
     }
 
