@@ -277,6 +277,26 @@ unsafe fn q4k_nibbles_x16(rec: *const u8, gi: usize) -> [__m512i; 8] {
     std::array::from_fn(|i| _mm512_and_si512(_mm512_loadu_si512(q.add(64 * i) as *const _), mask))
 }
 
+/// Where a q4_K tile reads: each group's records, and from activation row `b0` on the 8-bit
+/// values, the superblock scales and the scaled 32-column sums.
+struct Q4kPtrs<const G: usize> {
+    gp: [*const u8; G],
+    xq: *const u8,
+    dx: *const f32,
+    xs: *const f32,
+}
+
+#[inline(always)]
+unsafe fn q4k_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activations, b0: usize) -> Q4kPtrs<G> {
+    let (pc, nsb) = (w.padded_cols, w.padded_cols / 256);
+    Q4kPtrs {
+        gp: gs.map(|g| w.group(g).as_ptr()),
+        xq: a.qs.as_ptr().add(b0 * pc) as *const u8,
+        dx: a.d.as_ptr().add(b0 * nsb),
+        xs: a.scaled_sums32.as_ptr().add(b0 * pc / 32),
+    }
+}
+
 /// q4_K, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
 unsafe fn q4k_512<const G: usize, const BT: usize>(
@@ -287,9 +307,7 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(
     sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
 ) {
     let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
-    let gp = gs.map(|g| w.group(g).as_ptr());
-    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
-    let (dx, xs) = (a.d.as_ptr().add(b0 * nsb), a.scaled_sums32.as_ptr().add(b0 * nb));
+    let Q4kPtrs { gp, xq, dx, xs } = q4k_ptrs(w, gs, a, b0);
     // the sums and the mins in separate accumulators: two dependency chains instead of one
     let mut acc = [[_mm512_setzero_ps(); BT]; G];
     let mut mins = [[_mm512_setzero_ps(); BT]; G];
@@ -344,9 +362,7 @@ unsafe fn q4k_256<const G: usize, const BT: usize>(
     sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
 ) {
     let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
-    let gp = gs.map(|g| w.group(g).as_ptr());
-    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
-    let (dx, xs) = (a.d.as_ptr().add(b0 * nsb), a.scaled_sums32.as_ptr().add(b0 * nb));
+    let Q4kPtrs { gp, xq, dx, xs } = q4k_ptrs(w, gs, a, b0);
     let (low, ones, m6, m4, m2, ff) = (
         _mm256_set1_epi8(0x0f),
         _mm256_set1_epi16(1),
