@@ -1,12 +1,145 @@
-//! MLA attention in the absorbed form over the latent cache, fused: scores against the latent
-//! rows and the rotated keys, the causal mask, the softmax and the weighted sum of latents in one
-//! pass per (head, query), threaded over heads. Every cached row is one `[latent | rope]` entry.
+//! Fused attention on the CPU: scores, the causal mask, the softmax and the weighted sum of
+//! values in one pass per (head, query) row, flash-style over blocks of key rows, threaded over
+//! groups of query rows that share their keys.
+//!
+//! The operands are described as strided rows ([`Rows`]) so that both forms of MLA read their
+//! keys and values where they already are:
+//! - absorbed (decode): every head attends over the same cache rows `[latent | rope]`, the
+//!   latent part being both key and value ([`mla_attention`]);
+//! - naive (prefill): per-head keys `k_nope` and values `v` decompressed side by side in one
+//!   `[T, H·(P+V)]` product, and the shared rotated key `k_pe` read from the cache rows.
 
 use rayon::prelude::*;
 
 use crate::Backend;
 
-/// Shapes of one call.
+/// Query rows per group at most: a group's outputs and running sums stay in L1/L2 while each
+/// block of key rows is reused for every one of them.
+const MAX_GROUP: usize = 64;
+
+/// Rows of one operand: row `t` of head `h` is `data[offset + h·head_step + t·stride..][..width]`
+/// (`head_step` 0: one set of rows shared by every head).
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub stride: usize,
+    pub head_step: usize,
+    pub width: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Row `t` of head `h`.
+    #[inline(always)]
+    fn row(&self, h: usize, t: usize) -> &'a [f32] {
+        let at = self.offset + h * self.head_step + t * self.stride;
+        &self.data[at..at + self.width]
+    }
+
+    /// Where head `h`'s rows start.
+    fn head(&self, h: usize) -> &'a [f32] {
+        &self.data[self.offset + h * self.head_step..]
+    }
+
+    /// Whether `tokens` rows of `heads` heads lie inside `data`.
+    fn covers(&self, heads: usize, tokens: usize) -> bool {
+        tokens == 0
+            || heads == 0
+            || self.offset + (heads - 1) * self.head_step + (tokens - 1) * self.stride + self.width <= self.data.len()
+    }
+}
+
+/// One attention call: queries `[H, S, ·]` in parts, each scored against its own key rows (the
+/// scores are the sums over the parts), and the value rows.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention<'a> {
+    /// `(q, keys)`: `q: [H, S, keys.width]`.
+    pub parts: &'a [(&'a [f32], Rows<'a>)],
+    pub values: Rows<'a>,
+    pub heads: usize,
+    /// Query rows (positions `start..start + queries`).
+    pub queries: usize,
+    /// Key rows (positions `0..tokens`).
+    pub tokens: usize,
+    /// Position of the first query: query i sees keys `0..=start + i`.
+    pub start: usize,
+    pub scale: f32,
+}
+
+impl Attention<'_> {
+    fn check(&self) {
+        let (h, s, t) = (self.heads, self.queries, self.tokens);
+        for (i, (q, k)) in self.parts.iter().enumerate() {
+            assert_eq!(q.len(), h * s * k.width, "query part {i}");
+            assert!(k.covers(h, t), "key part {i}: {t} rows of {h} heads out of bounds");
+        }
+        assert!(self.values.covers(h, t), "values: {t} rows of {h} heads out of bounds");
+    }
+
+    /// Whether every head reads the same key and value rows.
+    fn shared(&self) -> bool {
+        self.values.head_step == 0 && self.parts.iter().all(|(_, k)| k.head_step == 0)
+    }
+
+    /// Query row `hq` (head `hq / S`, query `hq % S`).
+    fn query(&self, hq: usize) -> OneQuery<'_> {
+        OneQuery { a: self, hq, seen: (self.start + hq % self.queries + 1).min(self.tokens) }
+    }
+}
+
+/// `[H, S, values.width]`: `softmax(scale · Σ_parts q·kᵀ + mask) · v` per head.
+pub fn attention(a: &Attention) -> Vec<f32> {
+    attention_with(crate::backend(), a)
+}
+
+/// [`attention`] on a chosen backend: the AVX-512 loops for [`Backend::Avx512`] and
+/// [`Backend::Amx`], the portable ones otherwise (tests compare them).
+pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
+    a.check();
+    let (rows, dv) = (a.heads * a.queries, a.values.width);
+    let mut out = vec![0f32; rows * dv];
+    if rows == 0 || dv == 0 {
+        return out;
+    }
+    // groups of query rows, one head's each unless all heads share their rows
+    let threads = rayon::current_num_threads().max(1);
+    let per = rows.div_ceil(threads).clamp(1, MAX_GROUP);
+    let per = if a.shared() { per } else { per.min(a.queries) };
+    let groups: Vec<(usize, usize)> = if a.shared() {
+        (0..rows).step_by(per).map(|r| (r, (r + per).min(rows))).collect()
+    } else {
+        (0..a.heads)
+            .flat_map(|h| (h * a.queries..(h + 1) * a.queries).step_by(per).map(move |r| (r, (r + per).min((h + 1) * a.queries))))
+            .collect()
+    };
+    let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
+    let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(groups.len());
+    let mut rest = out.as_mut_slice();
+    for &(r0, r1) in &groups {
+        let (head, tail) = rest.split_at_mut((r1 - r0) * dv);
+        slices.push((r0, head));
+        rest = tail;
+    }
+    slices.into_par_iter().for_each_init(
+        || Vec::with_capacity(a.tokens),
+        |scores, (r0, o)| {
+            let group: Vec<OneQuery> = (r0..r0 + o.len() / dv).map(|hq| a.query(hq)).collect();
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
+                unsafe { wide::group(&group, o) };
+                return;
+            }
+            let _ = wide;
+            for (q, o) in group.iter().zip(o.chunks_exact_mut(dv)) {
+                q.run(scores, o);
+            }
+        },
+    );
+    out
+}
+
+/// Shapes of one [`mla_attention`] call.
 #[derive(Debug, Clone, Copy)]
 pub struct MlaShape {
     pub heads: usize,
@@ -20,14 +153,13 @@ pub struct MlaShape {
     pub start: usize,
 }
 
-/// `q_lat: [H, S, L]`, `q_pe: [H, S, R]`, `entries: [T, L + R]` -> `o_lat: [H, S, L]` with
-/// `o = softmax(scale · (q_lat·c_kvᵀ + q_pe·k_peᵀ) + mask) · c_kv`.
+/// MLA in the absorbed form: `q_lat: [H, S, L]`, `q_pe: [H, S, R]`, `entries: [T, L + R]` ->
+/// `o_lat: [H, S, L]` with `o = softmax(scale · (q_lat·c_kvᵀ + q_pe·k_peᵀ) + mask) · c_kv`.
 pub fn mla_attention(q_lat: &[f32], q_pe: &[f32], entries: &[f32], shape: MlaShape, scale: f32) -> Vec<f32> {
     mla_attention_with(crate::backend(), q_lat, q_pe, entries, shape, scale)
 }
 
-/// [`mla_attention`] on a chosen backend: the AVX-512 loops for [`Backend::Avx512`] and
-/// [`Backend::Amx`], the portable ones otherwise (tests compare them).
+/// [`mla_attention`] on a chosen backend.
 pub fn mla_attention_with(
     backend: Backend,
     q_lat: &[f32],
@@ -36,60 +168,61 @@ pub fn mla_attention_with(
     shape: MlaShape,
     scale: f32,
 ) -> Vec<f32> {
-    let MlaShape { heads, queries, tokens, latent, rope, start } = shape;
+    let (parts, values) = mla_operands(q_lat, q_pe, entries, shape);
+    attention_with(backend, &mla_call(&parts, values, shape, scale))
+}
+
+/// The plain definition of [`mla_attention`], in f64 (for tests).
+pub fn mla_attention_reference(q_lat: &[f32], q_pe: &[f32], entries: &[f32], shape: MlaShape, scale: f32) -> Vec<f32> {
+    let (parts, values) = mla_operands(q_lat, q_pe, entries, shape);
+    attention_reference(&mla_call(&parts, values, shape, scale))
+}
+
+type Part<'a> = (&'a [f32], Rows<'a>);
+
+/// The absorbed form's operands: the latent and rope sections of the shared cache rows as keys,
+/// the latent section again as values.
+fn mla_operands<'a>(q_lat: &'a [f32], q_pe: &'a [f32], entries: &'a [f32], shape: MlaShape) -> ([Part<'a>; 2], Rows<'a>) {
+    let MlaShape { tokens, latent, rope, .. } = shape;
     let row = latent + rope;
-    assert_eq!(q_lat.len(), heads * queries * latent, "q_lat");
-    assert_eq!(q_pe.len(), heads * queries * rope, "q_pe");
     assert_eq!(entries.len(), tokens * row, "entries");
-    let mut out = vec![0f32; heads * queries * latent];
-    let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
-    let query = |hq: usize| OneQuery {
-        q_lat: &q_lat[hq * latent..(hq + 1) * latent],
-        q_pe: &q_pe[hq * rope..(hq + 1) * rope],
-        entries,
-        seen: (start + hq % queries + 1).min(tokens),
-        latent,
-        scale,
-    };
-    #[cfg(target_arch = "x86_64")]
-    if wide {
-        // one group of query rows per thread: each block of cached rows is read from L2 once
-        // for the whole group
-        let per = (heads * queries).div_ceil(rayon::current_num_threads().max(1)).max(1);
-        out.par_chunks_mut(per * latent).enumerate().for_each(|(g, o)| {
-            let group: Vec<OneQuery> = (g * per..g * per + o.len() / latent).map(query).collect();
-            // SAFETY: the CPU has AVX-512F (`available`).
-            unsafe { wide::group(&group, o) }
-        });
-        return out;
-    }
-    let _ = wide;
-    out.par_chunks_mut(latent)
-        .enumerate()
-        .for_each_init(|| Vec::with_capacity(tokens), |scores, (hq, o)| query(hq).run(scores, o));
-    out
+    let rows = |offset, width| Rows { data: entries, offset, stride: row, head_step: 0, width };
+    ([(q_lat, rows(0, latent)), (q_pe, rows(latent, rope))], rows(0, latent))
 }
 
-/// One (head, query) row of the attention.
+fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, shape: MlaShape, scale: f32) -> Attention<'a> {
+    let MlaShape { heads, queries, tokens, start, .. } = shape;
+    Attention { parts, values, heads, queries, tokens, start, scale }
+}
+
+/// One (head, query) row of an attention call.
 struct OneQuery<'a> {
-    q_lat: &'a [f32],
-    q_pe: &'a [f32],
-    entries: &'a [f32],
-    /// Cached rows this query sees (causal).
+    a: &'a Attention<'a>,
+    hq: usize,
+    /// Key rows this query sees (causal).
     seen: usize,
-    latent: usize,
-    scale: f32,
 }
 
-impl OneQuery<'_> {
-    /// Scores against every seen row, softmax, weighted sum of the latents into `o`.
-    #[inline(always)]
+impl<'a> OneQuery<'a> {
+    /// Its parts: `(q, that part's key rows from this head's first, their stride)`.
+    fn parts(&self) -> impl Iterator<Item = (&'a [f32], &'a [f32], usize)> + '_ {
+        let (hq, h) = (self.hq, self.hq / self.a.queries);
+        self.a.parts.iter().map(move |(q, k)| (&q[hq * k.width..(hq + 1) * k.width], k.head(h), k.stride))
+    }
+
+    /// Its value rows from this head's first.
+    fn values(&self) -> &'a [f32] {
+        self.a.values.head(self.hq / self.a.queries)
+    }
+
+    /// Scores against every seen row, softmax, weighted sum of the values into `o`.
     fn run(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
-        let (latent, row) = (self.latent, self.latent + self.q_pe.len());
+        let (v, v_stride, dv) = (self.values(), self.a.values.stride, self.a.values.width);
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for e in self.entries.chunks_exact(row).take(self.seen) {
-            let s = self.scale * (dot(self.q_lat, &e[..latent]) + dot(self.q_pe, &e[latent..]));
+        for t in 0..self.seen {
+            let s: f32 = self.parts().map(|(q, k, stride)| dot(q, &k[t * stride..t * stride + q.len()])).sum();
+            let s = self.a.scale * s;
             max = max.max(s);
             scores.push(s);
         }
@@ -98,30 +231,21 @@ impl OneQuery<'_> {
             *s = (*s - max).exp();
             sum += *s;
         }
-        let inv = 1.0 / sum;
-        // the weighted sum 64 latents at a time, in registers across the rows
-        let mut chunks = o.chunks_exact_mut(64);
-        let mut c0 = 0;
-        for oc in &mut chunks {
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        // the weighted sum 64 values at a time, in registers across the rows
+        for c0 in (0..dv).step_by(64) {
+            let len = (dv - c0).min(64);
             let mut acc = [0f32; 64];
-            for (p, e) in scores.iter().zip(self.entries.chunks_exact(row)) {
-                let e: &[f32; 64] = e[c0..c0 + 64].try_into().expect("64 latents");
-                for i in 0..64 {
-                    acc[i] += p * e[i];
-                }
+            for (t, p) in scores.iter().enumerate() {
+                let row = &v[t * v_stride + c0..t * v_stride + c0 + len];
+                acc.iter_mut().zip(row).for_each(|(a, x)| *a += p * x);
             }
-            oc.iter_mut().zip(acc).for_each(|(o, a)| *o = a * inv);
-            c0 += 64;
+            o[c0..c0 + len].iter_mut().zip(acc).for_each(|(o, a)| *o = a * inv);
         }
-        let tail = chunks.into_remainder();
-        for (p, e) in scores.iter().zip(self.entries.chunks_exact(row)) {
-            tail.iter_mut().zip(&e[c0..latent]).for_each(|(o, c)| *o += p * c);
-        }
-        tail.iter_mut().for_each(|o| *o *= inv);
     }
 }
 
-/// The AVX-512 attention: flash-style, over blocks of cached rows with an online softmax, so that
+/// The AVX-512 attention: flash-style, over blocks of key rows with an online softmax, so that
 /// a block is loaded into L1 once for every query row of a group.
 #[cfg(target_arch = "x86_64")]
 mod wide {
@@ -130,7 +254,7 @@ mod wide {
     use super::OneQuery;
     use crate::simd::exp16;
 
-    /// Cached rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
+    /// Key rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
     /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
     const BLOCK: usize = 32;
 
@@ -166,27 +290,35 @@ mod wide {
         _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
     }
 
-    /// `o: [group.len(), latent]` for the query rows of `group` (one sequence's cache).
+    /// One 16-lane piece of a query part: its values, the key rows it multiplies (this piece's
+    /// column of the first row), their stride, and its lanes.
+    #[derive(Clone, Copy)]
+    struct Piece {
+        q: __m512,
+        keys: *const f32,
+        stride: usize,
+        mask: __mmask16,
+    }
+
+    /// `o: [group.len(), dv]` for the query rows of `group`, which all read the same key and
+    /// value rows.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F.
+    /// The CPU must have AVX-512F; every query's rows must hold `seen` rows of their widths.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn group(group: &[OneQuery], o: &mut [f32]) {
         let Some(first) = group.first() else { return };
-        let (latent, rope) = (first.latent, first.q_pe.len());
-        let row = latent + rope;
-        let e = first.entries.as_ptr();
-        // each query as masked 16-lane parts of the latent and rope sections: (values, offset, mask)
-        let parts = |len: usize| (0..len.div_ceil(16)).map(move |v| (v * 16, lane_mask(len - v * 16)));
-        let qs: Vec<Vec<(__m512, usize, __mmask16)>> = group
-            .iter()
-            .map(|q| {
-                parts(latent)
-                    .map(|(i, m)| (_mm512_maskz_loadu_ps(m, q.q_lat.as_ptr().add(i)), i, m))
-                    .chain(parts(rope).map(|(i, m)| (_mm512_maskz_loadu_ps(m, q.q_pe.as_ptr().add(i)), latent + i, m)))
-                    .collect()
-            })
-            .collect();
+        let (scale, v_stride, dv) = (first.a.scale, first.a.values.stride, first.a.values.width);
+        let v = first.values().as_ptr();
+        // every query's pieces, one query after another
+        let per_query: usize = first.parts().map(|(qp, ..)| qp.len().div_ceil(16)).sum();
+        let mut pieces: Vec<Piece> = Vec::with_capacity(group.len() * per_query);
+        for (qp, k, stride) in group.iter().flat_map(|q| q.parts()) {
+            for i in (0..qp.len()).step_by(16) {
+                let mask = lane_mask(qp.len() - i);
+                pieces.push(Piece { q: _mm512_maskz_loadu_ps(mask, qp.as_ptr().add(i)), keys: k.as_ptr().add(i), stride, mask });
+            }
+        }
         // running max and sum of each row's softmax
         let mut max = vec![f32::NEG_INFINITY; group.len()];
         let mut sum = vec![0f32; group.len()];
@@ -199,38 +331,32 @@ mod wide {
                 if n == 0 {
                     continue;
                 }
+                let pieces = &pieces[g * per_query..(g + 1) * per_query];
                 // scores: 16 rows at a time, their sums transposed into one vector (no
                 // horizontal sum per row), then four at a time against one load of the query
                 let mut t = 0;
                 while n - t >= 16 {
                     let mut acc = [_mm512_setzero_ps(); 16];
-                    for &(qv, i, m) in &qs[g] {
-                        let er = e.add((t0 + t) * row + i);
+                    for pc in pieces {
+                        let kr = pc.keys.add((t0 + t) * pc.stride);
                         for (k, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(k * row)), *acc);
+                            *acc = _mm512_fmadd_ps(pc.q, _mm512_maskz_loadu_ps(pc.mask, kr.add(k * pc.stride)), *acc);
                         }
                     }
-                    _mm512_storeu_ps(p.as_mut_ptr().add(t), _mm512_mul_ps(_mm512_set1_ps(q.scale), sum16(&acc)));
+                    _mm512_storeu_ps(p.as_mut_ptr().add(t), _mm512_mul_ps(_mm512_set1_ps(scale), sum16(&acc)));
                     t += 16;
                 }
                 while t < n {
                     let k4 = (n - t).min(4);
                     let mut acc = [_mm512_setzero_ps(); 4];
-                    for &(qv, i, m) in &qs[g] {
-                        let er = e.add((t0 + t) * row + i);
-                        acc[0] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er), acc[0]);
-                        if k4 > 1 {
-                            acc[1] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(row)), acc[1]);
-                        }
-                        if k4 > 2 {
-                            acc[2] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(2 * row)), acc[2]);
-                        }
-                        if k4 > 3 {
-                            acc[3] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, er.add(3 * row)), acc[3]);
+                    for pc in pieces {
+                        let kr = pc.keys.add((t0 + t) * pc.stride);
+                        for (k, acc) in acc.iter_mut().enumerate().take(k4) {
+                            *acc = _mm512_fmadd_ps(pc.q, _mm512_maskz_loadu_ps(pc.mask, kr.add(k * pc.stride)), *acc);
                         }
                     }
                     for k in 0..k4 {
-                        p[t + k] = q.scale * _mm512_reduce_add_ps(acc[k]);
+                        p[t + k] = scale * _mm512_reduce_add_ps(acc[k]);
                     }
                     t += k4;
                 }
@@ -251,41 +377,48 @@ mod wide {
                     block_sum = _mm512_add_ps(block_sum, ex);
                 }
                 sum[g] = sum[g] * rescale + _mm512_reduce_add_ps(block_sum);
-                // o = o · rescale + Σ p · latent, 256 latents at a time in registers
-                let og = o.as_mut_ptr().add(g * latent);
-                let rescale = _mm512_set1_ps(rescale);
-                for b0 in (0..latent).step_by(256) {
-                    let len = (latent - b0).min(256);
-                    let nv = len.div_ceil(16);
-                    let last = lane_mask(len - (nv - 1) * 16);
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for (v, acc) in acc.iter_mut().enumerate().take(nv) {
-                        let m = if v + 1 == nv { last } else { u16::MAX };
-                        *acc = _mm512_mul_ps(rescale, _mm512_maskz_loadu_ps(m, og.add(b0 + 16 * v)));
-                    }
-                    for (t, &pt) in p[..n].iter().enumerate() {
-                        let (pv, er) = (_mm512_set1_ps(pt), e.add((t0 + t) * row + b0));
-                        if nv == 16 {
-                            for (v, acc) in acc.iter_mut().enumerate() {
-                                *acc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(er.add(16 * v)), *acc);
-                            }
-                        } else {
-                            for (v, acc) in acc.iter_mut().enumerate().take(nv) {
-                                let m = if v + 1 == nv { last } else { u16::MAX };
-                                *acc = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, er.add(16 * v)), *acc);
-                            }
-                        }
-                    }
-                    for (v, acc) in acc.iter().enumerate().take(nv) {
-                        let m = if v + 1 == nv { last } else { u16::MAX };
-                        _mm512_mask_storeu_ps(og.add(b0 + 16 * v), m, *acc);
-                    }
+                // o = o · rescale + Σ p · v: 256 values at a time in registers, then 64
+                let og = o.as_mut_ptr().add(g * dv);
+                let rows = v.add(t0 * v_stride);
+                let mut b0 = 0;
+                while dv - b0 >= 256 {
+                    accumulate::<16>(og.add(b0), rows.add(b0), v_stride, &p[..n], rescale, dv - b0);
+                    b0 += 256;
+                }
+                while b0 < dv {
+                    accumulate::<4>(og.add(b0), rows.add(b0), v_stride, &p[..n], rescale, dv - b0);
+                    b0 += 64;
                 }
             }
         }
-        for (g, o) in o.chunks_exact_mut(latent).enumerate() {
+        for (g, o) in o.chunks_exact_mut(dv).enumerate() {
             let inv = if sum[g] > 0.0 { 1.0 / sum[g] } else { 0.0 };
             o.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    /// `o[..] = o · rescale + Σ_t p[t] · rows[t]` over the first `min(len, 16·NV)` values, the
+    /// `NV` vectors of sums in registers (a constant count, so they are never spilled).
+    ///
+    /// # Safety
+    /// AVX-512F; `o` and each of the `p.len()` rows (`stride` apart) valid for those values.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn accumulate<const NV: usize>(o: *mut f32, rows: *const f32, stride: usize, p: &[f32], rescale: f32, len: usize) {
+        let masks: [u16; NV] = std::array::from_fn(|i| lane_mask(len.saturating_sub(16 * i)));
+        let rescale = _mm512_set1_ps(rescale);
+        let mut acc = [_mm512_setzero_ps(); NV];
+        for i in 0..NV {
+            acc[i] = _mm512_mul_ps(rescale, _mm512_maskz_loadu_ps(masks[i], o.wrapping_add(16 * i)));
+        }
+        for (t, &pt) in p.iter().enumerate() {
+            let (pv, r) = (_mm512_set1_ps(pt), rows.add(t * stride));
+            for i in 0..NV {
+                acc[i] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(masks[i], r.wrapping_add(16 * i)), acc[i]);
+            }
+        }
+        for i in 0..NV {
+            _mm512_mask_storeu_ps(o.wrapping_add(16 * i), masks[i], acc[i]);
         }
     }
 }
@@ -304,33 +437,39 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The plain definition, in f64 (for tests).
-pub fn mla_attention_reference(q_lat: &[f32], q_pe: &[f32], entries: &[f32], shape: MlaShape, scale: f32) -> Vec<f32> {
-    let MlaShape { heads, queries, tokens, latent, rope, start } = shape;
-    let row = latent + rope;
-    let mut out = vec![0f32; heads * queries * latent];
-    for hq in 0..heads * queries {
-        let i = hq % queries;
-        let scores: Vec<f64> = (0..tokens)
+/// The plain definition of [`attention`], in f64 (for tests).
+pub fn attention_reference(a: &Attention) -> Vec<f32> {
+    a.check();
+    let dv = a.values.width;
+    let mut out = vec![0f32; a.heads * a.queries * dv];
+    for hq in 0..a.heads * a.queries {
+        let (h, i) = (hq / a.queries, hq % a.queries);
+        let scores: Vec<f64> = (0..a.tokens)
             .map(|t| {
-                if t > start + i {
+                if t > a.start + i {
                     return f64::NEG_INFINITY;
                 }
-                let e = &entries[t * row..(t + 1) * row];
-                let s: f64 = (0..latent).map(|k| q_lat[hq * latent + k] as f64 * e[k] as f64).sum::<f64>()
-                    + (0..rope).map(|k| q_pe[hq * rope + k] as f64 * e[latent + k] as f64).sum::<f64>();
-                scale as f64 * s
+                let s: f64 = a
+                    .parts
+                    .iter()
+                    .map(|(q, k)| {
+                        let q = &q[hq * k.width..(hq + 1) * k.width];
+                        q.iter().zip(k.row(h, t)).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>()
+                    })
+                    .sum();
+                a.scale as f64 * s
             })
             .collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-        for k in 0..latent {
-            let v: f64 = (0..tokens).map(|t| (scores[t] - max).exp() / z * entries[t * row + k] as f64).sum();
-            out[hq * latent + k] = v as f32;
+        for k in 0..dv {
+            let v: f64 = (0..a.tokens).map(|t| (scores[t] - max).exp() / z * a.values.row(h, t)[k] as f64).sum();
+            out[hq * dv + k] = v as f32;
         }
     }
     out
 }
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use std::arch::x86_64::*;

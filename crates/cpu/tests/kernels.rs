@@ -209,3 +209,43 @@ fn mla_attention_matches_the_reference() {
         }
     }
 }
+
+/// The fused attention on MLA's naive (prefill) layout against its f64 definition: per-head key
+/// and value rows interleaved in one `[T, H·(P+V)]` buffer, the rotated key shared by every
+/// head and read from the cache rows; ragged widths, causal with and without cached history.
+#[test]
+fn attention_on_per_head_rows_matches_the_reference() {
+    use moeserve_cpu::{attention_reference, attention_with, Attention, Rows};
+    let mut seed = 11u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    };
+    for (heads, queries, start, nope, rope, v, latent) in [
+        (1, 1, 0, 8, 4, 8, 16),
+        (3, 5, 0, 19, 5, 13, 24),
+        (2, 70, 0, 64, 32, 64, 256),
+        (4, 33, 40, 16, 8, 24, 32),
+        (16, 17, 3, 64, 32, 64, 64),
+    ] {
+        let tokens = start + queries;
+        let (row, kv) = (latent + rope, heads * (nope + v));
+        let q_nope: Vec<f32> = (0..heads * queries * nope).map(|_| rnd()).collect();
+        let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
+        let decompressed: Vec<f32> = (0..tokens * kv).map(|_| rnd()).collect();
+        let entries: Vec<f32> = (0..tokens * row).map(|_| rnd()).collect();
+        let per_head = |offset, width| Rows { data: &decompressed, offset, stride: kv, head_step: nope + v, width };
+        let parts = [
+            (&q_nope[..], per_head(0, nope)),
+            (&q_pe[..], Rows { data: &entries, offset: latent, stride: row, head_step: 0, width: rope }),
+        ];
+        let call = Attention { parts: &parts, values: per_head(nope, v), heads, queries, tokens, start, scale: 0.2 };
+        let want = attention_reference(&call);
+        for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+            let got = attention_with(backend, &call);
+            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+            assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {heads}x{queries} from {start}: relative error {}", num / den);
+        }
+    }
+}

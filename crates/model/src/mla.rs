@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
-use moeserve_cpu::{Format, PackedMatrix, Product};
+use moeserve_cpu::{Attention, Format, PackedMatrix, Product, Rows};
 use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
@@ -49,15 +49,17 @@ impl Mla {
     }
 }
 
-/// The absorbed factors as CPU kernel weights, one per head, so that decode multiplies them on
-/// the kernels' pool: `uk_t[h]: [L, P]` (`q_lat = W_UKᵀ q_nope`) and `uv[h]: [V, L]`
-/// (`o = W_UV o_lat`). bf16 where that is exact (bf16 checkpoints) or where kv_b is already
-/// quantized to a ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so
-/// f32 and FP8 checkpoints keep the reference's numbers.
+/// kv_b as CPU kernel weights. The absorbed factors, one per head, so that decode multiplies
+/// them on the kernels' pool: `uk_t[h]: [L, P]` (`q_lat = W_UKᵀ q_nope`) and `uv[h]: [V, L]`
+/// (`o = W_UV o_lat`); and the whole `kv: [H·(P+V), L]`, which decompresses a prefill's cache
+/// rows into every head's keys and values in one product. bf16 where that is exact (bf16
+/// checkpoints) or where kv_b is already quantized to a ggml format (bf16's 2⁻⁹ rounding is far
+/// below their error); f32 otherwise, so f32 and FP8 checkpoints keep the reference's numbers.
 #[derive(Debug)]
 struct CpuAbsorbed {
     uk_t: Vec<PackedMatrix>,
     uv: Vec<PackedMatrix>,
+    kv: PackedMatrix,
 }
 
 impl CpuAbsorbed {
@@ -75,7 +77,8 @@ impl CpuAbsorbed {
             })
             .collect::<Result<_>>()?;
         let uv = (0..heads).map(|h| pack(v, latent, head(h)[nope * latent..].to_vec())).collect::<Result<_>>()?;
-        Ok(CpuAbsorbed { uk_t, uv })
+        let kv = pack(heads * (nope + v), latent, kvb.to_vec())?;
+        Ok(CpuAbsorbed { uk_t, uv, kv })
     }
 
     /// `x: [H, S, cols]` through one factor per head -> `[H, S, rows]`, all heads in one call.
@@ -237,9 +240,8 @@ impl Mla {
         if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
             // the CPU kernels: absorption on the pool, one fused pass over the cache rows
             let (h, s, _) = q_nope.dims3().ctx(ctx)?;
-            let vec = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx);
             let p = profile::span("attention block/attention/absorbed products");
-            let q_lat = CpuAbsorbed::per_head(&cpu.uk_t, &vec(q_nope)?, s); // [H, S, L]
+            let q_lat = CpuAbsorbed::per_head(&cpu.uk_t, &f32_values(q_nope)?, s); // [H, S, L]
             drop(p);
             let shape = moeserve_cpu::MlaShape {
                 heads: h,
@@ -249,7 +251,7 @@ impl Mla {
                 rope: self.rope,
                 start,
             };
-            let q_pe = vec(q_pe)?;
+            let q_pe = f32_values(q_pe)?;
             let p = profile::span("attention block/attention/over the cache");
             let o_lat =
                 with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
@@ -281,6 +283,12 @@ impl Mla {
     /// Naive attention: decompress per-head keys and values from the latent rows.
     fn attend_naive(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla naive".to_string();
+        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
+            let (h, s, _) = q_nope.dims3().ctx(ctx)?;
+            let o = with_f32(entries, |e| self.attend_naive_cpu(cpu, &f32_values(q_nope)?, &f32_values(q_pe)?, e, s, start))
+                .ctx(ctx)??;
+            return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
+        }
         let (c_kv, k_pe) = self.split_entries(entries)?;
         let (t, s) = (c_kv.dims()[0], q_nope.dims()[1]);
         let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?.transpose(1, 2).ctx(ctx)?; // [H, T, P]
@@ -312,6 +320,54 @@ impl Mla {
         Tensor::cat(&outs, 1).ctx(ctx) // [H, S, V]
     }
 
+    /// Naive attention on the CPU kernels, `q_nope: [H, S, P]`, `q_pe: [H, S, R]`,
+    /// `entries: [T, L+R]` -> `[H, S, V]`: every cached row's per-head keys and values in one
+    /// product through kv_b, then the fused attention reading them (and the rotated keys in the
+    /// cache rows) in place.
+    fn attend_naive_cpu(
+        &self,
+        cpu: &CpuAbsorbed,
+        q_nope: &[f32],
+        q_pe: &[f32],
+        entries: &[f32],
+        s: usize,
+        start: usize,
+    ) -> Result<Vec<f32>> {
+        let row = self.latent + self.rope;
+        let tokens = entries.len() / row;
+        let span = profile::span("attention block/attention/decompression");
+        let c_kv: Vec<f32> = entries.chunks_exact(row).flat_map(|e| &e[..self.latent]).copied().collect(); // [T, L]
+        let width = self.heads * (self.nope + self.v);
+        let mut kv = vec![0f32; tokens * width]; // [T, H·(P+V)]
+        moeserve_cpu::matmul(&cpu.kv, &c_kv, tokens, &mut kv);
+        // head-major, [H, T, P+V]: one head's rows contiguous (strided by H·(P+V), its rows
+        // would fall into the same few L1 sets)
+        let head = self.nope + self.v;
+        let mut by_head = vec![0f32; tokens * width];
+        for (h, dst) in by_head.chunks_exact_mut(tokens * head).enumerate() {
+            for (d, src) in dst.chunks_exact_mut(head).zip(kv.chunks_exact(width)) {
+                d.copy_from_slice(&src[h * head..(h + 1) * head]);
+            }
+        }
+        drop(span);
+        let _span = profile::span("attention block/attention/over the cache");
+        let per_head = |offset, w| Rows { data: &by_head, offset, stride: head, head_step: tokens * head, width: w };
+        let parts = [
+            (q_nope, per_head(0, self.nope)),
+            (q_pe, Rows { data: entries, offset: self.latent, stride: row, head_step: 0, width: self.rope }),
+        ];
+        let call = Attention {
+            parts: &parts,
+            values: per_head(self.nope, self.v),
+            heads: self.heads,
+            queries: s,
+            tokens,
+            start,
+            scale: self.scale as f32,
+        };
+        Ok(moeserve_cpu::attention(&call))
+    }
+
     /// `scale · scores` + causal mask, softmax in f32, back to the compute dtype.
     fn softmax(&self, scores: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla softmax".to_string();
@@ -337,6 +393,11 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
         }
     }
     Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// A tensor's values as f32, in order.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(|| "mla operands".into())
 }
 
 /// `[S, T]`: query i (position start + i) sees keys `0..=start + i`.
