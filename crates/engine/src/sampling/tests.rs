@@ -81,3 +81,83 @@ fn logprobs_are_normalized() {
     assert!((lp.logprob - (2.0 - z)).abs() < 1e-6);
     assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
 }
+
+/// The filters' plain definition: sort every candidate, then top-k, min-p, top-p in turn.
+fn kept_by_full_sort(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut cand: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x - m) / p.temperature).exp())).collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if p.top_k > 0 {
+        cand.truncate(p.top_k);
+    }
+    if p.min_p > 0.0 {
+        let floor = cand[0].1 * p.min_p;
+        cand.retain(|c| c.1 >= floor);
+    }
+    if p.top_p < 1.0 {
+        let total: f32 = cand.iter().map(|c| c.1).sum();
+        let mut acc = 0.0;
+        let cut = cand.iter().position(|c| {
+            acc += c.1 / total;
+            acc >= p.top_p
+        });
+        cand.truncate(cut.map_or(cand.len(), |i| i + 1));
+    }
+    let mut ids: Vec<u32> = cand.iter().map(|c| c.0).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Sorting only the largest candidates keeps exactly the tokens a full sort keeps, over a
+/// vocabulary-sized row and every filter combination (peaked and flat distributions).
+#[test]
+fn partial_sort_keeps_what_a_full_sort_keeps() {
+    let mut seed = 5u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as f32 / (1u64 << 31) as f32
+    };
+    for spread in [0.5f32, 4.0, 12.0] {
+        let logits: Vec<f32> = (0..20000).map(|_| rnd() * spread).collect();
+        for (top_k, min_p, top_p) in [
+            (0, 0.0, 1.0),
+            (40, 0.0, 1.0),
+            (0, 0.0, 0.9),
+            (0, 0.0, 0.3),
+            (0, 0.05, 1.0),
+            (0, 0.5, 0.95),
+            (1000, 0.0, 0.9),
+            (300, 0.01, 0.5),
+        ] {
+            let p = SamplingParams { top_k, min_p, top_p, ..params() };
+            let Dist::Weights(cand) = Sampler::new(p.clone()).distribution(&logits, &[], &[]) else { panic!("a point mass") };
+            let mut got: Vec<u32> = cand.iter().map(|c| c.0).collect();
+            got.sort_unstable();
+            let want = kept_by_full_sort(&logits, &p);
+            let diff = got.len().abs_diff(want.len());
+            // top-p's cut may move by one token with the order of the f32 sums
+            assert!(
+                diff <= usize::from(top_p < 1.0),
+                "spread {spread}, {top_k}/{min_p}/{top_p}: {} kept, want {}",
+                got.len(),
+                want.len()
+            );
+            let common = got.iter().filter(|t| want.binary_search(t).is_ok()).count();
+            assert!(common + diff >= want.len().max(got.len()), "spread {spread}, {top_k}/{min_p}/{top_p}: other tokens kept");
+        }
+    }
+}
+
+#[test]
+fn argmax_takes_the_first_largest_and_skips_nans() {
+    let mut v: Vec<f32> = (0..1000).map(|i| (i % 37) as f32).collect();
+    assert_eq!(argmax(&v), 36);
+    v[500] = 40.0;
+    v[900] = 40.0;
+    v[3] = f32::NAN;
+    assert_eq!(argmax(&v), 500);
+    assert_eq!(argmax(&[f32::NEG_INFINITY; 5]), 0);
+    assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
+    assert_eq!(argmax(&[]), 0);
+}
