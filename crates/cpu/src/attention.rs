@@ -252,7 +252,7 @@ mod wide {
     use std::arch::x86_64::*;
 
     use super::OneQuery;
-    use crate::simd::exp16;
+    use crate::simd::{exp16, sum16};
 
     /// Key rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
     /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
@@ -265,29 +265,6 @@ mod wide {
         } else {
             (1u16 << n) - 1
         }
-    }
-
-    /// `[Σ a[0], Σ a[1], .., Σ a[15]]`: the 16 vectors' sums in one vector, by a transposing tree
-    /// (45 instructions for 16 sums, against about 9 for each sum on its own).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn sum16(a: &[__m512; 16]) -> __m512 {
-        // pairs: within each 128-bit lane, a[2j]'s and a[2j+1]'s partial sums interleaved
-        let mut b = [_mm512_setzero_ps(); 8];
-        for j in 0..8 {
-            let (x, y) = (a[2 * j], a[2 * j + 1]);
-            b[j] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
-        }
-        // quads: each 128-bit lane holds one partial sum of each of 4 vectors
-        let mut c = [_mm512_setzero_ps(); 4];
-        for j in 0..4 {
-            let (x, y) = (_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
-            c[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-        }
-        // add the 128-bit lanes pairwise, twice
-        let d0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[0], c[1]), _mm512_shuffle_f32x4::<0xdd>(c[0], c[1]));
-        let d1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[2], c[3]), _mm512_shuffle_f32x4::<0xdd>(c[2], c[3]));
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
     }
 
     /// One 16-lane piece of a query part: its values, the key rows it multiplies (this piece's
@@ -481,7 +458,7 @@ mod tests {
             *a = _mm512_loadu_ps(v.as_ptr().add(16 * k));
         }
         let mut out = [0f32; 16];
-        _mm512_storeu_ps(out.as_mut_ptr(), super::wide::sum16(&a));
+        _mm512_storeu_ps(out.as_mut_ptr(), crate::simd::sum16(&a));
         out
     }
 

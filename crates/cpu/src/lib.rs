@@ -6,6 +6,7 @@
 //! - [`matmul`]: the products, threaded over output rows, with run-time CPU feature detection;
 //! - [`bandwidth`]: a streaming-read measurement to compare the kernels against.
 
+pub mod absorb;
 pub mod act;
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -18,6 +19,7 @@ pub mod matmul;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
+pub use absorb::{absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, KvbShape};
 pub use act::Activations;
 pub use attention::{
     attention, attention_reference, attention_with, mla_attention, mla_attention_reference, mla_attention_with, Attention,

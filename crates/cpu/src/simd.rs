@@ -516,6 +516,30 @@ pub(crate) unsafe fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::_
     _mm512_scalef_ps(p, k)
 }
 
+/// `[Σ a[0], Σ a[1], .., Σ a[15]]`: the 16 vectors' sums in one vector, by a transposing tree
+/// (45 instructions for 16 sums, against about 9 for each sum on its own).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sum16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // pairs: within each 128-bit lane, a[2j]'s and a[2j+1]'s partial sums interleaved
+    let mut b = [_mm512_setzero_ps(); 8];
+    for j in 0..8 {
+        let (x, y) = (a[2 * j], a[2 * j + 1]);
+        b[j] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    // quads: each 128-bit lane holds one partial sum of each of 4 vectors
+    let mut c = [_mm512_setzero_ps(); 4];
+    for j in 0..4 {
+        let (x, y) = (_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        c[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    // add the 128-bit lanes pairwise, twice
+    let d0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[0], c[1]), _mm512_shuffle_f32x4::<0xdd>(c[0], c[1]));
+    let d1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[2], c[3]), _mm512_shuffle_f32x4::<0xdd>(c[2], c[3]));
+    _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
+}
+
 mod grouped;
 mod row512;
 pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
-use moeserve_cpu::{Attention, Format, PackedMatrix, Product, Rows};
+use moeserve_cpu::{Attention, Format, KvbShape, PackedMatrix, Rows};
 use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
@@ -42,54 +42,32 @@ impl Mla {
         };
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let absorbed = match &self.cpu {
-            Some(c) => c.uk_t.iter().chain(&c.uv).map(PackedMatrix::resident_bytes).sum(),
+            Some(c) => c.kv.resident_bytes(),
             None => t(&self.w_uk) + t(&self.w_uv_t),
         };
         q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + absorbed
     }
 }
 
-/// kv_b as CPU kernel weights. The absorbed factors, one per head, so that decode multiplies
-/// them on the kernels' pool: `uk_t[h]: [L, P]` (`q_lat = W_UKᵀ q_nope`) and `uv[h]: [V, L]`
-/// (`o = W_UV o_lat`); and the whole `kv: [H·(P+V), L]`, which decompresses a prefill's cache
-/// rows into every head's keys and values in one product. bf16 where that is exact (bf16
-/// checkpoints) or where kv_b is already quantized to a ggml format (bf16's 2⁻⁹ rounding is far
-/// below their error); f32 otherwise, so f32 and FP8 checkpoints keep the reference's numbers.
+/// kv_b as CPU kernel weights, `kv: [H·(P+V), L]` as it is stored: decode's absorption
+/// products read each head's key rows (`q_lat = W_UKᵀ q_nope`) and value rows (`o = W_UV o_lat`)
+/// from it, and one product decompresses a prefill's cache rows into every head's keys and
+/// values. bf16 where that is exact (bf16 checkpoints) or where kv_b is already quantized to a
+/// ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so f32 and FP8
+/// checkpoints keep the reference's numbers.
 #[derive(Debug)]
 struct CpuAbsorbed {
-    uk_t: Vec<PackedMatrix>,
-    uv: Vec<PackedMatrix>,
     kv: PackedMatrix,
+    shape: KvbShape,
 }
 
 impl CpuAbsorbed {
     /// `kvb: [H, P+V, L]` as f32 values.
     fn new(kvb: &[f32], heads: usize, nope: usize, v: usize, latent: usize, quantized: bool) -> Result<Self> {
         let format = if quantized || moeserve_cpu::bf16_exact(kvb) { Format::Bf16 } else { Format::F32 };
-        let head = |h: usize| &kvb[h * (nope + v) * latent..(h + 1) * (nope + v) * latent];
-        let pack = |rows, cols, w: Vec<f32>| {
-            PackedMatrix::from_f32(format, rows, cols, &w).map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))
-        };
-        let uk_t = (0..heads)
-            .map(|h| {
-                let k = head(h); // [P, L]: transposed to [L, P]
-                pack(latent, nope, (0..latent * nope).map(|i| k[(i % nope) * latent + i / nope]).collect())
-            })
-            .collect::<Result<_>>()?;
-        let uv = (0..heads).map(|h| pack(v, latent, head(h)[nope * latent..].to_vec())).collect::<Result<_>>()?;
-        let kv = pack(heads * (nope + v), latent, kvb.to_vec())?;
-        Ok(CpuAbsorbed { uk_t, uv, kv })
-    }
-
-    /// `x: [H, S, cols]` through one factor per head -> `[H, S, rows]`, all heads in one call.
-    fn per_head(ws: &[PackedMatrix], x: &[f32], s: usize) -> Vec<f32> {
-        let (rows, cols) = (ws[0].rows(), ws[0].cols());
-        let acts: Vec<_> = ws.iter().zip(x.chunks(s * cols)).map(|(w, x)| moeserve_cpu::activations(w, x, s)).collect();
-        let mut y = vec![0f32; ws.len() * s * rows];
-        let mut products: Vec<Product> =
-            y.chunks_mut(s * rows).zip(ws).zip(&acts).map(|((y, w), x)| Product { w, x, y }).collect();
-        moeserve_cpu::matmul_many(&mut products);
-        y
+        let kv = PackedMatrix::from_f32(format, heads * (nope + v), latent, kvb)
+            .map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))?;
+        Ok(CpuAbsorbed { kv, shape: KvbShape { heads, nope, v } })
     }
 }
 
@@ -241,7 +219,7 @@ impl Mla {
             // the CPU kernels: absorption on the pool, one fused pass over the cache rows
             let (h, s, _) = q_nope.dims3().ctx(ctx)?;
             let p = profile::span("attention block/attention/absorbed products");
-            let q_lat = CpuAbsorbed::per_head(&cpu.uk_t, &f32_values(q_nope)?, s); // [H, S, L]
+            let q_lat = moeserve_cpu::absorb_queries(&cpu.kv, cpu.shape, &f32_values(q_nope)?, s); // [H, S, L]
             drop(p);
             let shape = moeserve_cpu::MlaShape {
                 heads: h,
@@ -257,7 +235,7 @@ impl Mla {
                 with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
             drop(p);
             let _p = profile::span("attention block/attention/absorbed products");
-            let o = CpuAbsorbed::per_head(&cpu.uv, &o_lat, s); // [H, S, V]
+            let o = moeserve_cpu::expand_values(&cpu.kv, cpu.shape, &o_lat, s); // [H, S, V]
             return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
         }
         let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]

@@ -1,0 +1,264 @@
+//! MLA's per-head absorption products against kv_b as stored, `[H·(P+V), L]` (each head's `P`
+//! key rows, then its `V` value rows, `L` latents wide):
+//! - [`absorb_queries`]: `q_lat[h, s] = W_UK[h]ᵀ q_nope[h, s]`, a sum of the head's key rows
+//!   weighted by the query (no horizontal sums: each row is one multiply-add per 16 latents);
+//! - [`expand_values`]: `o[h, s] = W_UV[h] o_lat[h, s]`, 16 value rows at a time, their sums
+//!   transposed into one vector.
+//!
+//! Decode runs both once per layer and head; as matrix products over per-head `[L, P]` and
+//! `[V, L]` matrices they were mostly horizontal sums and call overhead. f32 and bf16 rows take
+//! the AVX-512 loops; other formats (and other CPUs) the portable ones.
+
+use rayon::prelude::*;
+
+use crate::{Backend, Format, PackedMatrix};
+
+/// How kv_b's rows divide into heads.
+#[derive(Debug, Clone, Copy)]
+pub struct KvbShape {
+    pub heads: usize,
+    /// Key rows per head (`qk_nope_head_dim`).
+    pub nope: usize,
+    /// Value rows per head (`v_head_dim`).
+    pub v: usize,
+}
+
+impl KvbShape {
+    fn check(&self, kv: &PackedMatrix) {
+        assert_eq!(kv.rows, self.heads * (self.nope + self.v), "kv_b rows for {self:?}");
+    }
+
+    /// Row of head `h`'s first key row.
+    fn head(&self, h: usize) -> usize {
+        h * (self.nope + self.v)
+    }
+}
+
+/// `q_nope: [H, S, P]` -> `q_lat: [H, S, L]`.
+pub fn absorb_queries(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], s: usize) -> Vec<f32> {
+    absorb_queries_with(crate::backend(), kv, shape, q_nope, s)
+}
+
+/// `o_lat: [H, S, L]` -> `o: [H, S, V]`.
+pub fn expand_values(kv: &PackedMatrix, shape: KvbShape, o_lat: &[f32], s: usize) -> Vec<f32> {
+    expand_values_with(crate::backend(), kv, shape, o_lat, s)
+}
+
+/// Whether `backend` runs the AVX-512 loops for `kv`'s format.
+fn wide(backend: Backend, kv: &PackedMatrix) -> bool {
+    matches!(backend, Backend::Avx512 | Backend::Amx)
+        && crate::matmul::available(backend)
+        && matches!(kv.format, Format::F32 | Format::Bf16)
+}
+
+/// [`absorb_queries`] on a chosen backend (tests compare them).
+pub fn absorb_queries_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], s: usize) -> Vec<f32> {
+    shape.check(kv);
+    let (p, l) = (shape.nope, kv.cols);
+    assert_eq!(q_nope.len(), shape.heads * s * p, "q_nope");
+    let mut out = vec![0f32; shape.heads * s * l];
+    if l == 0 || s == 0 {
+        return out;
+    }
+    let wide = wide(backend, kv);
+    out.par_chunks_mut(s * l).enumerate().for_each(|(h, y)| {
+        let q = &q_nope[h * s * p..(h + 1) * s * p];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+            unsafe { x86::absorb_head(kv, shape.head(h), p, q, y) };
+            return;
+        }
+        let _ = wide;
+        for r in 0..p {
+            let row = kv.dequantize_row(shape.head(h) + r);
+            for (y, q) in y.chunks_exact_mut(l).zip(q.chunks_exact(p)) {
+                y.iter_mut().zip(&row).for_each(|(y, w)| *y += q[r] * w);
+            }
+        }
+    });
+    out
+}
+
+/// [`expand_values`] on a chosen backend (tests compare them).
+pub fn expand_values_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, o_lat: &[f32], s: usize) -> Vec<f32> {
+    shape.check(kv);
+    let (v, l) = (shape.v, kv.cols);
+    assert_eq!(o_lat.len(), shape.heads * s * l, "o_lat");
+    let mut out = vec![0f32; shape.heads * s * v];
+    if v == 0 || s == 0 {
+        return out;
+    }
+    let wide = wide(backend, kv);
+    out.par_chunks_mut(s * v).enumerate().for_each(|(h, y)| {
+        let x = &o_lat[h * s * l..(h + 1) * s * l];
+        let first = shape.head(h) + shape.nope;
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+            unsafe { x86::expand_head(kv, first, v, x, y) };
+            return;
+        }
+        let _ = wide;
+        for j in 0..v {
+            let row = kv.dequantize_row(first + j);
+            for (y, x) in y.chunks_exact_mut(v).zip(x.chunks_exact(l)) {
+                y[j] = row.iter().zip(x).map(|(w, x)| w * x).sum();
+            }
+        }
+    });
+    out
+}
+
+/// The plain definitions in f64 (for tests): `(q_lat, o)` of [`absorb_queries`] and
+/// [`expand_values`].
+pub fn absorption_reference(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], o_lat: &[f32], s: usize) -> (Vec<f32>, Vec<f32>) {
+    let (p, v, l) = (shape.nope, shape.v, kv.cols);
+    let mut q_lat = vec![0f32; shape.heads * s * l];
+    let mut o = vec![0f32; shape.heads * s * v];
+    for h in 0..shape.heads {
+        let rows: Vec<Vec<f32>> = (0..p + v).map(|r| kv.dequantize_row(shape.head(h) + r)).collect();
+        for i in 0..s {
+            let hs = h * s + i;
+            for c in 0..l {
+                q_lat[hs * l + c] = (0..p).map(|r| q_nope[hs * p + r] as f64 * rows[r][c] as f64).sum::<f64>() as f32;
+            }
+            for j in 0..v {
+                o[hs * v + j] = (0..l).map(|c| rows[p + j][c] as f64 * o_lat[hs * l + c] as f64).sum::<f64>() as f32;
+            }
+        }
+    }
+    (q_lat, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use crate::simd::sum16;
+    use crate::{Format, PackedMatrix};
+
+    /// Rows ahead that [`absorb_cols`] prefetches.
+    const AHEAD: usize = 4;
+
+    /// The first `min(n, 16)` lanes.
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << n) - 1
+        }
+    }
+
+    /// 16 values of a row at `p` (f32, or bf16 widened by a shift), as f32.
+    #[inline(always)]
+    unsafe fn load<const BF16: bool>(p: *const u8, mask: __mmask16) -> __m512 {
+        if BF16 {
+            let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_maskz_loadu_ps(mask, p as *const f32)
+        }
+    }
+
+    /// `y: [S, L] = Σ_r q[s, r] · kv[first + r]` over the `P = q.len() / S` rows from `first`.
+    ///
+    /// # Safety
+    /// AVX-512F (BW, VL); rows `first..first + P` inside `kv`, which is f32 or bf16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(super) unsafe fn absorb_head(kv: &PackedMatrix, first: usize, p: usize, q: &[f32], y: &mut [f32]) {
+        if kv.format == Format::Bf16 {
+            absorb::<true>(kv, first, p, q, y)
+        } else {
+            absorb::<false>(kv, first, p, q, y)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn absorb<const BF16: bool>(kv: &PackedMatrix, first: usize, p: usize, q: &[f32], y: &mut [f32]) {
+        let (l, width) = (kv.cols, if BF16 { 2 } else { 4 });
+        let rows = kv.data.as_ptr().add(first * kv.row_bytes);
+        for (q, y) in q.chunks_exact(p).zip(y.chunks_exact_mut(l)) {
+            // 256 latents at a time in 16 registers, then the rest 32 at a time
+            let mut c0 = 0;
+            while l - c0 >= 256 {
+                absorb_cols::<BF16, 16>(rows.add(c0 * width), kv.row_bytes, q, y.as_mut_ptr().add(c0), l - c0);
+                c0 += 256;
+            }
+            while c0 < l {
+                absorb_cols::<BF16, 2>(rows.add(c0 * width), kv.row_bytes, q, y.as_mut_ptr().add(c0), l - c0);
+                c0 += 32;
+            }
+        }
+    }
+
+    /// `y[..min(left, 16·NV)] = Σ_r q[r] · row_r[..]`, rows `stride` bytes apart from `rows`.
+    #[inline(always)]
+    unsafe fn absorb_cols<const BF16: bool, const NV: usize>(
+        rows: *const u8,
+        stride: usize,
+        q: &[f32],
+        y: *mut f32,
+        left: usize,
+    ) {
+        let width = if BF16 { 32 } else { 64 };
+        let mut acc = [_mm512_setzero_ps(); NV];
+        // (rows are padded to whole 32-value blocks, so every vector of the chunk is readable)
+        for (r, &x) in q.iter().enumerate() {
+            let (x, row) = (_mm512_set1_ps(x), rows.add(r * stride));
+            // the row AHEAD rows on, line by line: a head's rows are one short stream, too short
+            // for the hardware prefetcher to ramp up
+            let ahead = row.wrapping_add(AHEAD * stride);
+            for line in (0..NV * width).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+            }
+            for i in 0..NV {
+                acc[i] = _mm512_fmadd_ps(x, load::<BF16>(row.add(i * width), u16::MAX), acc[i]);
+            }
+        }
+        for i in 0..NV {
+            _mm512_mask_storeu_ps(y.wrapping_add(16 * i), lanes(left.saturating_sub(16 * i)), acc[i]);
+        }
+    }
+
+    /// `y: [S, V]`, `y[s, j] = kv[first + j] · x[s]` for the `V = y.len() / S` rows from `first`.
+    ///
+    /// # Safety
+    /// As [`absorb_head`], for rows `first..first + V`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    pub(super) unsafe fn expand_head(kv: &PackedMatrix, first: usize, v: usize, x: &[f32], y: &mut [f32]) {
+        if kv.format == Format::Bf16 {
+            expand::<true>(kv, first, v, x, y)
+        } else {
+            expand::<false>(kv, first, v, x, y)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn expand<const BF16: bool>(kv: &PackedMatrix, first: usize, v: usize, x: &[f32], y: &mut [f32]) {
+        let (l, width) = (kv.cols, if BF16 { 2 } else { 4 });
+        let rows = kv.data.as_ptr().add(first * kv.row_bytes);
+        for (x, y) in x.chunks_exact(l).zip(y.chunks_exact_mut(v)) {
+            for j0 in (0..v).step_by(16) {
+                // 16 rows (the last block's missing ones repeat its last row; their sums are
+                // not stored)
+                let row: [*const u8; 16] = std::array::from_fn(|k| rows.add((j0 + k).min(v - 1) * kv.row_bytes));
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for c in (0..l).step_by(16) {
+                    let m = lanes(l - c);
+                    // the next 16 rows' line at this column (see `absorb_cols`)
+                    if (c * width) % 64 == 0 {
+                        for r in row {
+                            _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(16 * kv.row_bytes + c * width) as *const i8);
+                        }
+                    }
+                    let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(c));
+                    for k in 0..16 {
+                        acc[k] = _mm512_fmadd_ps(xv, load::<BF16>(row[k].add(c * width), m), acc[k]);
+                    }
+                }
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(j0), lanes(v - j0), sum16(&acc));
+            }
+        }
+    }
+}
