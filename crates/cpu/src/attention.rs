@@ -13,6 +13,11 @@ use rayon::prelude::*;
 
 use crate::Backend;
 
+/// Key rows from which a call whose heads share their rows (MLA's absorbed decode) splits the
+/// keys over the threads instead of the query rows: each key row is then read by one thread, for
+/// every query row, rather than once per thread.
+const SPLIT_TOKENS: usize = 256;
+
 /// Query rows per group at most: a group's outputs and running sums stay in L1/L2 while each
 /// block of key rows is reused for every one of them.
 const MAX_GROUP: usize = 64;
@@ -101,8 +106,13 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
     if rows == 0 || dv == 0 {
         return out;
     }
-    // groups of query rows, one head's each unless all heads share their rows
     let threads = rayon::current_num_threads().max(1);
+    let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
+    #[cfg(target_arch = "x86_64")]
+    if wide && a.shared() && threads > 1 && a.tokens >= SPLIT_TOKENS {
+        return split_over_keys(a, threads);
+    }
+    // groups of query rows, one head's each unless all heads share their rows
     let per = rows.div_ceil(threads).clamp(1, MAX_GROUP);
     let per = if a.shared() { per } else { per.min(a.queries) };
     let groups: Vec<(usize, usize)> = if a.shared() {
@@ -112,7 +122,6 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
             .flat_map(|h| (h * a.queries..(h + 1) * a.queries).step_by(per).map(move |r| (r, (r + per).min((h + 1) * a.queries))))
             .collect()
     };
-    let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
     let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(groups.len());
     let mut rest = out.as_mut_slice();
     for &(r0, r1) in &groups {
@@ -195,6 +204,39 @@ fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, shape: MlaShape, scale:
     Attention { parts, values, heads, queries, tokens, start, scale }
 }
 
+/// [`attention_with`] with the key rows split over `threads` ranges, each attended by every query
+/// row on one thread, the ranges' partial softmaxes merged after.
+#[cfg(target_arch = "x86_64")]
+fn split_over_keys(a: &Attention, threads: usize) -> Vec<f32> {
+    let (rows, dv) = (a.heads * a.queries, a.values.width);
+    let per = a.tokens.div_ceil(threads).next_multiple_of(64);
+    let parts: Vec<(Vec<f32>, Vec<(f32, f32)>)> = (0..a.tokens)
+        .step_by(per)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|t0| {
+            let group: Vec<OneQuery> = (0..rows).map(|hq| a.query(hq)).collect();
+            let mut o = vec![0f32; rows * dv];
+            let mut stats = vec![(f32::NEG_INFINITY, 0f32); rows];
+            // SAFETY: the caller checked AVX-512F; `check` bounded every row.
+            unsafe { wide::group_over(&group, &mut o, t0..t0 + per, Some(&mut stats)) };
+            (o, stats)
+        })
+        .collect();
+    let mut out = vec![0f32; rows * dv];
+    for (r, o) in out.chunks_exact_mut(dv).enumerate() {
+        let max = parts.iter().map(|(_, st)| st[r].0).fold(f32::NEG_INFINITY, f32::max);
+        let weight = |m: f32| if m == f32::NEG_INFINITY { 0.0 } else { (m - max).exp() };
+        let total: f32 = parts.iter().map(|(_, st)| weight(st[r].0) * st[r].1).sum();
+        let inv = if total > 0.0 { 1.0 / total } else { 0.0 };
+        for (part, st) in &parts {
+            let w = weight(st[r].0) * inv;
+            o.iter_mut().zip(&part[r * dv..(r + 1) * dv]).for_each(|(o, p)| *o += w * p);
+        }
+    }
+    out
+}
+
 /// One (head, query) row of an attention call.
 struct OneQuery<'a> {
     a: &'a Attention<'a>,
@@ -250,6 +292,7 @@ impl<'a> OneQuery<'a> {
 #[cfg(target_arch = "x86_64")]
 mod wide {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::OneQuery;
     use crate::simd::{exp16, sum16};
@@ -284,6 +327,17 @@ mod wide {
     /// The CPU must have AVX-512F; every query's rows must hold `seen` rows of their widths.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn group(group: &[OneQuery], o: &mut [f32]) {
+        group_over(group, o, 0..usize::MAX, None)
+    }
+
+    /// [`group`] over the key rows in `keys` only. With `stats`, each row's running softmax
+    /// `(max, sum)` goes there and `o` stays unnormalized (`Σ e^(s - max) · v`), for the caller
+    /// to merge with the other ranges; without, `o` is normalized.
+    ///
+    /// # Safety
+    /// As [`group`].
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn group_over(group: &[OneQuery], o: &mut [f32], keys: Range<usize>, stats: Option<&mut [(f32, f32)]>) {
         let Some(first) = group.first() else { return };
         let (scale, v_stride, dv) = (first.a.scale, first.a.values.stride, first.a.values.width);
         let v = first.values().as_ptr();
@@ -302,9 +356,9 @@ mod wide {
         o.fill(0.0);
         let seen = group.iter().map(|q| q.seen).max().unwrap_or(0);
         let mut p = [0f32; BLOCK];
-        for t0 in (0..seen).step_by(BLOCK) {
+        for t0 in (keys.start..seen.min(keys.end)).step_by(BLOCK) {
             for (g, q) in group.iter().enumerate() {
-                let n = q.seen.saturating_sub(t0).min(BLOCK);
+                let n = q.seen.min(keys.end).saturating_sub(t0).min(BLOCK);
                 if n == 0 {
                     continue;
                 }
@@ -367,6 +421,10 @@ mod wide {
                     b0 += 64;
                 }
             }
+        }
+        if let Some(stats) = stats {
+            stats.iter_mut().zip(max.into_iter().zip(sum)).for_each(|(st, ms)| *st = ms);
+            return;
         }
         for (g, o) in o.chunks_exact_mut(dv).enumerate() {
             let inv = if sum[g] > 0.0 { 1.0 / sum[g] } else { 0.0 };

@@ -184,7 +184,8 @@ fn bad_shapes_are_errors() {
 }
 
 /// The fused MLA attention against its f64 definition: ragged heads, queries (causal) and cache
-/// lengths, latent widths that are not multiples of the vector width.
+/// lengths, latent widths that are not multiples of the vector width; caches long enough to be
+/// split over the threads (the partial softmaxes merged).
 #[test]
 fn mla_attention_matches_the_reference() {
     use moeserve_cpu::{mla_attention_reference, mla_attention_with, MlaShape};
@@ -193,9 +194,16 @@ fn mla_attention_matches_the_reference() {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
-    for (heads, queries, tokens, latent, rope) in
-        [(1, 1, 1, 8, 8), (3, 1, 37, 32, 8), (4, 3, 20, 19, 5), (2, 2, 50, 100, 16), (16, 2, 129, 256, 32), (3, 1, 70, 512, 64)]
-    {
+    for (heads, queries, tokens, latent, rope) in [
+        (1, 1, 1, 8, 8),
+        (3, 1, 37, 32, 8),
+        (4, 3, 20, 19, 5),
+        (2, 2, 50, 100, 16),
+        (16, 2, 129, 256, 32),
+        (3, 1, 70, 512, 64),
+        (16, 1, 700, 256, 32),
+        (4, 3, 300, 40, 8),
+    ] {
         let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
         let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
         let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
