@@ -132,6 +132,8 @@ pub fn absorption_reference(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], 
 }
 
 #[cfg(target_arch = "x86_64")]
+// register-blocked loops index the accumulators and the rows by the same counter
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 

@@ -210,7 +210,9 @@ fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, shape: MlaShape, scale:
 fn split_over_keys(a: &Attention, threads: usize) -> Vec<f32> {
     let (rows, dv) = (a.heads * a.queries, a.values.width);
     let per = a.tokens.div_ceil(threads).next_multiple_of(64);
-    let parts: Vec<(Vec<f32>, Vec<(f32, f32)>)> = (0..a.tokens)
+    // each range's unnormalized outputs and its rows' softmax (max, sum)
+    type Partial = (Vec<f32>, Vec<(f32, f32)>);
+    let parts: Vec<Partial> = (0..a.tokens)
         .step_by(per)
         .collect::<Vec<_>>()
         .into_par_iter()
