@@ -1,5 +1,7 @@
 //! RMSNorm with float32 statistics; the weight multiply happens in the compute dtype (HF order).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 use moeserve_core::{error::Context, Result};
 use moeserve_quant::Weights;
@@ -8,16 +10,22 @@ use moeserve_quant::Weights;
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// The weight's values when it is an f32 CPU tensor: f32 CPU inputs take the fused loop.
+    cpu: Option<Arc<Vec<f32>>>,
 }
 
 impl RmsNorm {
     pub fn load(w: &Weights, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm { weight: w.tensor("weight", &[dim])?, eps })
+        Ok(Self::new(w.tensor("weight", &[dim])?, eps))
     }
 
     /// From a weight tensor `[dim]` in the compute dtype (tests, synthetic layers).
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        RmsNorm { weight, eps }
+        let cpu = (weight.device().is_cpu() && weight.dtype() == DType::F32)
+            .then(|| weight.to_vec1::<f32>().ok())
+            .flatten()
+            .map(Arc::new);
+        RmsNorm { weight, eps, cpu }
     }
 
     /// `x: [.., dim]`: `w · (x / sqrt(mean(x²) + eps))`, statistics in f32.
@@ -26,6 +34,10 @@ impl RmsNorm {
             return Ok(y);
         }
         let ctx = || format!("rms_norm {:?}", x.dims());
+        if let (Some(w), true) = (&self.cpu, x.device().is_cpu() && x.dtype() == DType::F32) {
+            let (xs, _) = moeserve_quant::packed::rows_f32(x, w.len(), "rms_norm")?;
+            return Tensor::from_vec(moeserve_cpu::rms_norm(&xs, w, self.eps as f32), x.dims(), x.device()).ctx(ctx);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32).ctx(ctx)?;
         let ms = xf.sqr().ctx(ctx)?.mean_keepdim(D::Minus1).ctx(ctx)?;

@@ -182,7 +182,9 @@ fn token_by_token_decode_equals_full_forward() {
         }
         let e = max_abs_diff(&rows, &full);
         eprintln!("{dir}: token-by-token decode vs full forward max abs diff {e:.2e}");
-        assert!(e < 1e-4, "{dir}: decode vs full max abs diff {e}");
+        // each path lands within ~7e-5 of the HF logits (the golden tests above), so the two
+        // differ by up to about twice that
+        assert!(e < 2e-4, "{dir}: decode vs full max abs diff {e}");
     }
 }
 
