@@ -44,6 +44,21 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+/// Rotary embedding on interleaved pairs, in place: `x: [n, heads, 2·half]`, `cos, sin: [n, half]`;
+/// each pair `(a, b)` of token t becomes `(a·cos − b·sin, a·sin + b·cos)` (candle's `rope_i`).
+pub fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, half: usize) {
+    assert!(half > 0 && cos.len() == sin.len() && x.len() == cos.len() * heads * 2, "rope operands");
+    for ((token, cos), sin) in x.chunks_exact_mut(heads * 2 * half).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
+        for head in token.chunks_exact_mut(2 * half) {
+            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * c - b * s;
+                pair[1] = a * s + b * c;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
@@ -61,6 +76,27 @@ unsafe fn silu_mul_avx512(g: &mut [f32], u: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rope_rotates_each_pair_by_its_tokens_angle() {
+        let (n, heads, half) = (3, 2, 4);
+        let x: Vec<f32> = (0..n * heads * 2 * half).map(|i| (i as f32 * 0.37).sin()).collect();
+        let angle = |t: usize, i: usize| (t + 1) as f32 * 0.5f32.powi(i as i32);
+        let cos: Vec<f32> = (0..n * half).map(|k| angle(k / half, k % half).cos()).collect();
+        let sin: Vec<f32> = (0..n * half).map(|k| angle(k / half, k % half).sin()).collect();
+        let mut y = x.clone();
+        rope_interleaved(&mut y, &cos, &sin, heads, half);
+        for t in 0..n {
+            for h in 0..heads {
+                for i in 0..half {
+                    let at = (t * heads + h) * 2 * half + 2 * i;
+                    let (a, b, th) = (x[at], x[at + 1], angle(t, i));
+                    assert!((y[at] - (a * th.cos() - b * th.sin())).abs() < 1e-6);
+                    assert!((y[at + 1] - (a * th.sin() + b * th.cos())).abs() < 1e-6);
+                }
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_matches_its_definition() {

@@ -20,6 +20,8 @@ pub struct Rope {
 pub struct RopeTables {
     cos: Tensor,
     sin: Tensor,
+    /// `(cos, sin)` values when the tables are CPU tensors: f32 CPU inputs take the fused loop.
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Rope {
@@ -72,9 +74,11 @@ impl Rope {
             }
         }
         let shape = (positions.len(), half);
+        let cpu = device.is_cpu().then(|| (cos.clone(), sin.clone()));
         Ok(RopeTables {
             cos: Tensor::from_vec(cos, shape, device).ctx(|| "rope cos".into())?,
             sin: Tensor::from_vec(sin, shape, device).ctx(|| "rope sin".into())?,
+            cpu,
         })
     }
 }
@@ -86,6 +90,15 @@ impl RopeTables {
             return Ok(y);
         }
         let ctx = || format!("rope {:?}", x.dims());
+        if let (Some((cos, sin)), true) = (&self.cpu, x.device().is_cpu() && x.dtype() == DType::F32) {
+            let (n, heads, dim) = x.dims3().ctx(ctx)?;
+            let (mut xs, _) = moeserve_quant::packed::rows_f32(x, dim, "rope")?;
+            if cos.len() != n * dim / 2 {
+                return Err(moeserve_core::Error::Input(format!("rope: {n} tokens of {dim}, tables hold {}", cos.len())));
+            }
+            moeserve_cpu::elementwise::rope_interleaved(&mut xs, cos, sin, heads, dim / 2);
+            return Tensor::from_vec(xs, (n, heads, dim), x.device()).ctx(ctx);
+        }
         let dtype = x.dtype();
         // rope_i wants [batch, heads, tokens, dim]
         let xt = x.to_dtype(DType::F32).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.unsqueeze(0).ctx(ctx)?.contiguous().ctx(ctx)?;
