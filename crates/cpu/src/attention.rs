@@ -46,11 +46,26 @@ impl<'a> Rows<'a> {
         &self.data[self.offset + h * self.head_step..]
     }
 
-    /// Whether `tokens` rows of `heads` heads lie inside `data`.
-    fn covers(&self, heads: usize, tokens: usize) -> bool {
-        tokens == 0
+    /// Whether physical rows `0..rows` of `heads` heads lie inside `data`.
+    fn covers(&self, heads: usize, rows: usize) -> bool {
+        rows == 0
             || heads == 0
-            || self.offset + (heads - 1) * self.head_step + (tokens - 1) * self.stride + self.width <= self.data.len()
+            || self.offset + (heads - 1) * self.head_step + (rows - 1) * self.stride + self.width <= self.data.len()
+    }
+}
+
+/// A paged cache's block table: logical key row `t` is physical row
+/// `ids[t / size] · size + t % size` of every operand.
+#[derive(Debug, Clone, Copy)]
+pub struct Pages<'a> {
+    pub ids: &'a [u32],
+    pub size: usize,
+}
+
+impl Pages<'_> {
+    #[inline(always)]
+    fn row(&self, t: usize) -> usize {
+        self.ids[t / self.size] as usize * self.size + t % self.size
     }
 }
 
@@ -69,16 +84,33 @@ pub struct Attention<'a> {
     /// Position of the first query: query i sees keys `0..=start + i`.
     pub start: usize,
     pub scale: f32,
+    /// Where the key and value rows are, when paged (`None`: row t is row t).
+    pub pages: Option<Pages<'a>>,
 }
 
 impl Attention<'_> {
     fn check(&self) {
         let (h, s, t) = (self.heads, self.queries, self.tokens);
+        // physical rows the call may touch
+        let rows = match self.pages {
+            Some(p) => {
+                let used = &p.ids[..t.div_ceil(p.size.max(1)).min(p.ids.len())];
+                assert!(p.size > 0 && used.len() * p.size >= t, "pages: {} of {} rows for {t} keys", used.len(), p.size);
+                used.iter().map(|&id| (id as usize + 1) * p.size).max().unwrap_or(0)
+            }
+            None => t,
+        };
         for (i, (q, k)) in self.parts.iter().enumerate() {
             assert_eq!(q.len(), h * s * k.width, "query part {i}");
-            assert!(k.covers(h, t), "key part {i}: {t} rows of {h} heads out of bounds");
+            assert!(k.covers(h, rows), "key part {i}: {rows} rows of {h} heads out of bounds");
         }
-        assert!(self.values.covers(h, t), "values: {t} rows of {h} heads out of bounds");
+        assert!(self.values.covers(h, rows), "values: {rows} rows of {h} heads out of bounds");
+    }
+
+    /// The physical row of key row `t`.
+    #[inline(always)]
+    fn phys(&self, t: usize) -> usize {
+        self.pages.map_or(t, |p| p.row(t))
     }
 
     /// Whether every head reads the same key and value rows.
@@ -107,7 +139,10 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
         return out;
     }
     let threads = rayon::current_num_threads().max(1);
-    let wide = matches!(backend, Backend::Avx512 | Backend::Amx) && crate::matmul::available(backend);
+    // (the AVX-512 loops take 16 contiguous rows at a time)
+    let wide = matches!(backend, Backend::Avx512 | Backend::Amx)
+        && crate::matmul::available(backend)
+        && a.pages.is_none_or(|p| p.size % 16 == 0);
     #[cfg(target_arch = "x86_64")]
     if wide && a.shared() && threads > 1 && a.tokens >= SPLIT_TOKENS {
         return split_over_keys(a, threads);
@@ -165,26 +200,40 @@ pub struct MlaShape {
 /// MLA in the absorbed form: `q_lat: [H, S, L]`, `q_pe: [H, S, R]`, `entries: [T, L + R]` ->
 /// `o_lat: [H, S, L]` with `o = softmax(scale · (q_lat·c_kvᵀ + q_pe·k_peᵀ) + mask) · c_kv`.
 pub fn mla_attention(q_lat: &[f32], q_pe: &[f32], entries: &[f32], shape: MlaShape, scale: f32) -> Vec<f32> {
-    mla_attention_with(crate::backend(), q_lat, q_pe, entries, shape, scale)
+    mla_attention_with(crate::backend(), q_lat, q_pe, entries, None, shape, scale)
 }
 
-/// [`mla_attention`] on a chosen backend.
+/// [`mla_attention`] over a paged cache, in place: `pool` holds whole pages of `[L + R]` rows
+/// and `pages` maps the sequence's rows into it.
+pub fn mla_attention_paged(q_lat: &[f32], q_pe: &[f32], pool: &[f32], pages: Pages, shape: MlaShape, scale: f32) -> Vec<f32> {
+    mla_attention_with(crate::backend(), q_lat, q_pe, pool, Some(pages), shape, scale)
+}
+
+/// [`mla_attention`] (or, with `pages`, [`mla_attention_paged`]) on a chosen backend.
 pub fn mla_attention_with(
     backend: Backend,
     q_lat: &[f32],
     q_pe: &[f32],
     entries: &[f32],
+    pages: Option<Pages>,
     shape: MlaShape,
     scale: f32,
 ) -> Vec<f32> {
     let (parts, values) = mla_operands(q_lat, q_pe, entries, shape);
-    attention_with(backend, &mla_call(&parts, values, shape, scale))
+    attention_with(backend, &mla_call(&parts, values, pages, shape, scale))
 }
 
-/// The plain definition of [`mla_attention`], in f64 (for tests).
-pub fn mla_attention_reference(q_lat: &[f32], q_pe: &[f32], entries: &[f32], shape: MlaShape, scale: f32) -> Vec<f32> {
+/// The plain definition of [`mla_attention_with`], in f64 (for tests).
+pub fn mla_attention_reference(
+    q_lat: &[f32],
+    q_pe: &[f32],
+    entries: &[f32],
+    pages: Option<Pages>,
+    shape: MlaShape,
+    scale: f32,
+) -> Vec<f32> {
     let (parts, values) = mla_operands(q_lat, q_pe, entries, shape);
-    attention_reference(&mla_call(&parts, values, shape, scale))
+    attention_reference(&mla_call(&parts, values, pages, shape, scale))
 }
 
 type Part<'a> = (&'a [f32], Rows<'a>);
@@ -192,16 +241,15 @@ type Part<'a> = (&'a [f32], Rows<'a>);
 /// The absorbed form's operands: the latent and rope sections of the shared cache rows as keys,
 /// the latent section again as values.
 fn mla_operands<'a>(q_lat: &'a [f32], q_pe: &'a [f32], entries: &'a [f32], shape: MlaShape) -> ([Part<'a>; 2], Rows<'a>) {
-    let MlaShape { tokens, latent, rope, .. } = shape;
+    let MlaShape { latent, rope, .. } = shape;
     let row = latent + rope;
-    assert_eq!(entries.len(), tokens * row, "entries");
     let rows = |offset, width| Rows { data: entries, offset, stride: row, head_step: 0, width };
     ([(q_lat, rows(0, latent)), (q_pe, rows(latent, rope))], rows(0, latent))
 }
 
-fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, shape: MlaShape, scale: f32) -> Attention<'a> {
+fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, pages: Option<Pages<'a>>, shape: MlaShape, scale: f32) -> Attention<'a> {
     let MlaShape { heads, queries, tokens, start, .. } = shape;
-    Attention { parts, values, heads, queries, tokens, start, scale }
+    Attention { parts, values, heads, queries, tokens, start, scale, pages }
 }
 
 /// [`attention_with`] with the key rows split over `threads` ranges, each attended by every query
@@ -265,7 +313,8 @@ impl<'a> OneQuery<'a> {
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for t in 0..self.seen {
-            let s: f32 = self.parts().map(|(q, k, stride)| dot(q, &k[t * stride..t * stride + q.len()])).sum();
+            let r = self.a.phys(t);
+            let s: f32 = self.parts().map(|(q, k, stride)| dot(q, &k[r * stride..r * stride + q.len()])).sum();
             let s = self.a.scale * s;
             max = max.max(s);
             scores.push(s);
@@ -281,7 +330,8 @@ impl<'a> OneQuery<'a> {
             let len = (dv - c0).min(64);
             let mut acc = [0f32; 64];
             for (t, p) in scores.iter().enumerate() {
-                let row = &v[t * v_stride + c0..t * v_stride + c0 + len];
+                let r = self.a.phys(t);
+                let row = &v[r * v_stride + c0..r * v_stride + c0 + len];
                 acc.iter_mut().zip(row).for_each(|(a, x)| *a += p * x);
             }
             o[c0..c0 + len].iter_mut().zip(acc).for_each(|(o, a)| *o = a * inv);
@@ -359,6 +409,8 @@ mod wide {
         let seen = group.iter().map(|q| q.seen).max().unwrap_or(0);
         let mut p = [0f32; BLOCK];
         for t0 in (keys.start..seen.min(keys.end)).step_by(BLOCK) {
+            // the physical row of each 16 rows of the block (contiguous within a page)
+            let base: [usize; BLOCK / 16] = std::array::from_fn(|j| first.a.phys((t0 + 16 * j).min(seen - 1)));
             for (g, q) in group.iter().enumerate() {
                 let n = q.seen.min(keys.end).saturating_sub(t0).min(BLOCK);
                 if n == 0 {
@@ -371,7 +423,7 @@ mod wide {
                 while n - t >= 16 {
                     let mut acc = [_mm512_setzero_ps(); 16];
                     for pc in pieces {
-                        let kr = pc.keys.add((t0 + t) * pc.stride);
+                        let kr = pc.keys.add(base[t / 16] * pc.stride);
                         for (k, acc) in acc.iter_mut().enumerate() {
                             *acc = _mm512_fmadd_ps(pc.q, _mm512_maskz_loadu_ps(pc.mask, kr.add(k * pc.stride)), *acc);
                         }
@@ -383,7 +435,8 @@ mod wide {
                     let k4 = (n - t).min(4);
                     let mut acc = [_mm512_setzero_ps(); 4];
                     for pc in pieces {
-                        let kr = pc.keys.add((t0 + t) * pc.stride);
+                        // (rows t.. lie in the same 16 as t: the loop above took whole 16s)
+                        let kr = pc.keys.add((base[t / 16] + t % 16) * pc.stride);
                         for (k, acc) in acc.iter_mut().enumerate().take(k4) {
                             *acc = _mm512_fmadd_ps(pc.q, _mm512_maskz_loadu_ps(pc.mask, kr.add(k * pc.stride)), *acc);
                         }
@@ -410,17 +463,20 @@ mod wide {
                     block_sum = _mm512_add_ps(block_sum, ex);
                 }
                 sum[g] = sum[g] * rescale + _mm512_reduce_add_ps(block_sum);
-                // o = o · rescale + Σ p · v: 256 values at a time in registers, then 64
+                // o = o · rescale + Σ p · v: 256 values at a time in registers, then 64; each 16
+                // rows of the block (contiguous) in turn, the first rescaling
                 let og = o.as_mut_ptr().add(g * dv);
-                let rows = v.add(t0 * v_stride);
-                let mut b0 = 0;
-                while dv - b0 >= 256 {
-                    accumulate::<16>(og.add(b0), rows.add(b0), v_stride, &p[..n], rescale, dv - b0);
-                    b0 += 256;
-                }
-                while b0 < dv {
-                    accumulate::<4>(og.add(b0), rows.add(b0), v_stride, &p[..n], rescale, dv - b0);
-                    b0 += 64;
+                for (j, p) in p[..n].chunks(16).enumerate() {
+                    let (rows, rescale) = (v.add(base[j] * v_stride), if j == 0 { rescale } else { 1.0 });
+                    let mut b0 = 0;
+                    while dv - b0 >= 256 {
+                        accumulate::<16>(og.add(b0), rows.add(b0), v_stride, p, rescale, dv - b0);
+                        b0 += 256;
+                    }
+                    while b0 < dv {
+                        accumulate::<4>(og.add(b0), rows.add(b0), v_stride, p, rescale, dv - b0);
+                        b0 += 64;
+                    }
                 }
             }
         }
@@ -491,7 +547,7 @@ pub fn attention_reference(a: &Attention) -> Vec<f32> {
                     .iter()
                     .map(|(q, k)| {
                         let q = &q[hq * k.width..(hq + 1) * k.width];
-                        q.iter().zip(k.row(h, t)).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>()
+                        q.iter().zip(k.row(h, a.phys(t))).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>()
                     })
                     .sum();
                 a.scale as f64 * s
@@ -500,7 +556,7 @@ pub fn attention_reference(a: &Attention) -> Vec<f32> {
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
         for k in 0..dv {
-            let v: f64 = (0..a.tokens).map(|t| (scores[t] - max).exp() / z * a.values.row(h, t)[k] as f64).sum();
+            let v: f64 = (0..a.tokens).map(|t| (scores[t] - max).exp() / z * a.values.row(h, a.phys(t))[k] as f64).sum();
             out[hq * dv + k] = v as f32;
         }
     }

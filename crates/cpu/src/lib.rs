@@ -22,8 +22,8 @@ mod simd;
 pub use absorb::{absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, KvbShape};
 pub use act::Activations;
 pub use attention::{
-    attention, attention_reference, attention_with, mla_attention, mla_attention_reference, mla_attention_with, Attention,
-    MlaShape, Rows,
+    attention, attention_reference, attention_with, mla_attention, mla_attention_paged, mla_attention_reference,
+    mla_attention_with, Attention, MlaShape, Pages, Rows,
 };
 pub use elementwise::{rms_norm, silu_mul};
 pub use format::{bf16_exact, Format, PackedMatrix};

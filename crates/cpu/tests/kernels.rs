@@ -185,10 +185,10 @@ fn bad_shapes_are_errors() {
 
 /// The fused MLA attention against its f64 definition: ragged heads, queries (causal) and cache
 /// lengths, latent widths that are not multiples of the vector width; caches long enough to be
-/// split over the threads (the partial softmaxes merged).
+/// split over the threads (the partial softmaxes merged); the rows in a shuffled page pool.
 #[test]
 fn mla_attention_matches_the_reference() {
-    use moeserve_cpu::{mla_attention_reference, mla_attention_with, MlaShape};
+    use moeserve_cpu::{mla_attention_reference, mla_attention_with, MlaShape, Pages};
     let mut seed = 7u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -208,12 +208,34 @@ fn mla_attention_matches_the_reference() {
         let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
         let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
         let entries: Vec<f32> = (0..tokens * (latent + rope)).map(|_| rnd()).collect();
-        let want = mla_attention_reference(&q_lat, &q_pe, &entries, shape, 0.3);
+        let want = mla_attention_reference(&q_lat, &q_pe, &entries, None, shape, 0.3);
+        // the same rows in a page pool, pages in reverse order after a spare one: 16-row pages
+        // (the AVX-512 loops) and 5-row pages (the portable ones)
+        let row = latent + rope;
+        let paged: Vec<(Vec<f32>, Vec<u32>, usize)> = [16usize, 5]
+            .into_iter()
+            .map(|size| {
+                let n = tokens.div_ceil(size);
+                let ids: Vec<u32> = (0..n as u32).rev().map(|i| i + 1).collect();
+                let mut pool = vec![f32::NAN; (n + 1) * size * row];
+                for t in 0..tokens {
+                    let at = (ids[t / size] as usize * size + t % size) * row;
+                    pool[at..at + row].copy_from_slice(&entries[t * row..(t + 1) * row]);
+                }
+                (pool, ids, size)
+            })
+            .collect();
         for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
-            let got = mla_attention_with(backend, &q_lat, &q_pe, &entries, shape, 0.3);
-            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
-            assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {shape:?}: relative error {}", num / den);
+            let contiguous = mla_attention_with(backend, &q_lat, &q_pe, &entries, None, shape, 0.3);
+            let in_pages = paged.iter().map(|(pool, ids, size)| {
+                let pages = Pages { ids, size: *size };
+                (*size, mla_attention_with(backend, &q_lat, &q_pe, pool, Some(pages), shape, 0.3))
+            });
+            for (pages, got) in std::iter::once((0, contiguous)).chain(in_pages) {
+                let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+                let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
+                assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {shape:?} pages of {pages}: relative error {}", num / den);
+            }
         }
     }
 }
@@ -247,7 +269,7 @@ fn attention_on_per_head_rows_matches_the_reference() {
             (&q_nope[..], per_head(0, nope)),
             (&q_pe[..], Rows { data: &entries, offset: latent, stride: row, head_step: 0, width: rope }),
         ];
-        let call = Attention { parts: &parts, values: per_head(nope, v), heads, queries, tokens, start, scale: 0.2 };
+        let call = Attention { parts: &parts, values: per_head(nope, v), heads, queries, tokens, start, scale: 0.2, pages: None };
         let want = attention_reference(&call);
         for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
             let got = attention_with(backend, &call);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
-use moeserve_cpu::{Attention, Format, KvbShape, PackedMatrix, Rows};
+use moeserve_cpu::{Attention, Format, KvbShape, PackedMatrix, Pages, Rows};
 use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
@@ -191,7 +191,14 @@ impl Mla {
             };
             let o = match paged {
                 Some(o) => o,
-                None if batch.use_absorbed(chunk) => self.attend_absorbed(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
+                None if batch.use_absorbed(chunk) => match (&self.cpu, cache.paged(layer)) {
+                    // a paged cache on the CPU: its pool rows in place, not a gathered copy
+                    (Some(cpu), Some(p)) if p.pool.device().is_cpu() && p.pool.dtype() == DType::F32 => {
+                        let pages = Pages { ids: p.pages, size: p.page_size };
+                        self.attend_absorbed_cpu(cpu, &qn, &qp, p.pool, Some(pages), len, chunk.start_pos)?
+                    }
+                    _ => self.attend_absorbed(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
+                },
                 None => self.attend_naive(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
             }; // [H, S, V]
             outs.push(o.transpose(0, 1).ctx(ctx)?.reshape((s, self.heads * self.v)).ctx(ctx)?);
@@ -216,27 +223,7 @@ impl Mla {
     fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla absorbed".to_string();
         if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
-            // the CPU kernels: absorption on the pool, one fused pass over the cache rows
-            let (h, s, _) = q_nope.dims3().ctx(ctx)?;
-            let p = profile::span("attention block/attention/absorbed products");
-            let q_lat = moeserve_cpu::absorb_queries(&cpu.kv, cpu.shape, &f32_values(q_nope)?, s); // [H, S, L]
-            drop(p);
-            let shape = moeserve_cpu::MlaShape {
-                heads: h,
-                queries: s,
-                tokens: entries.dims()[0],
-                latent: self.latent,
-                rope: self.rope,
-                start,
-            };
-            let q_pe = f32_values(q_pe)?;
-            let p = profile::span("attention block/attention/over the cache");
-            let o_lat =
-                with_f32(entries, |e| moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, self.scale as f32)).ctx(ctx)?;
-            drop(p);
-            let _p = profile::span("attention block/attention/absorbed products");
-            let o = moeserve_cpu::expand_values(&cpu.kv, cpu.shape, &o_lat, s); // [H, S, V]
-            return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
+            return self.attend_absorbed_cpu(cpu, q_nope, q_pe, entries, None, entries.dims()[0], start);
         }
         let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
         let (c_kv, k_pe) = self.split_entries(entries)?;
@@ -246,6 +233,39 @@ impl Mla {
         let p = self.softmax(&scores, start)?;
         let o_lat = p.broadcast_matmul(&c_kv).ctx(ctx)?; // [H, S, L]
         o_lat.matmul(&self.w_uv_t).ctx(ctx) // [H, S, V]
+    }
+
+    /// The absorbed form on the CPU kernels: absorption on the pool, one fused pass over the
+    /// cache rows `rows` (`[T, L+R]`, or with `pages` a page pool read in place), expansion.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_absorbed_cpu(
+        &self,
+        cpu: &CpuAbsorbed,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        rows: &Tensor,
+        pages: Option<Pages>,
+        tokens: usize,
+        start: usize,
+    ) -> Result<Tensor> {
+        let ctx = || "mla absorbed".to_string();
+        let (h, s, _) = q_nope.dims3().ctx(ctx)?;
+        let p = profile::span("attention block/attention/absorbed products");
+        let q_lat = moeserve_cpu::absorb_queries(&cpu.kv, cpu.shape, &f32_values(q_nope)?, s); // [H, S, L]
+        drop(p);
+        let shape = moeserve_cpu::MlaShape { heads: h, queries: s, tokens, latent: self.latent, rope: self.rope, start };
+        let q_pe = f32_values(q_pe)?;
+        let p = profile::span("attention block/attention/over the cache");
+        let scale = self.scale as f32;
+        let o_lat = with_f32(rows, |e| match pages {
+            Some(pages) => moeserve_cpu::mla_attention_paged(&q_lat, &q_pe, e, pages, shape, scale),
+            None => moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, scale),
+        })
+        .ctx(ctx)?;
+        drop(p);
+        let _p = profile::span("attention block/attention/absorbed products");
+        let o = moeserve_cpu::expand_values(&cpu.kv, cpu.shape, &o_lat, s); // [H, S, V]
+        Tensor::from_vec(o, (h, s, self.v), rows.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx)
     }
 
     /// One decode token, absorbed form, by the paged kernel over the pool rows in place.
@@ -342,6 +362,7 @@ impl Mla {
             tokens,
             start,
             scale: self.scale as f32,
+            pages: None,
         };
         Ok(moeserve_cpu::attention(&call))
     }
