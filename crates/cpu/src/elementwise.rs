@@ -26,7 +26,7 @@ pub fn silu_mul_reference(g: &mut [f32], u: &[f32]) {
 /// step runs fifty of these on single rows.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let dim = w.len();
-    assert!(dim > 0 && x.len() % dim == 0, "rms_norm: {} values in rows of {dim}", x.len());
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm: {} values in rows of {dim}", x.len());
     let mut out = vec![0f32; x.len()];
     for (y, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
         let mut lanes = [0f32; 16];
