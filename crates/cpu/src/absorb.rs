@@ -137,20 +137,11 @@ pub fn absorption_reference(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::simd::sum16;
+    use crate::simd::{lane_mask, sum16};
     use crate::{Format, PackedMatrix};
 
     /// Rows ahead that [`absorb_cols`] prefetches.
     const AHEAD: usize = 4;
-
-    /// The first `min(n, 16)` lanes.
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << n) - 1
-        }
-    }
 
     /// 16 values of a row at `p` (f32, or bf16 widened by a shift), as f32.
     #[inline(always)]
@@ -219,7 +210,7 @@ mod x86 {
             }
         }
         for i in 0..NV {
-            _mm512_mask_storeu_ps(y.wrapping_add(16 * i), lanes(left.saturating_sub(16 * i)), acc[i]);
+            _mm512_mask_storeu_ps(y.wrapping_add(16 * i), lane_mask(left.saturating_sub(16 * i)), acc[i]);
         }
     }
 
@@ -247,7 +238,7 @@ mod x86 {
                 let row: [*const u8; 16] = std::array::from_fn(|k| rows.add((j0 + k).min(v - 1) * kv.row_bytes));
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for c in (0..l).step_by(16) {
-                    let m = lanes(l - c);
+                    let m = lane_mask(l - c);
                     // the next 16 rows' line at this column (see `absorb_cols`)
                     if (c * width) % 64 == 0 {
                         for r in row {
@@ -259,7 +250,7 @@ mod x86 {
                         acc[k] = _mm512_fmadd_ps(xv, load::<BF16>(row[k].add(c * width), m), acc[k]);
                     }
                 }
-                _mm512_mask_storeu_ps(y.as_mut_ptr().add(j0), lanes(v - j0), sum16(&acc));
+                _mm512_mask_storeu_ps(y.as_mut_ptr().add(j0), lane_mask(v - j0), sum16(&acc));
             }
         }
     }

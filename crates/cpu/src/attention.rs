@@ -347,20 +347,11 @@ mod wide {
     use std::ops::Range;
 
     use super::OneQuery;
-    use crate::simd::{exp16, sum16};
+    use crate::simd::{exp16, lane_mask, sum16};
 
     /// Key rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
     /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
     const BLOCK: usize = 32;
-
-    /// The first `min(n, 16)` lanes.
-    fn lane_mask(n: usize) -> u16 {
-        if n >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << n) - 1
-        }
-    }
 
     /// One 16-lane piece of a query part: its values, the key rows it multiplies (this piece's
     /// column of the first row), their stride, and its lanes.

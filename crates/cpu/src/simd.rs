@@ -494,6 +494,16 @@ pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
 }
 
+/// The first `min(n, 16)` lanes of a 16-lane mask.
+#[inline(always)]
+pub(crate) fn lane_mask(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// `e^x`: `2^k · 2^f` with `k` the nearest integer to `x·log2(e)` and `2^f` (`|f| <= 1/2`) a
 /// degree-6 Taylor polynomial, relative error about 2e-7; below about -87 it flushes to zero and
 /// above about 88 it overflows to infinity, both through `vscalefps`.

@@ -189,11 +189,7 @@ fn bad_shapes_are_errors() {
 #[test]
 fn mla_attention_matches_the_reference() {
     use moeserve_cpu::{mla_attention_reference, mla_attention_with, MlaShape, Pages};
-    let mut seed = 7u64;
-    let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (heads, queries, tokens, latent, rope) in [
         (1, 1, 1, 8, 8),
         (3, 1, 37, 32, 8),
@@ -205,9 +201,9 @@ fn mla_attention_matches_the_reference() {
         (4, 3, 300, 40, 8),
     ] {
         let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
-        let q_lat: Vec<f32> = (0..heads * queries * latent).map(|_| rnd()).collect();
-        let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
-        let entries: Vec<f32> = (0..tokens * (latent + rope)).map(|_| rnd()).collect();
+        let q_lat: Vec<f32> = rand_vec(&mut rng, heads * queries * latent);
+        let q_pe: Vec<f32> = rand_vec(&mut rng, heads * queries * rope);
+        let entries: Vec<f32> = rand_vec(&mut rng, tokens * (latent + rope));
         let want = mla_attention_reference(&q_lat, &q_pe, &entries, None, shape, 0.3);
         // the same rows in a page pool, pages in reverse order after a spare one: 16-row pages
         // (the AVX-512 loops) and 5-row pages (the portable ones)
@@ -232,9 +228,8 @@ fn mla_attention_matches_the_reference() {
                 (*size, mla_attention_with(backend, &q_lat, &q_pe, pool, Some(pages), shape, 0.3))
             });
             for (pages, got) in std::iter::once((0, contiguous)).chain(in_pages) {
-                let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-                let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
-                assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {shape:?} pages of {pages}: relative error {}", num / den);
+                let e = rel_err(&got, &want);
+                assert!(e < 1e-5, "{backend:?} {shape:?} pages of {pages}: relative error {e}");
             }
         }
     }
@@ -246,11 +241,7 @@ fn mla_attention_matches_the_reference() {
 #[test]
 fn attention_on_per_head_rows_matches_the_reference() {
     use moeserve_cpu::{attention_reference, attention_with, Attention, Rows};
-    let mut seed = 11u64;
-    let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for (heads, queries, start, nope, rope, v, latent) in [
         (1, 1, 0, 8, 4, 8, 16),
         (3, 5, 0, 19, 5, 13, 24),
@@ -260,10 +251,10 @@ fn attention_on_per_head_rows_matches_the_reference() {
     ] {
         let tokens = start + queries;
         let (row, kv) = (latent + rope, heads * (nope + v));
-        let q_nope: Vec<f32> = (0..heads * queries * nope).map(|_| rnd()).collect();
-        let q_pe: Vec<f32> = (0..heads * queries * rope).map(|_| rnd()).collect();
-        let decompressed: Vec<f32> = (0..tokens * kv).map(|_| rnd()).collect();
-        let entries: Vec<f32> = (0..tokens * row).map(|_| rnd()).collect();
+        let q_nope: Vec<f32> = rand_vec(&mut rng, heads * queries * nope);
+        let q_pe: Vec<f32> = rand_vec(&mut rng, heads * queries * rope);
+        let decompressed: Vec<f32> = rand_vec(&mut rng, tokens * kv);
+        let entries: Vec<f32> = rand_vec(&mut rng, tokens * row);
         let per_head = |offset, width| Rows { data: &decompressed, offset, stride: kv, head_step: nope + v, width };
         let parts = [
             (&q_nope[..], per_head(0, nope)),
@@ -273,9 +264,8 @@ fn attention_on_per_head_rows_matches_the_reference() {
         let want = attention_reference(&call);
         for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
             let got = attention_with(backend, &call);
-            let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-            let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
-            assert!(den > 0.0 && num / den < 1e-5, "{backend:?} {heads}x{queries} from {start}: relative error {}", num / den);
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-5, "{backend:?} {heads}x{queries} from {start}: relative error {e}");
         }
     }
 }
@@ -300,13 +290,8 @@ fn absorption_products_match_the_reference() {
                     ("absorb", absorb_queries_with(backend, &kv, shape, &q_nope, s), &want_q),
                     ("expand", expand_values_with(backend, &kv, shape, &o_lat, s), &want_o),
                 ] {
-                    let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-                    let den: f32 = want.iter().map(|b| b * b).sum::<f32>().sqrt();
-                    assert!(
-                        den > 0.0 && num / den < 1e-5,
-                        "{what} {format:?} {backend:?} {shape:?} s={s}: relative error {}",
-                        num / den
-                    );
+                    let e = rel_err(&got, want);
+                    assert!(e < 1e-5, "{what} {format:?} {backend:?} {shape:?} s={s}: relative error {e}");
                 }
             }
         }

@@ -174,23 +174,7 @@ impl Sampler {
         // its share against every candidate's weight
         let total: f32 = cand.iter().map(|c| c.1).sum();
         sort_kept_prefix(&mut cand, p, total);
-        if p.top_k > 0 {
-            cand.truncate(p.top_k);
-        }
-        if p.min_p > 0.0 {
-            let floor = cand[0].1 * p.min_p;
-            cand.retain(|c| c.1 >= floor);
-        }
-        if p.top_p < 1.0 {
-            // the smallest prefix whose mass reaches top_p (always at least one token)
-            let total = if p.top_k > 0 || p.min_p > 0.0 { cand.iter().map(|c| c.1).sum() } else { total };
-            let mut acc = 0.0;
-            let cut = cand.iter().position(|c| {
-                acc += c.1 / total;
-                acc >= p.top_p
-            });
-            cand.truncate(cut.map_or(cand.len(), |i| i + 1));
-        }
+        apply_filters(&mut cand, p, total);
         Dist::Weights(cand)
     }
 
@@ -305,6 +289,28 @@ pub fn argmax(v: &[f32]) -> u32 {
     let max = tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let chunk = v.chunks(16).position(|c| c.iter().fold(false, |hit, &x| hit | (x == max))).unwrap_or(0);
     (chunk * 16 + v[chunk * 16..].iter().position(|&x| x == max).unwrap_or(0)) as u32
+}
+
+/// Top-k, min-p and top-p in turn on candidates sorted by descending weight; `total` is the
+/// weight of every candidate, which top-p alone measures its share against.
+fn apply_filters(cand: &mut Vec<(u32, f32)>, p: &SamplingParams, total: f32) {
+    if p.top_k > 0 {
+        cand.truncate(p.top_k);
+    }
+    if p.min_p > 0.0 {
+        let floor = cand[0].1 * p.min_p;
+        cand.retain(|c| c.1 >= floor);
+    }
+    if p.top_p < 1.0 {
+        // the smallest prefix whose mass reaches top_p (always at least one token)
+        let total = if p.top_k > 0 || p.min_p > 0.0 { cand.iter().map(|c| c.1).sum() } else { total };
+        let mut acc = 0.0;
+        let cut = cand.iter().position(|c| {
+            acc += c.1 / total;
+            acc >= p.top_p
+        });
+        cand.truncate(cut.map_or(cand.len(), |i| i + 1));
+    }
 }
 
 /// Sort the largest candidates by descending weight and drop the others, keeping every token

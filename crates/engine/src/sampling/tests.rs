@@ -82,28 +82,14 @@ fn logprobs_are_normalized() {
     assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
 }
 
-/// The filters' plain definition: sort every candidate, then top-k, min-p, top-p in turn.
+/// The filters on every candidate fully sorted (their plain definition).
 fn kept_by_full_sort(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
     let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut cand: Vec<(u32, f32)> =
         logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x - m) / p.temperature).exp())).collect();
+    let total = cand.iter().map(|c| c.1).sum();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    if p.top_k > 0 {
-        cand.truncate(p.top_k);
-    }
-    if p.min_p > 0.0 {
-        let floor = cand[0].1 * p.min_p;
-        cand.retain(|c| c.1 >= floor);
-    }
-    if p.top_p < 1.0 {
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut acc = 0.0;
-        let cut = cand.iter().position(|c| {
-            acc += c.1 / total;
-            acc >= p.top_p
-        });
-        cand.truncate(cut.map_or(cand.len(), |i| i + 1));
-    }
+    apply_filters(&mut cand, p, total);
     let mut ids: Vec<u32> = cand.iter().map(|c| c.0).collect();
     ids.sort_unstable();
     ids
