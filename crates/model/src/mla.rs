@@ -25,6 +25,10 @@ use crate::rope::RopeTables;
 /// Query rows per step of the naive (prefill) attention.
 const QUERY_CHUNK: usize = 64;
 
+/// Cached rows per product when the CPU's naive attention decompresses them (the golden
+/// tests' 96-token prompt spans two).
+const DECOMPRESS_ROWS: usize = 64;
+
 #[derive(Debug, Clone)]
 enum QProj {
     /// q_a_proj -> q_a_layernorm -> q_b_proj (V3, V2 with q_lora_rank)
@@ -294,8 +298,9 @@ impl Mla {
         let k_pe = k_pe.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, t, self.rope)).ctx(ctx)?; // [H, T, R]
         let k = Tensor::cat(&[&k_nope, &k_pe], 2).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, T, P+R]
         let q = Tensor::cat(&[q_nope, q_pe], 2).ctx(ctx)?; // [H, S, P+R]
-                                                           // the queries in chunks, each against only the keys it may see: a long prompt's products
-                                                           // halve, and a score tensor is [H, QUERY_CHUNK, T] instead of [H, S, T]
+
+        // the queries in chunks, each against only the keys it may see: a long prompt's products
+        // halve, and a score tensor is [H, QUERY_CHUNK, T] instead of [H, S, T]
         let mut outs = Vec::with_capacity(s.div_ceil(QUERY_CHUNK));
         for c0 in (0..s).step_by(QUERY_CHUNK) {
             let len = (s - c0).min(QUERY_CHUNK);
@@ -334,17 +339,22 @@ impl Mla {
         let row = self.latent + self.rope;
         let tokens = entries.len() / row;
         let span = profile::span("attention block/attention/decompression");
-        let c_kv: Vec<f32> = entries.chunks_exact(row).flat_map(|e| &e[..self.latent]).copied().collect(); // [T, L]
-        let width = self.heads * (self.nope + self.v);
-        let mut kv = vec![0f32; tokens * width]; // [T, H·(P+V)]
-        moeserve_cpu::matmul(&cpu.kv, &c_kv, tokens, &mut kv);
-        // head-major, [H, T, P+V]: one head's rows contiguous (strided by H·(P+V), its rows
-        // would fall into the same few L1 sets)
-        let head = self.nope + self.v;
+        let (head, width) = (self.nope + self.v, self.heads * (self.nope + self.v));
+        // [H, T, P+V], head-major: one head's rows contiguous (at a stride of H·(P+V) floats, a
+        // few KiB, they would share a few L1 sets); decompressed DECOMPRESS_ROWS cached rows
+        // at a time, so that the product's [rows, H·(P+V)] output stays a bounded buffer
         let mut by_head = vec![0f32; tokens * width];
-        for (h, dst) in by_head.chunks_exact_mut(tokens * head).enumerate() {
-            for (d, src) in dst.chunks_exact_mut(head).zip(kv.chunks_exact(width)) {
-                d.copy_from_slice(&src[h * head..(h + 1) * head]);
+        let mut c_kv = Vec::with_capacity(DECOMPRESS_ROWS * self.latent);
+        let mut kv = vec![0f32; DECOMPRESS_ROWS.min(tokens) * width];
+        for t0 in (0..tokens).step_by(DECOMPRESS_ROWS) {
+            let n = (tokens - t0).min(DECOMPRESS_ROWS);
+            c_kv.clear();
+            c_kv.extend(entries[t0 * row..(t0 + n) * row].chunks_exact(row).flat_map(|e| &e[..self.latent])); // [n, L]
+            moeserve_cpu::matmul(&cpu.kv, &c_kv, n, &mut kv[..n * width]); // [n, H·(P+V)]
+            for (h, dst) in by_head.chunks_exact_mut(tokens * head).enumerate() {
+                for (d, src) in dst[t0 * head..(t0 + n) * head].chunks_exact_mut(head).zip(kv.chunks_exact(width)) {
+                    d.copy_from_slice(&src[h * head..(h + 1) * head]);
+                }
             }
         }
         drop(span);
