@@ -20,6 +20,38 @@ pub fn silu_mul_reference(g: &mut [f32], u: &[f32]) {
     }
 }
 
+/// `e^((x − shift) · scale)` of every value: a sampler's unnormalized weights over a vocabulary
+/// (`shift` the largest logit, `scale` 1 / temperature). The scalar `expf` takes about 1.5 ms
+/// for 129k logits, a sixth of a decode step; AVX-512 takes 16 at a time. Values that are not
+/// finite give unspecified weights (the caller skips them).
+pub fn exp_shifted(x: &[f32], shift: f32, scale: f32) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::matmul::available(crate::Backend::Avx512) {
+        // SAFETY: AVX-512 (F, BW, VL) checked just above.
+        return unsafe { exp_shifted_avx512(x, shift, scale) };
+    }
+    exp_shifted_reference(x, shift, scale)
+}
+
+/// The plain loop [`exp_shifted`] is tested against.
+pub fn exp_shifted_reference(x: &[f32], shift: f32, scale: f32) -> Vec<f32> {
+    x.iter().map(|&v| ((v - shift) * scale).exp()).collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn exp_shifted_avx512(x: &[f32], shift: f32, scale: f32) -> Vec<f32> {
+    use std::arch::x86_64::*;
+    let (shift, scale) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
+    let mut out = vec![0f32; x.len()];
+    for (o, x) in out.chunks_mut(16).zip(x.chunks(16)) {
+        let m = crate::simd::lane_mask(x.len());
+        let v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x.as_ptr()), shift), scale);
+        _mm512_mask_storeu_ps(o.as_mut_ptr(), m, crate::simd::exp16(v));
+    }
+    out
+}
+
 /// RMSNorm of each `w.len()`-wide row of `x`: `w · x / sqrt(mean(x²) + eps)`, the statistics in
 /// f32. One pass over the row for the sum of squares (in 16 independent lanes, so it vectorizes)
 /// and one for the output, where candle's tensor ops take about ten allocating passes: a decode
@@ -95,6 +127,19 @@ mod tests {
                     assert!((y[at + 1] - (a * th.sin() + b * th.cos())).abs() < 1e-6);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn exp_shifted_matches_the_plain_loop() {
+        // a vocabulary-like row: ragged length, weights from 1 down to underflow
+        let x: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1000) as f32 * 0.05 - 20.0).collect();
+        let (shift, scale) = (29.95, 1.0 / 0.6);
+        let want = exp_shifted_reference(&x, shift, scale);
+        for ((g, w), v) in exp_shifted(&x, shift, scale).iter().zip(&want).zip(&x) {
+            // relative 4e-7, plus the argument's rounding (1e-7 of its size)
+            let arg = ((v - shift) * scale).abs();
+            assert!((g - w).abs() <= (4e-7 + 1e-7 * arg) * w + 1e-37, "{g} vs {w}");
         }
     }
 

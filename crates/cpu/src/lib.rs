@@ -25,7 +25,7 @@ pub use attention::{
     attention, attention_reference, attention_with, mla_attention, mla_attention_paged, mla_attention_reference,
     mla_attention_with, Attention, MlaShape, Pages, Rows,
 };
-pub use elementwise::{rms_norm, silu_mul};
+pub use elementwise::{exp_shifted, rms_norm, silu_mul};
 pub use format::{bf16_exact, Format, PackedMatrix};
 pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, on_pool, Backend, Product};
 

@@ -161,12 +161,9 @@ impl Sampler {
             return Dist::Point(argmax(&l));
         }
         let m = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut cand: Vec<(u32, f32)> = l
-            .iter()
-            .enumerate()
-            .filter(|(_, x)| x.is_finite())
-            .map(|(i, &x)| (i as u32, ((x - m) / p.temperature).exp()))
-            .collect();
+        let weights = moeserve_cpu::exp_shifted(&l, m, 1.0 / p.temperature);
+        let mut cand: Vec<(u32, f32)> = Vec::with_capacity(l.len());
+        cand.extend(l.iter().zip(weights).enumerate().filter(|(_, (x, _))| x.is_finite()).map(|(i, (_, w))| (i as u32, w)));
         if cand.is_empty() {
             return Dist::Point(argmax(logits));
         }
