@@ -93,7 +93,7 @@ impl RopeTables {
         if let (Some((cos, sin)), true) = (&self.cpu, x.device().is_cpu() && x.dtype() == DType::F32) {
             let (n, heads, dim) = x.dims3().ctx(ctx)?;
             let (mut xs, _) = moeserve_quant::packed::rows_f32(x, dim, "rope")?;
-            if cos.len() != n * dim / 2 {
+            if dim % 2 != 0 || cos.len() != n * dim / 2 {
                 return Err(moeserve_core::Error::Input(format!("rope: {n} tokens of {dim}, tables hold {}", cos.len())));
             }
             moeserve_cpu::elementwise::rope_interleaved(&mut xs, cos, sin, heads, dim / 2);
