@@ -27,6 +27,7 @@ use crate::format::{Format, PackedMatrix, Q4K_GROUP_HEADER, Q4K_GROUP_RECORD, Q8
 /// How far ahead of its loads a kernel asks for a stream's bytes: the hardware prefetchers take
 /// a while to pick up each new stream, and a unit of work reads only a few kilobytes per stream.
 const PREFETCH: usize = 2 * Q4K_GROUP_RECORD;
+const Q8_PREFETCH: usize = 2 * Q8_0_GROUP_QUANTS;
 
 /// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row, through
 /// the groups that hold those rows. `wide`: the AVX-512 VNNI kernels, else AVX2.
@@ -41,7 +42,15 @@ pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
     // streams going (one stream reads about half the bandwidth); with AVX-512 at any batch (the
     // tiles of 4 activation rows after the first read the 4 groups from L2), with AVX2 (16
     // registers) at one or two rows
-    if (wide || a.batch <= 2) && g1 - g0 >= 4 {
+    if wide && a.batch > 4 && g1 - g0 >= 2 {
+        let part = (g1 - g0) / 2;
+        for i in 0..part {
+            tiles::<2>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
+        }
+        for g in g0 + 2 * part..g1 {
+            tiles::<1>(w, a, [g], out, wide);
+        }
+    } else if (wide || a.batch <= 2) && g1 - g0 >= 4 {
         let part = (g1 - g0) / 4;
         for i in 0..part {
             tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
@@ -68,7 +77,7 @@ struct Out {
 #[inline(always)]
 unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G], out: Out, wide: bool) {
     // 4 groups × 4 rows of accumulators, or 1 group × 8 rows (AVX-512's 32 registers)
-    let cap = if wide && G == 1 { 8 } else { 4 };
+    let cap = if wide && G <= 2 { 8 } else { 4 };
     let mut b0 = 0;
     while b0 < a.batch {
         let bt = (a.batch - b0).min(cap);
@@ -132,6 +141,14 @@ unsafe fn q8_0_512<const G: usize, const BT: usize>(
     for blk in 0..nb {
         for j in 0..G {
             let q = qp[j].add(blk * Q8_0_GROUP_QUANTS);
+            // (past the matrix's end for its last blocks: a prefetch does not fault)
+            let pf = q.wrapping_add(Q8_PREFETCH);
+            for l in 0..Q8_0_GROUP_QUANTS / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64 * l) as *const i8);
+            }
+            if blk % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(sp[j].wrapping_add(blk * 32 + Q8_PREFETCH / 16) as *const i8);
+            }
             let wv: [__m512i; 8] = std::array::from_fn(|i| _mm512_loadu_si512(q.add(64 * i) as *const _));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(sp[j].add(blk * 32) as *const __m256i));
             for b in 0..BT {
