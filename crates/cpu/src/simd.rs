@@ -199,7 +199,8 @@ unsafe fn tile<const R: usize, const BT: usize>(
         Format::F32 => float_rows::<F32, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
         Format::Bf16 => float_rows::<BF16, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
         Format::Fp8 { block } if $max_tile == 8 && BT <= 2 && block[1] % 32 == 0 => {
-            crate::simd::fp8_512::rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
+            let decode = crate::simd::fp8_512::decode();
+            crate::simd::fp8_512::rows::<R, BT>(decode, rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
         }
         Format::Fp8 { block } if R * BT <= 2 && a.has_fp8_order() => {
             fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order().as_ptr().add(b0 * pc), out)

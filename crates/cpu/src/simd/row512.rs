@@ -1,10 +1,48 @@
 //! AVX-512 kernels for one or two activation rows, outside the `x86_kernels!` pair because they
 //! have no AVX2 twin: the 512-bit registers are what makes them faster than the shared code.
 
-/// FP8 weights against one or two activation rows with AVX-512: 32 weights per step, widened
-/// to 16-bit in one instruction and converted by the f16 trick of `format::fp8_via_f16`.
+/// FP8 weights against one or two activation rows with AVX-512, in one of two decodings:
+///
+/// - **f16** ([`Decode::F16`]): 32 weights per step, widened to 16-bit in one instruction and
+///   converted by the f16 trick of `format::fp8_via_f16`, then `vcvtph2ps`;
+/// - **integer** ([`Decode::Integer`]): 16 weights per step, sign-extended to 32-bit lanes and
+///   shifted so that the E4M3 exponent and mantissa land in the f32 fields with the sign kept
+///   (`(b << 20) & 0x87f0_0000`). That f32 is the weight times 2^-120 exactly, subnormal E4M3
+///   values included (they become f32 subnormals of the same spacing); the factor is applied
+///   with the block scale. Three integer instructions per 16 weights and no conversion: on AMD Zen 4,
+///   8192 × 4096, 0.90–0.96 of the read bandwidth against 0.82–0.85 for the f16 decoding.
+///
+/// The integer decoding feeds the FMAs subnormal operands and, from a zero accumulator, subnormal
+/// results. AMD's FPUs take them at full speed; Intel's need a microcode assist for subnormal
+/// results (without flush-to-zero), so Intel keeps the f16 decoding ([`decode`]).
+// Register-blocked loops index several accumulator arrays by the same counters.
+#[allow(clippy::needless_range_loop)]
 pub(crate) mod fp8_512 {
     use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    /// How the FP8 bytes become f32 (see the module).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Decode {
+        F16,
+        Integer,
+    }
+
+    /// The decoding for this CPU: the integer one where subnormal floats cost nothing extra (AMD).
+    pub(crate) fn decode() -> Decode {
+        static D: OnceLock<Decode> = OnceLock::new();
+        *D.get_or_init(|| {
+            // SAFETY: cpuid leaf 0 exists on every x86-64 CPU (the intrinsic is safe from Rust 1.87)
+            #[allow(unused_unsafe)]
+            let id = unsafe { __cpuid(0) };
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            if vendor == b"AuthenticAMD" {
+                Decode::Integer
+            } else {
+                Decode::F16
+            }
+        })
+    }
 
     /// `out[j][b] = Σ_k W[j, k] · x[b, k]`, with the scale of each `seg` columns (a multiple of 32).
     ///
@@ -13,6 +51,7 @@ pub(crate) mod fp8_512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     pub(crate) unsafe fn rows<const R: usize, const BT: usize>(
+        decode: Decode,
         rows: [*const u8; R],
         scales: [&[f32]; R],
         seg: usize,
@@ -20,30 +59,25 @@ pub(crate) mod fp8_512 {
         x: *const f32,
         out: &mut [[f32; 8]; R],
     ) {
-        let mask = _mm512_set1_epi16(0xbf80u16 as i16);
+        // the stored scales carry the f16 decoding's 2^8; the integer decoding's weights are the
+        // E4M3 values times 2^-120, so its blocks take another 2^112
+        let unit = match decode {
+            Decode::F16 => 1.0,
+            Decode::Integer => f32::from_bits((127 + 120) << 23) / crate::format::FP8_VIA_F16_FACTOR,
+        };
         let mut tot = [[_mm512_setzero_ps(); BT]; R];
         let mut k0 = 0;
         let mut si = 0;
         while k0 < pc {
             let k1 = (k0 + seg).min(pc);
-            let mut acc = [[_mm512_setzero_ps(); BT]; R];
-            for k in (k0..k1).step_by(32) {
-                let xv: [[__m512; 2]; BT] =
-                    std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
-                for j in 0..R {
-                    let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows[j].add(k) as *const __m256i));
-                    let h = _mm512_and_si512(_mm512_slli_epi16::<7>(v), mask);
-                    let w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-                    let w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h));
-                    for b in 0..BT {
-                        acc[j][b] = _mm512_fmadd_ps(w0, xv[b][0], acc[j][b]);
-                        acc[j][b] = _mm512_fmadd_ps(w1, xv[b][1], acc[j][b]);
-                    }
-                }
-            }
+            let acc = match decode {
+                Decode::F16 => segment_f16::<R, BT>(rows, k0, k1, pc, x),
+                Decode::Integer => segment_integer::<R, BT>(rows, k0, k1, pc, x),
+            };
             for j in 0..R {
+                let s = _mm512_set1_ps(scales[j][si] * unit);
                 for b in 0..BT {
-                    tot[j][b] = _mm512_fmadd_ps(acc[j][b], _mm512_set1_ps(scales[j][si]), tot[j][b]);
+                    tot[j][b] = _mm512_fmadd_ps(acc[j][b], s, tot[j][b]);
                 }
             }
             k0 = k1;
@@ -52,6 +86,115 @@ pub(crate) mod fp8_512 {
         for j in 0..R {
             for b in 0..BT {
                 out[j][b] = _mm512_reduce_add_ps(tot[j][b]);
+            }
+        }
+    }
+
+    /// Columns `k0..k1` of one scale block, unscaled, f16 decoding.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn segment_f16<const R: usize, const BT: usize>(
+        rows: [*const u8; R],
+        k0: usize,
+        k1: usize,
+        pc: usize,
+        x: *const f32,
+    ) -> [[__m512; BT]; R] {
+        let mask = _mm512_set1_epi16(0xbf80u16 as i16);
+        let mut acc = [[_mm512_setzero_ps(); BT]; R];
+        for k in (k0..k1).step_by(32) {
+            let xv: [[__m512; 2]; BT] =
+                std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
+            for j in 0..R {
+                let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows[j].add(k) as *const __m256i));
+                let h = _mm512_and_si512(_mm512_slli_epi16::<7>(v), mask);
+                let w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+                let w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h));
+                for b in 0..BT {
+                    acc[j][b] = _mm512_fmadd_ps(w0, xv[b][0], acc[j][b]);
+                    acc[j][b] = _mm512_fmadd_ps(w1, xv[b][1], acc[j][b]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// Columns `k0..k1` of one scale block, times 2^-120, integer decoding.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn segment_integer<const R: usize, const BT: usize>(
+        rows: [*const u8; R],
+        k0: usize,
+        k1: usize,
+        pc: usize,
+        x: *const f32,
+    ) -> [[__m512; BT]; R] {
+        // sign (bit 31, the sign-extension's copy of bit 7), exponent and mantissa (bits 26..20)
+        let fields = _mm512_set1_epi32(0x87f0_0000u32 as i32);
+        let mut acc = [[_mm512_setzero_ps(); BT]; R];
+        for k in (k0..k1).step_by(32) {
+            let xv: [[__m512; 2]; BT] =
+                std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
+            for j in 0..R {
+                for h in 0..2 {
+                    let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(rows[j].add(k + 16 * h) as *const __m128i));
+                    let wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(v), fields));
+                    for b in 0..BT {
+                        acc[j][b] = _mm512_fmadd_ps(wv, xv[b][h], acc[j][b]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::format::fp8_via_f16;
+
+        /// Both decodings on every finite E4M3 byte (subnormals included), against the f64 sum of
+        /// the decoded weights, for 1 and 2 rows × 1 and 2 activation rows and several blocks.
+        #[test]
+        fn both_decodings_match_the_definition() {
+            if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("f16c"))
+            {
+                return;
+            }
+            let (seg, pc) = (64, 256);
+            let bytes: Vec<u8> =
+                (0..2 * pc).map(|i| ((i * 37 + 11) % 256) as u8).map(|b| if b & 0x7f == 0x7f { 0 } else { b }).collect();
+            // includes activations below 1, so that the integer decoding's products are subnormal
+            let x: Vec<f32> = (0..2 * pc).map(|i| ((i * 29 % 97) as f32 - 48.0) / 61.0).collect();
+            let scales = [vec![0.5f32, 2.0, 0.01, 3.0], vec![1.0f32, 0.25, 7.0, 0.125]];
+            let want = |j: usize, b: usize| -> f64 {
+                (0..pc).map(|k| fp8_via_f16(bytes[j * pc + k]) as f64 * scales[j][k / seg] as f64 * x[b * pc + k] as f64).sum()
+            };
+            for decode in [Decode::F16, Decode::Integer] {
+                let mut out = [[0f32; 8]; 2];
+                // SAFETY: features checked above; rows are pc bytes and x is [2, pc].
+                unsafe {
+                    rows::<2, 2>(
+                        decode,
+                        [bytes.as_ptr(), bytes.as_ptr().add(pc)],
+                        [&scales[0], &scales[1]],
+                        seg,
+                        pc,
+                        x.as_ptr(),
+                        &mut out,
+                    )
+                };
+                for j in 0..2 {
+                    for b in 0..2 {
+                        let (got, want) = (out[j][b] as f64, want(j, b));
+                        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{decode:?} row {j} x {b}: {got} vs {want}");
+                    }
+                }
+                let mut one = [[0f32; 8]; 1];
+                // SAFETY: as above.
+                unsafe { rows::<1, 1>(decode, [bytes.as_ptr().add(pc)], [&scales[1]], seg, pc, x.as_ptr().add(pc), &mut one) };
+                let w = want(1, 1);
+                assert!((one[0][0] as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{decode:?} 1x1: {} vs {w}", one[0][0]);
             }
         }
     }
