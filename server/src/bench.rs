@@ -97,10 +97,10 @@ fn bench_kernels(args: &Args) -> Result<()> {
         rayon::current_num_threads(),
         report.read_bandwidth / 1e9
     );
-    println!("{:<6} {:>5} {:>10} {:>9} {:>12} {:>10}", "format", "batch", "time (us)", "GB/s", "of read bw", "vs batch 1");
+    println!("{:<9} {:>5} {:>10} {:>9} {:>12} {:>10}", "format", "batch", "time (us)", "GB/s", "of read bw", "vs batch 1");
     for r in &report.results {
         println!(
-            "{:<6} {:>5} {:>10.1} {:>9.2} {:>12.2} {:>10.2}",
+            "{:<9} {:>5} {:>10.1} {:>9.2} {:>12.2} {:>10.2}",
             r.format,
             r.batch,
             r.seconds * 1e6,

@@ -31,6 +31,10 @@ pub struct Activations {
     /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
     /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
+    /// bf16 weights only, `[batch, padded_cols]`: the rows as bf16, set when every value is
+    /// exactly a bf16 (a `--dtype bf16` model's activations) and the CPU has `vdpbf16ps`, which
+    /// then multiplies them exactly with no rounding of its own (see `simd::bf16_512`).
+    pub(crate) bf16_exact: Option<Vec<u16>>,
 }
 
 impl Activations {
@@ -66,9 +70,13 @@ impl Activations {
             block,
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
+            bf16_exact: None,
         };
         if block > 0 {
             a.quantize();
+        }
+        if format == Format::Bf16 && bf16_dot_available() {
+            a.bf16_exact = bf16_exact(&a.f32);
         }
         a
     }
@@ -92,6 +100,7 @@ impl Activations {
             block: self.block,
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),
+            bf16_exact: self.bf16_exact.as_ref().map(|v| gather_rows(v, rows, pc, rows.len())),
         }
     }
 
@@ -162,6 +171,23 @@ impl Activations {
             self.q8_offset = sums32.map(|s| -128 * s).collect();
         }
     }
+}
+
+/// Whether this CPU runs the bf16 × bf16 kernel (`simd::bf16_512`).
+fn bf16_dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::simd::avx512::available() && is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `x`'s high halves, if every value is exactly a bf16 (its low 16 bits zero).
+fn bf16_exact(x: &[f32]) -> Option<Vec<u16>> {
+    let bits = |v: &f32| v.to_bits();
+    if x.iter().any(|v| bits(v) & 0xffff != 0) {
+        return None;
+    }
+    Some(x.iter().map(|v| (bits(v) >> 16) as u16).collect())
 }
 
 /// `x` as the bits of a bf16 high part `h = bf16(x)` and a low part `bf16(x - h)`.
@@ -301,8 +327,11 @@ mod tests {
     fn gathered_rows_are_the_rows_prepared_again() {
         let (cols, padded_cols) = (300, 512);
         let x: Vec<f32> = (0..5 * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1 + i % 7) as f32).collect();
-        for format in [Format::Q8_0, Format::Q4K, Format::Q6K, Format::Bf16] {
-            let all = Activations::new(format, &x, 5, cols, padded_cols);
+        // bf16 twice: values that are not bf16, and values that are (`bf16_exact`)
+        let x_bf16: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        for (format, x) in [(Format::Q8_0, &x), (Format::Q4K, &x), (Format::Q6K, &x), (Format::Bf16, &x), (Format::Bf16, &x_bf16)]
+        {
+            let all = Activations::new(format, x, 5, cols, padded_cols);
             let rows = [3, 0, 3, 4];
             let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * cols..(r + 1) * cols].to_vec()).collect();
             let want = Activations::new(format, &picked, rows.len(), cols, padded_cols);
@@ -314,7 +343,15 @@ mod tests {
             assert_eq!(got.q8_offset, want.q8_offset, "{format:?}");
             assert_eq!(got.sums16, want.sums16, "{format:?}");
             assert_eq!(got.scaled_sums32, want.scaled_sums32, "{format:?}");
+            assert_eq!(got.bf16_exact, want.bf16_exact, "{format:?}");
         }
+    }
+
+    #[test]
+    fn only_exact_bf16_values_are_kept_as_bf16() {
+        let exact = [1.0f32, -0.5, 0.0, half::bf16::from_f32(3.0e-20).to_f32(), half::bf16::from_f32(0.1).to_f32()];
+        assert_eq!(super::bf16_exact(&exact), Some(exact.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()));
+        assert_eq!(super::bf16_exact(&[1.0, 0.1]), None);
     }
 
     #[cfg(target_arch = "x86_64")]

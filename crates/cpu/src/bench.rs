@@ -64,26 +64,35 @@ pub fn run(
         // enough copies to stream well past the last-level cache (some CPUs have hundreds of MB)
         let copies = (min_bytes / w.resident_bytes().max(1)).max(1);
         let ws: Vec<PackedMatrix> = (0..copies).map(|_| w.clone()).collect();
-        let mut base = None;
-        for &batch in batches {
-            let x = &w32[..batch * cols];
-            let mut y = vec![0f32; batch * rows];
-            let mut best = f64::INFINITY;
-            for i in 0..reps.max(1) * copies {
-                let w = &ws[i % copies];
-                let t = Instant::now();
-                let a = activations(w, x, batch);
-                matmul_many_with(backend, &mut [Product { w, x: &a, y: &mut y }]);
-                best = best.min(t.elapsed().as_secs_f64());
+        // bf16 weights twice: with f32 activations, and with activations that are bf16 values
+        // (a `--dtype bf16` model's), which take the bf16 × bf16 kernel where the CPU has one
+        let bf16_values: Vec<f32> = w32.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let passes: &[(&'static str, &[f32])] = match format {
+            Format::Bf16 => &[("bf16", &w32), ("bf16·bf16", &bf16_values)],
+            _ => &[(format.name(), &w32)],
+        };
+        for &(name, values) in passes {
+            let mut base = None;
+            for &batch in batches {
+                let x = &values[..batch * cols];
+                let mut y = vec![0f32; batch * rows];
+                let mut best = f64::INFINITY;
+                for i in 0..reps.max(1) * copies {
+                    let w = &ws[i % copies];
+                    let t = Instant::now();
+                    let a = activations(w, x, batch);
+                    matmul_many_with(backend, &mut [Product { w, x: &a, y: &mut y }]);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let b1 = *base.get_or_insert(best);
+                results.push(KernelRow {
+                    format: name,
+                    batch,
+                    seconds: best,
+                    bytes_per_s: w.resident_bytes() as f64 / best,
+                    vs_batch1: best / b1,
+                });
             }
-            let b1 = *base.get_or_insert(best);
-            results.push(KernelRow {
-                format: format.name(),
-                batch,
-                seconds: best,
-                bytes_per_s: w.resident_bytes() as f64 / best,
-                vs_batch1: best / b1,
-            });
         }
     }
     KernelReport { rows, cols, read_bandwidth: read, results }

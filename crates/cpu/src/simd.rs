@@ -8,6 +8,8 @@
 //! - f32 / bf16 / FP8: weights converted to f32 in registers (bf16: a 16-bit shift; FP8: the f16
 //!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`), FMA with f32 activations; FP8 block
 //!   scales are applied once per column block.
+//! - bf16 with activations that are exactly bf16 (a `--dtype bf16` model), 2+ rows, AVX-512 BF16:
+//!   `vdpbf16ps` on the stored weights (`simd::bf16_512`), twice the multiply rate of the FMAs.
 //! - q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`, `vpmaddwd`),
 //!   block scales applied in f32 once per block.
 
@@ -39,6 +41,11 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
     if w.format.grouped() {
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
         return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
+    }
+    if $max_tile == 8 && w.format == Format::Bf16 && a.batch >= 2 && a.bf16_exact.is_some() {
+        // exact bf16 activations: `vdpbf16ps` (the activations were prepared only where the CPU
+        // has it)
+        return crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride);
     }
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
@@ -554,7 +561,7 @@ pub(crate) unsafe fn sum16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x8
 mod grouped;
 mod row512;
 pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};
-pub(crate) use row512::fp8_512;
+pub(crate) use row512::{bf16_512, fp8_512};
 
 /// AVX2 + FMA + F16C.
 pub mod avx2 {

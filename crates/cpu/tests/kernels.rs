@@ -97,6 +97,29 @@ fn kernels_match_the_reference_on_ragged_shapes() {
 }
 
 #[test]
+fn bf16_weights_with_bf16_activations_match_the_reference() {
+    // activations that are bf16 values (a `--dtype bf16` model's) take the bf16 x bf16 kernel
+    // (`vdpbf16ps`) where the CPU has one: exact products, f32 sums, so f32's bound holds
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048)] {
+        let w = pack(Format::Bf16, &mut rng, rows, cols);
+        for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
+            let x: Vec<f32> = rand_vec(&mut rng, batch * cols).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+            let mut want = vec![0f32; batch * rows];
+            matmul_reference(&w, &x, batch, &mut want);
+            let scale = magnitudes(&w, &x, batch);
+            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+                let a = activations(&w, &x, batch);
+                let mut got = vec![f32::NAN; batch * rows];
+                matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
+                let e = scaled_err(&got, &want, &scale);
+                assert!(e < 1e-5, "{backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn grouped_formats_in_several_streams_match_the_reference() {
     // q8_0 and q4_K are stored in groups of 16 rows: enough rows that a thread's unit of work
     // holds four or more groups (the kernels then read four groups side by side), the last group
