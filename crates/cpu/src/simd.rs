@@ -77,8 +77,9 @@ unsafe fn streams<const R: usize>(w: &PackedMatrix, a: &Activations, r0: usize, 
 unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], y: *mut f32, y_stride: usize) {
     let mut b0 = 0;
     while b0 < a.batch {
-        // q6_K keeps per-tile integer sums beside the float ones: at most 4 rows a tile
-        let cap = if w.format == Format::Q6K { 4 } else { $max_tile };
+        // q6_K keeps per-tile integer sums beside the float ones, and the AVX-512 FP8 kernel
+        // its block sums beside the totals: at most 4 rows a tile
+        let cap = if w.format == Format::Q6K || fp8_512_applies(w) { 4 } else { $max_tile };
         let bt = (a.batch - b0).min(cap);
         let mut out = [[0f32; 8]; R];
         match bt {
@@ -187,6 +188,11 @@ unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
 
 static ONE: [f32; 1] = [1.0];
 
+/// Whether FP8 products take `simd::fp8_512` (AVX-512, scale blocks of whole 32 columns).
+fn fp8_512_applies(w: &PackedMatrix) -> bool {
+    $max_tile == 8 && matches!(w.format, Format::Fp8 { block } if block[1] % 32 == 0)
+}
+
 #[target_feature(enable = $features)]
 unsafe fn tile<const R: usize, const BT: usize>(
     w: &PackedMatrix,
@@ -205,7 +211,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
     match w.format {
         Format::F32 => float_rows::<F32, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
         Format::Bf16 => float_rows::<BF16, R, BT>(rows, [&ONE[..]; R], pc, pc, x, out),
-        Format::Fp8 { block } if $max_tile == 8 && BT <= 2 && block[1] % 32 == 0 => {
+        Format::Fp8 { block } if BT <= 4 && fp8_512_applies(w) => {
             let decode = crate::simd::fp8_512::decode();
             crate::simd::fp8_512::rows::<R, BT>(decode, rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
         }

@@ -1,7 +1,8 @@
-//! AVX-512 kernels for one or two activation rows, outside the `x86_kernels!` pair because they
-//! have no AVX2 twin: the 512-bit registers are what makes them faster than the shared code.
+//! AVX-512 kernels outside the `x86_kernels!` pair, because they have no AVX2 twin: FP8 weights
+//! (the 512-bit registers are what makes them faster than the shared code) and bf16 × bf16
+//! (`vdpbf16ps`).
 
-/// FP8 weights against one or two activation rows with AVX-512, in one of two decodings:
+/// FP8 weights against up to 4 activation rows with AVX-512, in one of two decodings:
 ///
 /// - **f16** ([`Decode::F16`]): 32 weights per step, widened to 16-bit in one instruction and
 ///   converted by the f16 trick of `format::fp8_via_f16`, then `vcvtph2ps`;
@@ -154,7 +155,7 @@ pub(crate) mod fp8_512 {
         use crate::format::fp8_via_f16;
 
         /// Both decodings on every finite E4M3 byte (subnormals included), against the f64 sum of
-        /// the decoded weights, for 1 and 2 rows × 1 and 2 activation rows and several blocks.
+        /// the decoded weights, for 1 and 2 rows × 1 and 4 activation rows and several blocks.
         #[test]
         fn both_decodings_match_the_definition() {
             if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("f16c"))
@@ -165,16 +166,16 @@ pub(crate) mod fp8_512 {
             let bytes: Vec<u8> =
                 (0..2 * pc).map(|i| ((i * 37 + 11) % 256) as u8).map(|b| if b & 0x7f == 0x7f { 0 } else { b }).collect();
             // includes activations below 1, so that the integer decoding's products are subnormal
-            let x: Vec<f32> = (0..2 * pc).map(|i| ((i * 29 % 97) as f32 - 48.0) / 61.0).collect();
+            let x: Vec<f32> = (0..4 * pc).map(|i| ((i * 29 % 97) as f32 - 48.0) / 61.0).collect();
             let scales = [vec![0.5f32, 2.0, 0.01, 3.0], vec![1.0f32, 0.25, 7.0, 0.125]];
             let want = |j: usize, b: usize| -> f64 {
                 (0..pc).map(|k| fp8_via_f16(bytes[j * pc + k]) as f64 * scales[j][k / seg] as f64 * x[b * pc + k] as f64).sum()
             };
             for decode in [Decode::F16, Decode::Integer] {
                 let mut out = [[0f32; 8]; 2];
-                // SAFETY: features checked above; rows are pc bytes and x is [2, pc].
+                // SAFETY: features checked above; rows are pc bytes and x is [4, pc].
                 unsafe {
-                    rows::<2, 2>(
+                    rows::<2, 4>(
                         decode,
                         [bytes.as_ptr(), bytes.as_ptr().add(pc)],
                         [&scales[0], &scales[1]],
@@ -185,7 +186,7 @@ pub(crate) mod fp8_512 {
                     )
                 };
                 for j in 0..2 {
-                    for b in 0..2 {
+                    for b in 0..4 {
                         let (got, want) = (out[j][b] as f64, want(j, b));
                         assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{decode:?} row {j} x {b}: {got} vs {want}");
                     }
