@@ -81,27 +81,44 @@ unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G
     let mut b0 = 0;
     while b0 < a.batch {
         let bt = (a.batch - b0).min(cap);
-        let mut sums = [[[0f32; Q8_0_GROUP]; 8]; G];
-        macro_rules! go {
-            ($bt:literal) => {
-                match (w.format == Format::Q4K, wide) {
-                    (false, true) => q8_0_512::<G, $bt>(w, gs, a, b0, &mut sums),
-                    (false, false) => q8_0_256::<G, $bt>(w, gs, a, b0, &mut sums),
-                    (true, true) => q4k_512::<G, $bt>(w, gs, a, b0, &mut sums),
-                    (true, false) => q4k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+        macro_rules! by_rows {
+            ($k:ident) => {
+                match bt {
+                    1 => $k!(1),
+                    2 => $k!(2),
+                    3 => $k!(3),
+                    4 => $k!(4),
+                    5 => $k!(5),
+                    6 => $k!(6),
+                    7 => $k!(7),
+                    _ => $k!(8),
                 }
             };
         }
-        match bt {
-            1 => go!(1),
-            2 => go!(2),
-            3 => go!(3),
-            4 => go!(4),
-            5 => go!(5),
-            6 => go!(6),
-            7 => go!(7),
-            _ => go!(8),
+        if wide {
+            // the AVX-512 kernels store their outputs themselves
+            macro_rules! go {
+                ($bt:literal) => {
+                    match w.format == Format::Q4K {
+                        false => q8_0_512::<G, $bt>(w, gs, a, b0, out),
+                        true => q4k_512::<G, $bt>(w, gs, a, b0, out),
+                    }
+                };
+            }
+            by_rows!(go);
+            b0 += bt;
+            continue;
         }
+        let mut sums = [[[0f32; Q8_0_GROUP]; 8]; G];
+        macro_rules! go {
+            ($bt:literal) => {
+                match w.format == Format::Q4K {
+                    false => q8_0_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                    true => q4k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                }
+            };
+        }
+        by_rows!(go);
         for (j, &g) in gs.iter().enumerate() {
             for (b, s) in sums[j].iter().enumerate().take(bt) {
                 let yb = out.y.add((b0 + b) * out.y_stride);
@@ -117,6 +134,22 @@ unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G
     }
 }
 
+/// Group `g`'s 16 outputs for activation row `b`: the lanes of the rows in `out.r0..out.r1`
+/// (masked lanes are neither written nor faulted on).
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_group(out: Out, g: usize, b: usize, v: __m512) {
+    let base = g * Q8_0_GROUP;
+    let (lo, hi) = (out.r0.saturating_sub(base).min(16), out.r1.saturating_sub(base).min(16));
+    let mask = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
+    let p = out.y.add(b * out.y_stride + base);
+    if mask == u16::MAX {
+        _mm512_storeu_ps(p, v);
+    } else {
+        _mm512_mask_storeu_ps(p, mask, v);
+    }
+}
+
 /// Pointers to the quantized blocks and the scales of each q8_0 group.
 #[inline(always)]
 unsafe fn group_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], nb: usize) -> ([*const u8; G], [*const u8; G]) {
@@ -126,13 +159,7 @@ unsafe fn group_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], nb: usize
 
 /// q8_0, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-unsafe fn q8_0_512<const G: usize, const BT: usize>(
-    w: &PackedMatrix,
-    gs: [usize; G],
-    a: &Activations,
-    b0: usize,
-    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
-) {
+unsafe fn q8_0_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activations, b0: usize, out: Out) {
     let (pc, nb) = (w.padded_cols, w.padded_cols / 32);
     let (qp, sp) = group_ptrs(w, gs, nb);
     let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
@@ -160,7 +187,7 @@ unsafe fn q8_0_512<const G: usize, const BT: usize>(
     }
     for j in 0..G {
         for b in 0..BT {
-            _mm512_storeu_ps(sums[j][b].as_mut_ptr(), acc[j][b]);
+            store_group(out, gs[j], b0 + b, acc[j][b]);
         }
     }
 }
@@ -316,13 +343,7 @@ unsafe fn q4k_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activat
 
 /// q4_K, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-unsafe fn q4k_512<const G: usize, const BT: usize>(
-    w: &PackedMatrix,
-    gs: [usize; G],
-    a: &Activations,
-    b0: usize,
-    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
-) {
+unsafe fn q4k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activations, b0: usize, out: Out) {
     let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
     let Q4kPtrs { gp, xq, dx, xs } = q4k_ptrs(w, gs, a, b0);
     // the sums and the mins in separate accumulators: two dependency chains instead of one
@@ -363,7 +384,7 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(
     }
     for j in 0..G {
         for b in 0..BT {
-            _mm512_storeu_ps(sums[j][b].as_mut_ptr(), _mm512_sub_ps(acc[j][b], mins[j][b]));
+            store_group(out, gs[j], b0 + b, _mm512_sub_ps(acc[j][b], mins[j][b]));
         }
     }
 }
