@@ -73,6 +73,21 @@ const FORMATS: [(Format, f32); 8] = [
     (Format::Q6K, 5e-3),
 ];
 
+/// `w · x` on every backend against the reference, within `tol` of the products' magnitudes.
+fn check_backends(w: &PackedMatrix, x: &[f32], batch: usize, tol: f32, what: &str) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let mut want = vec![0f32; batch * rows];
+    matmul_reference(w, x, batch, &mut want);
+    let scale = magnitudes(w, x, batch);
+    for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+        let a = activations(w, x, batch);
+        let mut got = vec![f32::NAN; batch * rows];
+        matmul_many_with(backend, &mut [Product { w, x: &a, y: &mut got }]);
+        let e = scaled_err(&got, &want, &scale);
+        assert!(e < tol, "{what} {backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
+    }
+}
+
 #[test]
 fn kernels_match_the_reference_on_ragged_shapes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -81,16 +96,7 @@ fn kernels_match_the_reference_on_ragged_shapes() {
             let w = pack(format, &mut rng, rows, cols);
             for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
                 let x = rand_vec(&mut rng, batch * cols);
-                let mut want = vec![0f32; batch * rows];
-                matmul_reference(&w, &x, batch, &mut want);
-                let scale = magnitudes(&w, &x, batch);
-                for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
-                    let a = activations(&w, &x, batch);
-                    let mut got = vec![f32::NAN; batch * rows];
-                    matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
-                    let e = scaled_err(&got, &want, &scale);
-                    assert!(e < tol, "{format:?} {backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
-                }
+                check_backends(&w, &x, batch, tol, &format!("{format:?}"));
             }
         }
     }
@@ -105,16 +111,7 @@ fn bf16_weights_with_bf16_activations_match_the_reference() {
         let w = pack(Format::Bf16, &mut rng, rows, cols);
         for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
             let x: Vec<f32> = rand_vec(&mut rng, batch * cols).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-            let mut want = vec![0f32; batch * rows];
-            matmul_reference(&w, &x, batch, &mut want);
-            let scale = magnitudes(&w, &x, batch);
-            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
-                let a = activations(&w, &x, batch);
-                let mut got = vec![f32::NAN; batch * rows];
-                matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut got }]);
-                let e = scaled_err(&got, &want, &scale);
-                assert!(e < 1e-5, "{backend:?} [{rows}, {cols}] batch {batch}: relative error {e}");
-            }
+            check_backends(&w, &x, batch, 1e-5, "bf16 x bf16");
         }
     }
 }

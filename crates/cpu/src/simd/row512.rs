@@ -72,8 +72,8 @@ pub(crate) mod fp8_512 {
         while k0 < pc {
             let k1 = (k0 + seg).min(pc);
             let acc = match decode {
-                Decode::F16 => segment_f16::<R, BT>(rows, k0, k1, pc, x),
-                Decode::Integer => segment_integer::<R, BT>(rows, k0, k1, pc, x),
+                Decode::F16 => segment::<false, R, BT>(rows, k0, k1, pc, x),
+                Decode::Integer => segment::<true, R, BT>(rows, k0, k1, pc, x),
             };
             for j in 0..R {
                 let s = _mm512_set1_ps(scales[j][si] * unit);
@@ -91,58 +91,38 @@ pub(crate) mod fp8_512 {
         }
     }
 
-    /// Columns `k0..k1` of one scale block, unscaled, f16 decoding.
+    /// Columns `k0..k1` of one scale block, unscaled: times 2^-8 by the f16 decoding, times 2^-120
+    /// by the integer one (`INTEGER`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn segment_f16<const R: usize, const BT: usize>(
+    unsafe fn segment<const INTEGER: bool, const R: usize, const BT: usize>(
         rows: [*const u8; R],
         k0: usize,
         k1: usize,
         pc: usize,
         x: *const f32,
     ) -> [[__m512; BT]; R] {
-        let mask = _mm512_set1_epi16(0xbf80u16 as i16);
-        let mut acc = [[_mm512_setzero_ps(); BT]; R];
-        for k in (k0..k1).step_by(32) {
-            let xv: [[__m512; 2]; BT] =
-                std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
-            for j in 0..R {
-                let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows[j].add(k) as *const __m256i));
-                let h = _mm512_and_si512(_mm512_slli_epi16::<7>(v), mask);
-                let w0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
-                let w1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h));
-                for b in 0..BT {
-                    acc[j][b] = _mm512_fmadd_ps(w0, xv[b][0], acc[j][b]);
-                    acc[j][b] = _mm512_fmadd_ps(w1, xv[b][1], acc[j][b]);
-                }
-            }
-        }
-        acc
-    }
-
-    /// Columns `k0..k1` of one scale block, times 2^-120, integer decoding.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    unsafe fn segment_integer<const R: usize, const BT: usize>(
-        rows: [*const u8; R],
-        k0: usize,
-        k1: usize,
-        pc: usize,
-        x: *const f32,
-    ) -> [[__m512; BT]; R] {
+        let f16_mask = _mm512_set1_epi16(0xbf80u16 as i16);
         // sign (bit 31, the sign-extension's copy of bit 7), exponent and mantissa (bits 26..20)
-        let fields = _mm512_set1_epi32(0x87f0_0000u32 as i32);
+        let f32_fields = _mm512_set1_epi32(0x87f0_0000u32 as i32);
         let mut acc = [[_mm512_setzero_ps(); BT]; R];
         for k in (k0..k1).step_by(32) {
             let xv: [[__m512; 2]; BT] =
                 std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
             for j in 0..R {
-                for h in 0..2 {
-                    let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(rows[j].add(k + 16 * h) as *const __m128i));
-                    let wv = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(v), fields));
-                    for b in 0..BT {
-                        acc[j][b] = _mm512_fmadd_ps(wv, xv[b][h], acc[j][b]);
-                    }
+                let w: [__m512; 2] = if INTEGER {
+                    std::array::from_fn(|h| {
+                        let v = _mm512_cvtepi8_epi32(_mm_loadu_si128(rows[j].add(k + 16 * h) as *const __m128i));
+                        _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32::<20>(v), f32_fields))
+                    })
+                } else {
+                    let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rows[j].add(k) as *const __m256i));
+                    let h = _mm512_and_si512(_mm512_slli_epi16::<7>(v), f16_mask);
+                    [_mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h))]
+                };
+                for b in 0..BT {
+                    acc[j][b] = _mm512_fmadd_ps(w[0], xv[b][0], acc[j][b]);
+                    acc[j][b] = _mm512_fmadd_ps(w[1], xv[b][1], acc[j][b]);
                 }
             }
         }
