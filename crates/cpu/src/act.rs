@@ -31,8 +31,9 @@ pub struct Activations {
     /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
     /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
-    /// bf16 weights only, `[batch, padded_cols]`: the rows as bf16, set when every value is
-    /// exactly a bf16 (a `--dtype bf16` model's activations) and the CPU has `vdpbf16ps`, which
+    /// bf16 weights only, `[batch, padded_cols]`: the rows as bf16, set when there are
+    /// [`BF16_DOT_MIN_BATCH`] or more, every value is exactly a bf16 (a `--dtype bf16` model's
+    /// activations) and the CPU has `vdpbf16ps`, which
     /// then multiplies them exactly with no rounding of its own (see `simd::bf16_512`).
     pub(crate) bf16_exact: Option<Vec<u16>>,
 }
@@ -75,7 +76,7 @@ impl Activations {
         if block > 0 {
             a.quantize();
         }
-        if format == Format::Bf16 && bf16_dot_available() {
+        if format == Format::Bf16 && batch >= BF16_DOT_MIN_BATCH && bf16_dot_available() {
             a.bf16_exact = bf16_exact(&a.f32);
         }
         a
@@ -100,7 +101,11 @@ impl Activations {
             block: self.block,
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),
-            bf16_exact: self.bf16_exact.as_ref().map(|v| gather_rows(v, rows, pc, rows.len())),
+            bf16_exact: self
+                .bf16_exact
+                .as_ref()
+                .filter(|_| rows.len() >= BF16_DOT_MIN_BATCH)
+                .map(|v| gather_rows(v, rows, pc, rows.len())),
         }
     }
 
@@ -172,6 +177,10 @@ impl Activations {
         }
     }
 }
+
+/// From how many activation rows bf16 products take the bf16 × bf16 kernel: one row is
+/// memory-bound and the f32 path reads as fast, so its activations are not copied to bf16.
+const BF16_DOT_MIN_BATCH: usize = 2;
 
 /// Whether this CPU runs the bf16 × bf16 kernel (`simd::bf16_512`).
 fn bf16_dot_available() -> bool {

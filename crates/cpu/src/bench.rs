@@ -66,12 +66,15 @@ pub fn run(
         let ws: Vec<PackedMatrix> = (0..copies).map(|_| w.clone()).collect();
         // bf16 weights twice: with f32 activations, and with activations that are bf16 values
         // (a `--dtype bf16` model's), which take the bf16 × bf16 kernel where the CPU has one
-        let bf16_values: Vec<f32> = w32.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-        let passes: &[(&'static str, &[f32])] = match format {
-            Format::Bf16 => &[("bf16", &w32), ("bf16·bf16", &bf16_values)],
-            _ => &[(format.name(), &w32)],
+        let bf16_values: Vec<f32>;
+        let passes: Vec<(&'static str, &[f32])> = match format {
+            Format::Bf16 => {
+                bf16_values = w32.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                vec![("bf16", &w32), ("bf16·bf16", &bf16_values)]
+            }
+            _ => vec![(format.name(), &w32)],
         };
-        for &(name, values) in passes {
+        for &(name, values) in &passes {
             let mut base = None;
             for &batch in batches {
                 let x = &values[..batch * cols];

@@ -6,8 +6,9 @@
 //! vector, `vpdpbusd` with AVX-512 VNNI).
 //!
 //! - f32 / bf16 / FP8: weights converted to f32 in registers (bf16: a 16-bit shift; FP8: the f16
-//!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`), FMA with f32 activations; FP8 block
-//!   scales are applied once per column block.
+//!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`, or on AMD with AVX-512 an integer
+//!   shift into the f32 fields, see `simd::fp8_512`), FMA with f32 activations; FP8 block scales
+//!   are applied once per column block.
 //! - bf16 with activations that are exactly bf16 (a `--dtype bf16` model), 2+ rows, AVX-512 BF16:
 //!   `vdpbf16ps` on the stored weights (`simd::bf16_512`), twice the multiply rate of the FMAs.
 //! - q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`, `vpmaddwd`),
@@ -42,9 +43,9 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
         return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
     }
-    if $max_tile == 8 && w.format == Format::Bf16 && a.batch >= 2 && a.bf16_exact.is_some() {
-        // exact bf16 activations: `vdpbf16ps` (the activations were prepared only where the CPU
-        // has it)
+    if $max_tile == 8 && w.format == Format::Bf16 && a.bf16_exact.is_some() {
+        // exact bf16 activations, 2+ rows: `vdpbf16ps` (the activations were prepared only where
+        // the CPU has it)
         return crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride);
     }
     if a.batch >= gemm_min_batch() {
