@@ -360,6 +360,19 @@ unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize
         let mut acc = [[[_mm256_setzero_ps(); U]; BT]; R];
         let mut k = k0;
         while k + 8 * U <= k1 {
+            // each cache line of the step's weights, once
+            let bpw = match F {
+                F32 => 4,
+                BF16 => 2,
+                _ => 1,
+            };
+            let mut line = (k * bpw).next_multiple_of(64);
+            while line < (k + 8 * U) * bpw {
+                for j in 0..R {
+                    crate::simd::prefetch_row(rows[j].add(line));
+                }
+                line += 64;
+            }
             for u in 0..U {
                 let mut xv = [_mm256_setzero_ps(); BT];
                 for (b, v) in xv.iter_mut().enumerate() {
@@ -507,6 +520,21 @@ pub(crate) unsafe fn f16_splat(p: *const u8) -> std::arch::x86_64::__m256 {
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     std::arch::x86_64::_mm256_cvtss_f32(f16_splat(p))
+}
+
+/// How far ahead of its loads a row kernel asks for each weight row's bytes, into L2. The
+/// distance crosses into the next row of the stream, the one its next tile reads (rows are
+/// contiguous). Measured on AMD Zen 4, 8192 × 4096: batch 4 of bf16 3.6–3.7 → 2.0–2.2 ms and of
+/// FP8 2.3 → 1.7 ms (fewer streams per thread there: the hardware prefetchers alone fell short),
+/// batch 8 bf16 5.2 → 3.8–4.0 ms; batch 1 unchanged within the noise. (q6_K reads without: its
+/// batch 1 took 10 % longer with these prefetches.)
+pub(crate) const ROW_PREFETCH: usize = 4096;
+
+/// Ask for the cache line at `p + ROW_PREFETCH` (a row's stream, further on) to be brought into L2.
+#[inline(always)]
+pub(crate) unsafe fn prefetch_row(p: *const u8) {
+    // (past the matrix's end for its last rows: a prefetch does not fault)
+    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.wrapping_add(ROW_PREFETCH) as *const i8);
 }
 
 /// The first `min(n, 16)` lanes of a 16-lane mask.

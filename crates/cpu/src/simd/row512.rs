@@ -107,6 +107,11 @@ pub(crate) mod fp8_512 {
         let f32_fields = _mm512_set1_epi32(0x87f0_0000u32 as i32);
         let mut acc = [[_mm512_setzero_ps(); BT]; R];
         for k in (k0..k1).step_by(32) {
+            if k % 64 == 0 {
+                for j in 0..R {
+                    crate::simd::prefetch_row(rows[j].add(k));
+                }
+            }
             let xv: [[__m512; 2]; BT] =
                 std::array::from_fn(|b| [_mm512_loadu_ps(x.add(b * pc + k)), _mm512_loadu_ps(x.add(b * pc + k + 16))]);
             for j in 0..R {
@@ -263,6 +268,9 @@ pub(crate) mod bf16_512 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); BT]; N];
         for k in (0..pc).step_by(32) {
+            for j in 0..N {
+                crate::simd::prefetch_row(rows[j].add(k) as *const u8);
+            }
             let wv: [__m512bh; N] = std::array::from_fn(|j| std::mem::transmute(_mm512_loadu_si512(rows[j].add(k) as *const _)));
             for b in 0..BT {
                 let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(x.add(b * pc + k) as *const _));
