@@ -42,7 +42,8 @@ const Q8_AHEAD_L2: usize = 8;
 /// scales (past the matrix's end for its last blocks: a prefetch does not fault).
 #[inline(always)]
 fn q8_block_ahead(q: *const u8, nb: usize, blk: usize, ahead: usize) -> (*const u8, *const u8) {
-    let (base, at) = if blk + ahead < nb { (q, blk + ahead) } else { (q.wrapping_add(nb * (Q8_0_GROUP_QUANTS + 32)), blk + ahead - nb) };
+    let (base, at) =
+        if blk + ahead < nb { (q, blk + ahead) } else { (q.wrapping_add(nb * (Q8_0_GROUP_QUANTS + 32)), blk + ahead - nb) };
     (base.wrapping_add(at * Q8_0_GROUP_QUANTS), base.wrapping_add(nb * Q8_0_GROUP_QUANTS + at * 32))
 }
 
