@@ -192,7 +192,7 @@ unsafe fn q8_0_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize
                 _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l) as *const i8);
             }
             // one line of scales holds two blocks'
-            if (blk + Q8_AHEAD_L2) % 2 == 0 {
+            if (blk + Q8_AHEAD_L2).is_multiple_of(2) {
                 _mm_prefetch::<_MM_HINT_T1>(far_scales as *const i8);
             }
             if BT <= 2 {
@@ -266,7 +266,7 @@ unsafe fn q8_0_256<const G: usize, const BT: usize>(
             for l in 0..Q8_0_GROUP_QUANTS / 64 {
                 _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(64 * l) as *const i8);
             }
-            if (blk + Q8_AHEAD_L2) % 2 == 0 {
+            if (blk + Q8_AHEAD_L2).is_multiple_of(2) {
                 _mm_prefetch::<_MM_HINT_T1>(far_scales as *const i8);
             }
             for h in 0..2 {
