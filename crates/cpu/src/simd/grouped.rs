@@ -9,9 +9,9 @@
 //! by the 16 rows' block scales times the activation block's scale (q4_K: `d · sc`, then the
 //! mins `dmin · m` times the activations' scaled block sums). A group gives 16 consecutive
 //! outputs per activation row: no horizontal sums, and each weight vector is loaded once for all
-//! the activation rows of a tile. Measured on 8192 × 4096 q8_0 (AMD Zen 4): 2 activation rows cost what one
-//! does, 4 rows 1.1–1.4×, 8 rows 1.2–1.5× (there the integer arithmetic, not the memory stream,
-//! sets the time). q4_K's packed 6-bit scales decode 16 rows at a time, as vectors.
+//! the activation rows of a tile. Measured on 8192 × 4096 q8_0 (AMD Zen 4, with the streams
+//! prefetched into L2, see [`Q8_AHEAD_L2`]): 2 and 4 activation rows cost what one does (0.96–1.08×),
+//! 8 rows 1.1–1.4×. q4_K's packed 6-bit scales decode 16 rows at a time, as vectors.
 //!
 //! The AVX2 kernels (no VNNI) multiply with `vpmaddubsw` / `vpmaddwd` (q8_0: the weights turned
 //! back into signed bytes), 8 rows per vector.
