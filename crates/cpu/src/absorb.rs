@@ -140,7 +140,9 @@ mod x86 {
     use crate::simd::{lane_mask, sum16};
     use crate::{Format, PackedMatrix};
 
-    /// Rows ahead that [`absorb_cols`] prefetches.
+    /// Rows ahead that [`absorb_cols`] prefetches, into L2 (as [`expand`] does 16 rows ahead).
+    /// Measured on AMD Zen 4, bf16 kv_b of bench-small: a q8_0 decode step's absorbed products
+    /// took 0.54–0.58 ms with 4 rows ahead into L1, 0.38–0.39 ms so.
     const AHEAD: usize = 8;
 
     /// 16 values of a row at `p` (f32, or bf16 widened by a shift), as f32.
