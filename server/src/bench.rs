@@ -65,8 +65,12 @@ fn rss_bytes() -> Option<(u64, u64)> {
 }
 
 /// Read bandwidth in bytes/s: best of 5 passes over a 1 GiB buffer on the kernels' thread pool.
+/// The read bandwidth right after a decode run, for that run's roofline. This VM-class machine
+/// switches between bandwidth states for seconds at a time (one probe read 35 GB/s, the next
+/// process's 55), so one probe at the end can belong to another state than the runs it divides.
+/// 256 MiB is 8× the largest last-level cache here, and quick enough to take after every run.
 fn bandwidth_probe() -> f64 {
-    moeserve_cpu::bandwidth::read_bandwidth(1 << 30, 5)
+    moeserve_cpu::bandwidth::read_bandwidth(256 << 20, 3)
 }
 
 fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -168,7 +172,7 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     generate(model, &GenerateRequest { prompt: prompt[..prompt.len().min(16)].to_vec(), ..req(4) }, |_| Ok(()))?; // warm-up
-    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let (mut prefill, mut decode, mut read_bw) = (Vec::new(), Vec::new(), Vec::new());
     let mut plain_ids = Vec::new();
     for _ in 0..args.runs.max(1) {
         plain_ids.clear();
@@ -178,6 +182,7 @@ pub fn run(args: Args) -> Result<()> {
         })?;
         prefill.push(s.prompt_tokens as f64 / s.prefill.as_secs_f64());
         decode.push((s.generated - 1) as f64 / s.decode.as_secs_f64());
+        read_bw.push(bandwidth_probe());
     }
     let (pp, tg) = (median(prefill.clone()), median(decode.clone()));
     println!(
@@ -198,7 +203,8 @@ pub fn run(args: Args) -> Result<()> {
         bench_speculative(model, &req(args.gen_len.max(2)), spec_k, args.runs.max(1), tg, &plain_ids)?;
     }
 
-    // before the bandwidth probe, whose buffer would count in the high-water mark
+    // (the bandwidth probes' buffers are freed after each: "now" excludes them; the peak would
+    // include one only where the model's own peak is below it plus 256 MiB)
     if let Some((rss, peak)) = rss_bytes() {
         println!(
             "resident memory: {:.2} GB after loading, {:.2} GB now, {:.2} GB peak; weights {:.2} GB ({})",
@@ -212,13 +218,19 @@ pub fn run(args: Args) -> Result<()> {
     let elem = lead.dtype().size_in_bytes() as u64;
     // every rank reads its own share (and its replicas) per token
     let active = model.ranks().iter().map(|m| m.active_bytes_per_token() as u64).sum::<u64>();
-    let bw = bandwidth_probe();
-    let roof = bw / active as f64;
+    // each run against the bandwidth probed right after it
+    let fractions: Vec<f64> = decode.iter().zip(&read_bw).map(|(tg, bw)| tg * active as f64 / bw).collect();
+    let bw = median(read_bw.clone());
+    let (lo, hi) = read_bw.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
     println!(
-        "roofline: {:.0} MB of weights read per token at {:.1} GB/s measured read bandwidth = {roof:.1} tok/s; decode reaches {:.2} of it",
+        "roofline: {:.0} MB of weights read per token at {:.1} GB/s measured read bandwidth (median; {:.1}–{:.1} GB/s, probed after each decode run) = {:.1} tok/s; decode reaches {:.2} of it (median of the runs' own fractions: {:?})",
         active as f64 / 1e6,
         bw / 1e9,
-        tg / roof
+        lo / 1e9,
+        hi / 1e9,
+        bw / active as f64,
+        median(fractions.clone()),
+        fractions.iter().map(|f| format!("{f:.2}")).collect::<Vec<_>>()
     );
     let kv = cfg.kv_layout();
     println!(
