@@ -18,6 +18,10 @@ use crate::Backend;
 /// every query row, rather than once per thread.
 const SPLIT_TOKENS: usize = 256;
 
+/// Key rows from which a decode call (one query row per head, shared rows) splits its keys
+/// over the threads: below, one thread takes them all (the merge would cost more than it saves).
+const DECODE_SPLIT_TOKENS: usize = 64;
+
 /// Query rows per group at most: a group's outputs and running sums stay in L1/L2 while each
 /// block of key rows is reused for every one of them.
 const MAX_GROUP: usize = 64;
@@ -144,8 +148,25 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
         && crate::matmul::available(backend)
         && a.pages.is_none_or(|p| p.size % 16 == 0);
     #[cfg(target_arch = "x86_64")]
+    if wide && a.shared() && a.queries == 1 {
+        // decode: the heads in the lanes (`wide::heads_in_lanes`), the keys over the threads
+        let kernel = |keys: std::ops::Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>| {
+            // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
+            unsafe { wide::heads_in_lanes(a, keys, o, stats) }
+        };
+        if threads > 1 && a.tokens >= DECODE_SPLIT_TOKENS {
+            return split_over_keys(a, threads, kernel);
+        }
+        kernel(0..a.tokens, &mut out, None);
+        return out;
+    }
+    #[cfg(target_arch = "x86_64")]
     if wide && a.shared() && threads > 1 && a.tokens >= SPLIT_TOKENS {
-        return split_over_keys(a, threads);
+        return split_over_keys(a, threads, |keys, o, stats| {
+            let group: Vec<OneQuery> = (0..rows).map(|hq| a.query(hq)).collect();
+            // SAFETY: as above
+            unsafe { wide::group_over(&group, o, keys, stats) }
+        });
     }
     // groups of query rows, one head's each unless all heads share their rows
     let per = rows.div_ceil(threads).clamp(1, MAX_GROUP);
@@ -253,9 +274,14 @@ fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, pages: Option<Pages<'a>
 }
 
 /// [`attention_with`] with the key rows split over `threads` ranges, each attended by every query
-/// row on one thread, the ranges' partial softmaxes merged after.
+/// row on one thread (`kernel(keys, o, stats)`: unnormalized outputs and each row's softmax
+/// `(max, sum)`), the ranges' partial softmaxes merged after.
 #[cfg(target_arch = "x86_64")]
-fn split_over_keys(a: &Attention, threads: usize) -> Vec<f32> {
+fn split_over_keys(
+    a: &Attention,
+    threads: usize,
+    kernel: impl Fn(std::ops::Range<usize>, &mut [f32], Option<&mut [(f32, f32)]>) + Sync,
+) -> Vec<f32> {
     let (rows, dv) = (a.heads * a.queries, a.values.width);
     let per = a.tokens.div_ceil(threads).next_multiple_of(64);
     // each range's unnormalized outputs and its rows' softmax (max, sum)
@@ -265,11 +291,9 @@ fn split_over_keys(a: &Attention, threads: usize) -> Vec<f32> {
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|t0| {
-            let group: Vec<OneQuery> = (0..rows).map(|hq| a.query(hq)).collect();
             let mut o = vec![0f32; rows * dv];
             let mut stats = vec![(f32::NEG_INFINITY, 0f32); rows];
-            // SAFETY: the caller checked AVX-512F; `check` bounded every row.
-            unsafe { wide::group_over(&group, &mut o, t0..t0 + per, Some(&mut stats)) };
+            kernel(t0..t0 + per, &mut o, Some(&mut stats));
             (o, stats)
         })
         .collect();
@@ -346,12 +370,151 @@ mod wide {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::OneQuery;
+    use super::{Attention, OneQuery};
     use crate::simd::{exp16, lane_mask, sum16};
 
     /// Key rows per block: 32 rows of R1's 576 floats are 72 KiB, mostly in L1 and L2's
     /// nearest lines, and enough to amortize the rescaling of each row's accumulator.
     const BLOCK: usize = 32;
+
+    /// Key rows per block of [`heads_in_lanes`]: their scores and weights stay in L1.
+    const DECODE_BLOCK: usize = 32;
+    /// Key rows scored at a time: independent FMA chains, each of a broadcast key value.
+    const SCORE_TILE: usize = 8;
+    /// Heads per value tile of [`heads_in_lanes`], and 16-value vectors per head: 16 sums in
+    /// registers, each loaded value vector used by 4 heads.
+    const VALUE_HEADS: usize = 4;
+    const VALUE_VECTORS: usize = 4;
+
+    /// Decode over shared rows (MLA's absorbed form: one query row per head, every head reading
+    /// the same cache rows), the key rows of `keys` only; `o: [H, dv]`, with `stats` as in
+    /// [`group_over`].
+    ///
+    /// The heads are the 16 lanes of a vector: a key row's score for 16 heads is a sum of its
+    /// values, each broadcast, times the queries' transposed columns (no horizontal sums); the
+    /// online softmax takes one `exp` per key row for 16 heads; the weighted sum of the values
+    /// loads each value vector once for 4 heads. [`group_over`] instead scores each head on its
+    /// own, reloading every key row per head and transposing its sums.
+    ///
+    /// # Safety
+    /// AVX-512F; `a` passed `check`, with `queries == 1` and shared rows.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // register-blocked: heads and vectors index several arrays
+    pub(super) unsafe fn heads_in_lanes(a: &Attention, keys: Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>) {
+        let (heads, dv, v_stride) = (a.heads, a.values.width, a.values.stride);
+        let (t0, t1) = (keys.start, keys.end.min(a.tokens.min(a.start + 1)));
+        let groups = heads.div_ceil(16);
+        let width: usize = a.parts.iter().map(|(_, k)| k.width).sum();
+        // the queries transposed, per group of 16 heads: qt[g][d][lane], times the scale
+        let mut qt = vec![0f32; groups * width * 16];
+        let mut d0 = 0;
+        for (q, k) in a.parts {
+            for h in 0..heads {
+                let (g, lane) = (h / 16, h % 16);
+                for d in 0..k.width {
+                    qt[(g * width + d0 + d) * 16 + lane] = q[h * k.width + d] * a.scale;
+                }
+            }
+            d0 += k.width;
+        }
+        // each group's running max (finite: `exp16` of -inf is NaN) and sum
+        let mut max = vec![_mm512_set1_ps(-1e30); groups];
+        let mut sum = vec![_mm512_setzero_ps(); groups];
+        o.fill(0.0);
+        let mut p = [[0f32; 16]; DECODE_BLOCK];
+        let mut scores = [_mm512_setzero_ps(); DECODE_BLOCK];
+        for b0 in (t0..t1).step_by(DECODE_BLOCK) {
+            let n = (t1 - b0).min(DECODE_BLOCK);
+            // physical rows (past the block's end: its last row again, computed and unused)
+            let phys: [usize; DECODE_BLOCK] = std::array::from_fn(|i| a.phys(b0 + i.min(n - 1)));
+            for g in 0..groups {
+                let nh = (heads - 16 * g).min(16);
+                let qg = qt.as_ptr().add(g * width * 16);
+                for i in (0..n).step_by(SCORE_TILE) {
+                    let mut acc = [_mm512_setzero_ps(); SCORE_TILE];
+                    let mut d0 = 0;
+                    for (_, k) in a.parts {
+                        let rows: [*const f32; SCORE_TILE] = std::array::from_fn(|j| {
+                            k.data.as_ptr().add(k.offset + phys[(i + j).min(DECODE_BLOCK - 1)] * k.stride)
+                        });
+                        for d in 0..k.width {
+                            let qv = _mm512_loadu_ps(qg.add((d0 + d) * 16));
+                            for j in 0..SCORE_TILE {
+                                acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(*rows[j].add(d)), acc[j]);
+                            }
+                        }
+                        d0 += k.width;
+                    }
+                    let k = SCORE_TILE.min(n - i);
+                    scores[i..i + k].copy_from_slice(&acc[..k]);
+                }
+                // online softmax, 16 heads a vector
+                let block_max = scores[1..n].iter().fold(scores[0], |m, &s| _mm512_max_ps(m, s));
+                let new_max = _mm512_max_ps(max[g], block_max);
+                let rescale = exp16(_mm512_sub_ps(max[g], new_max));
+                max[g] = new_max;
+                let mut block_sum = _mm512_setzero_ps();
+                for j in 0..n {
+                    let e = exp16(_mm512_sub_ps(scores[j], new_max));
+                    _mm512_storeu_ps(p[j].as_mut_ptr(), e);
+                    block_sum = _mm512_add_ps(block_sum, e);
+                }
+                sum[g] = _mm512_fmadd_ps(sum[g], rescale, block_sum);
+                let mut rs = [0f32; 16];
+                _mm512_storeu_ps(rs.as_mut_ptr(), rescale);
+                // o = o · rescale + Σ p · v, VALUE_HEADS heads × 64 values at a time
+                for c0 in (0..dv).step_by(16 * VALUE_VECTORS) {
+                    let masks: [u16; VALUE_VECTORS] = std::array::from_fn(|i| lane_mask((dv - c0).saturating_sub(16 * i)));
+                    let vrows: [*const f32; DECODE_BLOCK] =
+                        std::array::from_fn(|j| a.values.data.as_ptr().add(a.values.offset + phys[j] * v_stride + c0));
+                    for h0 in (0..nh).step_by(VALUE_HEADS) {
+                        let hn = (nh - h0).min(VALUE_HEADS);
+                        let op = o.as_mut_ptr().add((16 * g + h0) * dv + c0);
+                        let mut acc = [[_mm512_setzero_ps(); VALUE_VECTORS]; VALUE_HEADS];
+                        for hh in 0..hn {
+                            let r = _mm512_set1_ps(rs[h0 + hh]);
+                            for v in 0..VALUE_VECTORS {
+                                let prev = _mm512_maskz_loadu_ps(masks[v], op.add(hh * dv).wrapping_add(16 * v));
+                                acc[hh][v] = _mm512_mul_ps(r, prev);
+                            }
+                        }
+                        for j in 0..n {
+                            let vv: [__m512; VALUE_VECTORS] =
+                                std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], vrows[j].wrapping_add(16 * v)));
+                            // (heads past `hn` add to sums that are never stored)
+                            for hh in 0..VALUE_HEADS {
+                                let pb = _mm512_set1_ps(p[j][(h0 + hh).min(15)]);
+                                for v in 0..VALUE_VECTORS {
+                                    acc[hh][v] = _mm512_fmadd_ps(pb, vv[v], acc[hh][v]);
+                                }
+                            }
+                        }
+                        for hh in 0..hn {
+                            for v in 0..VALUE_VECTORS {
+                                _mm512_mask_storeu_ps(op.add(hh * dv).wrapping_add(16 * v), masks[v], acc[hh][v]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut m = vec![0f32; groups * 16];
+        let mut l = vec![0f32; groups * 16];
+        for g in 0..groups {
+            _mm512_storeu_ps(m.as_mut_ptr().add(16 * g), max[g]);
+            _mm512_storeu_ps(l.as_mut_ptr().add(16 * g), sum[g]);
+        }
+        if let Some(stats) = stats {
+            for (h, st) in stats.iter_mut().enumerate().take(heads) {
+                *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
+            }
+            return;
+        }
+        for (h, o) in o.chunks_exact_mut(dv).enumerate() {
+            let inv = if l[h] > 0.0 { 1.0 / l[h] } else { 0.0 };
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
 
     /// One 16-lane piece of a query part: its values, the key rows it multiplies (this piece's
     /// column of the first row), their stride, and its lanes.

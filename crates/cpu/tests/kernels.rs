@@ -219,6 +219,10 @@ fn mla_attention_matches_the_reference() {
         (3, 1, 70, 512, 64),
         (16, 1, 700, 256, 32),
         (4, 3, 300, 40, 8),
+        // decode with the heads in the lanes: heads not a multiple of 16, split and not split
+        (20, 1, 17, 36, 12),
+        (40, 1, 300, 256, 32),
+        (128, 1, 100, 512, 64),
     ] {
         let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
         let q_lat: Vec<f32> = rand_vec(&mut rng, heads * queries * latent);
