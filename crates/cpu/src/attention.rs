@@ -18,9 +18,13 @@ use crate::Backend;
 /// every query row, rather than once per thread.
 const SPLIT_TOKENS: usize = 256;
 
-/// Key rows from which a decode call (one query row per head, shared rows) splits its keys
+/// Key rows from which a decode call (a few query rows per head, shared rows) splits its keys
 /// over the threads: below, one thread takes them all (the merge would cost more than it saves).
 const DECODE_SPLIT_TOKENS: usize = 64;
+
+/// Query rows per head up to which shared-row calls take the decode kernel: decode steps and
+/// MTP verification (1 + draft tokens); prefill chunks keep the per-row kernel.
+const DECODE_MAX_QUERIES: usize = 4;
 
 /// Query rows per group at most: a group's outputs and running sums stay in L1/L2 while each
 /// block of key rows is reused for every one of them.
@@ -148,8 +152,9 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
         && crate::matmul::available(backend)
         && a.pages.is_none_or(|p| p.size % 16 == 0);
     #[cfg(target_arch = "x86_64")]
-    if wide && a.shared() && a.queries == 1 {
-        // decode: the heads in the lanes (`wide::heads_in_lanes`), the keys over the threads
+    if wide && a.shared() && a.queries <= DECODE_MAX_QUERIES {
+        // decode: the (head, query) rows in the lanes (`wide::heads_in_lanes`), the keys over
+        // the threads
         let kernel = |keys: std::ops::Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>| {
             // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
             unsafe { wide::heads_in_lanes(a, keys, o, stats) }
@@ -386,37 +391,45 @@ mod wide {
     const VALUE_HEADS: usize = 4;
     const VALUE_VECTORS: usize = 4;
 
-    /// Decode over shared rows (MLA's absorbed form: one query row per head, every head reading
-    /// the same cache rows), the key rows of `keys` only; `o: [H, dv]`, with `stats` as in
-    /// [`group_over`].
+    /// Decode over shared rows (MLA's absorbed form: every head reads the same cache rows), for
+    /// a few query rows per head (a decode step, MTP verification), the key rows of `keys` only;
+    /// `o: [H·S, dv]`, with `stats` as in [`group_over`].
     ///
-    /// The heads are the 16 lanes of a vector: a key row's score for 16 heads is a sum of its
-    /// values, each broadcast, times the queries' transposed columns (no horizontal sums); the
-    /// online softmax takes one `exp` per key row for 16 heads; the weighted sum of the values
-    /// loads each value vector once for 4 heads. [`group_over`] instead scores each head on its
-    /// own, reloading every key row per head and transposing its sums.
+    /// The (head, query) rows are the 16 lanes of a vector: a key row's score for 16 rows is a
+    /// sum of its values, each broadcast, times the queries' transposed columns (no horizontal
+    /// sums); the online softmax takes one `exp` per key row for 16 rows, the causal mask being
+    /// a lane mask; the weighted sum of the values loads each value vector once for 4 rows.
+    /// [`group_over`] instead scores each row on its own, reloading every key row per row and
+    /// transposing its sums.
     ///
     /// # Safety
-    /// AVX-512F; `a` passed `check`, with `queries == 1` and shared rows.
+    /// AVX-512F; `a` passed `check`, with shared rows.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::needless_range_loop)] // register-blocked: heads and vectors index several arrays
     pub(super) unsafe fn heads_in_lanes(a: &Attention, keys: Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>) {
-        let (heads, dv, v_stride) = (a.heads, a.values.width, a.values.stride);
-        let (t0, t1) = (keys.start, keys.end.min(a.tokens.min(a.start + 1)));
-        let groups = heads.div_ceil(16);
+        let (rows, dv, v_stride) = (a.heads * a.queries, a.values.width, a.values.stride);
+        let (t0, t1) = (keys.start, keys.end.min(a.tokens.min(a.start + a.queries)));
+        let groups = rows.div_ceil(16);
         let width: usize = a.parts.iter().map(|(_, k)| k.width).sum();
-        // the queries transposed, per group of 16 heads: qt[g][d][lane], times the scale
+        // the queries transposed, per group of 16 rows: qt[g][d][lane], times the scale
         let mut qt = vec![0f32; groups * width * 16];
         let mut d0 = 0;
         for (q, k) in a.parts {
-            for h in 0..heads {
-                let (g, lane) = (h / 16, h % 16);
+            for hq in 0..rows {
+                let (g, lane) = (hq / 16, hq % 16);
                 for d in 0..k.width {
-                    qt[(g * width + d0 + d) * 16 + lane] = q[h * k.width + d] * a.scale;
+                    qt[(g * width + d0 + d) * 16 + lane] = q[hq * k.width + d] * a.scale;
                 }
             }
             d0 += k.width;
         }
+        // the key rows each lane sees (causal; lanes past the last row see none)
+        let seen: Vec<__m512i> = (0..groups)
+            .map(|g| {
+                let lane = |l: usize| if 16 * g + l < rows { a.query(16 * g + l).seen as i32 } else { 0 };
+                _mm512_loadu_si512(std::array::from_fn::<i32, 16, _>(lane).as_ptr() as *const _)
+            })
+            .collect();
         // each group's running max (finite: `exp16` of -inf is NaN) and sum
         let mut max = vec![_mm512_set1_ps(-1e30); groups];
         let mut sum = vec![_mm512_setzero_ps(); groups];
@@ -428,7 +441,7 @@ mod wide {
             // physical rows (past the block's end: its last row again, computed and unused)
             let phys: [usize; DECODE_BLOCK] = std::array::from_fn(|i| a.phys(b0 + i.min(n - 1)));
             for g in 0..groups {
-                let nh = (heads - 16 * g).min(16);
+                let nh = (rows - 16 * g).min(16);
                 let qg = qt.as_ptr().add(g * width * 16);
                 for i in (0..n).step_by(SCORE_TILE) {
                     let mut acc = [_mm512_setzero_ps(); SCORE_TILE];
@@ -448,14 +461,19 @@ mod wide {
                     let k = SCORE_TILE.min(n - i);
                     scores[i..i + k].copy_from_slice(&acc[..k]);
                 }
-                // online softmax, 16 heads a vector
+                // online softmax, 16 rows a vector; the rows a lane does not see weigh 0
+                let sees: [__mmask16; DECODE_BLOCK] =
+                    std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen[g], _mm512_set1_epi32((b0 + j) as i32)));
+                for j in 0..n {
+                    scores[j] = _mm512_mask_blend_ps(sees[j], _mm512_set1_ps(-1e30), scores[j]);
+                }
                 let block_max = scores[1..n].iter().fold(scores[0], |m, &s| _mm512_max_ps(m, s));
                 let new_max = _mm512_max_ps(max[g], block_max);
                 let rescale = exp16(_mm512_sub_ps(max[g], new_max));
                 max[g] = new_max;
                 let mut block_sum = _mm512_setzero_ps();
                 for j in 0..n {
-                    let e = exp16(_mm512_sub_ps(scores[j], new_max));
+                    let e = _mm512_maskz_mov_ps(sees[j], exp16(_mm512_sub_ps(scores[j], new_max)));
                     _mm512_storeu_ps(p[j].as_mut_ptr(), e);
                     block_sum = _mm512_add_ps(block_sum, e);
                 }
@@ -505,7 +523,7 @@ mod wide {
             _mm512_storeu_ps(l.as_mut_ptr().add(16 * g), sum[g]);
         }
         if let Some(stats) = stats {
-            for (h, st) in stats.iter_mut().enumerate().take(heads) {
+            for (h, st) in stats.iter_mut().enumerate().take(rows) {
                 *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
             }
             return;

@@ -219,7 +219,8 @@ fn mla_attention_matches_the_reference() {
         (3, 1, 70, 512, 64),
         (16, 1, 700, 256, 32),
         (4, 3, 300, 40, 8),
-        // decode with the heads in the lanes: heads not a multiple of 16, split and not split
+        // (queries up to 4 take the decode kernel, rows in the lanes: the shapes above with 2–3
+        // queries check its causal mask) heads not a multiple of 16, split and not split
         (20, 1, 17, 36, 12),
         (40, 1, 300, 256, 32),
         (128, 1, 100, 512, 64),
