@@ -64,8 +64,8 @@ fn rss_bytes() -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// Read bandwidth in bytes/s: best of 5 passes over a 1 GiB buffer on the kernels' thread pool.
-/// The read bandwidth right after a decode run, for that run's roofline. This VM-class machine
+/// Read bandwidth in bytes/s (best of 3 × 3 passes over a 256 MiB buffer on the kernels' thread
+/// pool), taken right after each decode run for that run's roofline. This VM-class machine
 /// switches between bandwidth states for seconds at a time (one probe read 35 GB/s, the next
 /// process's 55), so one probe at the end can belong to another state than the runs it divides.
 /// 256 MiB is 8× the largest last-level cache here, and quick enough to take after every run.

@@ -386,8 +386,8 @@ mod wide {
     const DECODE_BLOCK: usize = 32;
     /// Key rows scored at a time: independent FMA chains, each of a broadcast key value.
     const SCORE_TILE: usize = 8;
-    /// Heads per value tile of [`heads_in_lanes`], and 16-value vectors per head: 16 sums in
-    /// registers, each loaded value vector used by 4 heads.
+    /// (Head, query) rows per value tile of [`heads_in_lanes`], and 16-value vectors per row: 16
+    /// sums in registers, each loaded value vector used by 4 rows.
     const VALUE_HEADS: usize = 4;
     const VALUE_VECTORS: usize = 4;
 
@@ -405,7 +405,7 @@ mod wide {
     /// # Safety
     /// AVX-512F; `a` passed `check`, with shared rows.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // register-blocked: heads and vectors index several arrays
+    #[allow(clippy::needless_range_loop)] // register-blocked: rows and vectors index several arrays
     pub(super) unsafe fn heads_in_lanes(a: &Attention, keys: Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>) {
         let (rows, dv, v_stride) = (a.heads * a.queries, a.values.width, a.values.stride);
         let (t0, t1) = (keys.start, keys.end.min(a.tokens.min(a.start + a.queries)));
