@@ -18,9 +18,10 @@ use crate::Backend;
 /// every query row, rather than once per thread.
 const SPLIT_TOKENS: usize = 256;
 
-/// Key rows from which a decode call (a few query rows per head, shared rows) splits its keys
-/// over the threads: below, one thread takes them all (the merge would cost more than it saves).
-const DECODE_SPLIT_TOKENS: usize = 64;
+/// Cached rows per partial softmax of a decode call: chunk `c` holds rows `c·128..(c + 1)·128`
+/// whatever the call's length, so that a query's result has the same bits in any call that
+/// holds its rows (`decode_in_chunks`).
+const DECODE_CHUNK: usize = 128;
 
 /// Query rows per head up to which shared-row calls take the decode kernel: decode steps and
 /// MTP verification (1 + draft tokens); prefill chunks keep the per-row kernel.
@@ -155,15 +156,7 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
     if wide && a.shared() && a.queries <= DECODE_MAX_QUERIES {
         // decode: the (head, query) rows in the lanes (`wide::heads_in_lanes`), the keys over
         // the threads
-        let kernel = |keys: std::ops::Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>| {
-            // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
-            unsafe { wide::heads_in_lanes(a, keys, o, stats) }
-        };
-        if threads > 1 && a.tokens >= DECODE_SPLIT_TOKENS {
-            return split_over_keys(a, threads, kernel);
-        }
-        kernel(0..a.tokens, &mut out, None);
-        return out;
+        return decode_in_chunks(a, threads);
     }
     #[cfg(target_arch = "x86_64")]
     if wide && a.shared() && threads > 1 && a.tokens >= SPLIT_TOKENS {
@@ -276,6 +269,77 @@ fn mla_operands<'a>(q_lat: &'a [f32], q_pe: &'a [f32], entries: &'a [f32], shape
 fn mla_call<'a>(parts: &'a [Part<'a>], values: Rows<'a>, pages: Option<Pages<'a>>, shape: MlaShape, scale: f32) -> Attention<'a> {
     let MlaShape { heads, queries, tokens, start, .. } = shape;
     Attention { parts, values, heads, queries, tokens, start, scale, pages }
+}
+
+/// A decode call (`wide::heads_in_lanes`): the cached rows in fixed chunks of [`DECODE_CHUNK`],
+/// each chunk's partial softmax merged into the result strictly in chunk order. The result of
+/// a query then does not depend on how many rows the call holds nor on how the chunks are shared
+/// out: an MTP verification step of 2 tokens gives each of its queries the bits of the plain
+/// decode step of that token (a chunk of rows a query does not see merges as exact zeros), so
+/// speculative decoding stays lossless. The first thread merges its chunks as it goes; the
+/// others keep theirs until they are merged after.
+#[cfg(target_arch = "x86_64")]
+fn decode_in_chunks(a: &Attention, threads: usize) -> Vec<f32> {
+    let (rows, dv) = (a.heads * a.queries, a.values.width);
+    let chunks = a.tokens.min(a.start + a.queries).div_ceil(DECODE_CHUNK).max(1);
+    let per = chunks.div_ceil(threads);
+    let lanes = wide::Lanes::new(a);
+    let chunk = |c: usize| {
+        let mut p = Partial { o: vec![0f32; rows * dv], stats: vec![(f32::NEG_INFINITY, 0f32); rows] };
+        let keys = c * DECODE_CHUNK..(c + 1) * DECODE_CHUNK;
+        // SAFETY: `wide` (the caller) means the CPU has AVX-512F; `check` bounded every row.
+        unsafe { wide::heads_in_lanes(a, &lanes, keys, &mut p.o, &mut p.stats) };
+        p
+    };
+    let shares: Vec<Vec<Partial>> = (0..chunks.div_ceil(per))
+        .into_par_iter()
+        .map(|t| {
+            let mine = t * per..((t + 1) * per).min(chunks);
+            if t == 0 {
+                let mut it = mine.map(chunk);
+                let first = it.next().map(|p| it.fold(p, |acc, p| acc.merge(&p, dv)));
+                first.into_iter().collect()
+            } else {
+                mine.map(chunk).collect()
+            }
+        })
+        .collect();
+    let mut parts = shares.into_iter().flatten();
+    let Some(first) = parts.next() else { return vec![0f32; rows * dv] };
+    let mut total = parts.fold(first, |acc, p| acc.merge(&p, dv));
+    for (o, &(_, sum)) in total.o.chunks_exact_mut(dv).zip(&total.stats) {
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+    total.o
+}
+
+/// Unnormalized outputs of some key rows and each row's softmax `(max, sum)` over them
+/// (`(-inf, 0)`: none).
+#[cfg(target_arch = "x86_64")]
+struct Partial {
+    o: Vec<f32>,
+    stats: Vec<(f32, f32)>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Partial {
+    /// `self` then `next` (rows of `dv` values): a row `next` has no key rows for keeps its bits.
+    fn merge(mut self, next: &Partial, dv: usize) -> Partial {
+        for (r, (st, &(m2, l2))) in self.stats.iter_mut().zip(&next.stats).enumerate() {
+            let (m1, l1) = *st;
+            let m = m1.max(m2);
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            let weight = |mi: f32| if mi == f32::NEG_INFINITY { 0.0 } else { (mi - m).exp() };
+            let (w1, w2) = (weight(m1), weight(m2));
+            let (o, o2) = (&mut self.o[r * dv..(r + 1) * dv], &next.o[r * dv..(r + 1) * dv]);
+            o.iter_mut().zip(o2).for_each(|(a, b)| *a = *a * w1 + *b * w2);
+            *st = (m, l1 * w1 + l2 * w2);
+        }
+        self
+    }
 }
 
 /// [`attention_with`] with the key rows split over `threads` ranges, each attended by every query
@@ -391,9 +455,44 @@ mod wide {
     const VALUE_HEADS: usize = 4;
     const VALUE_VECTORS: usize = 4;
 
+    /// A decode call's queries as [`heads_in_lanes`] reads them, prepared once per call.
+    pub(super) struct Lanes {
+        /// Per group of 16 (head, query) rows, the queries transposed (`[g][d][lane]`) and
+        /// times the scale.
+        qt: Vec<f32>,
+        /// Per group, the key rows each lane sees (causal; lanes past the last row see none).
+        seen: Vec<[i32; 16]>,
+        /// The query parts' widths summed.
+        width: usize,
+    }
+
+    impl Lanes {
+        pub(super) fn new(a: &Attention) -> Lanes {
+            let rows = a.heads * a.queries;
+            let groups = rows.div_ceil(16);
+            let width: usize = a.parts.iter().map(|(_, k)| k.width).sum();
+            let mut qt = vec![0f32; groups * width * 16];
+            let mut d0 = 0;
+            for (q, k) in a.parts {
+                for hq in 0..rows {
+                    let (g, lane) = (hq / 16, hq % 16);
+                    for d in 0..k.width {
+                        qt[(g * width + d0 + d) * 16 + lane] = q[hq * k.width + d] * a.scale;
+                    }
+                }
+                d0 += k.width;
+            }
+            let seen = (0..groups)
+                .map(|g| std::array::from_fn(|l| if 16 * g + l < rows { a.query(16 * g + l).seen as i32 } else { 0 }))
+                .collect();
+            Lanes { qt, seen, width }
+        }
+    }
+
     /// Decode over shared rows (MLA's absorbed form: every head reads the same cache rows), for
-    /// a few query rows per head (a decode step, MTP verification), the key rows of `keys` only;
-    /// `o: [H·S, dv]`, with `stats` as in [`group_over`].
+    /// a few query rows per head (a decode step, MTP verification), the key rows of `keys` only:
+    /// `o: [H·S, dv]` unnormalized, each row's softmax `(max, sum)` in `stats` (as
+    /// [`group_over`]'s).
     ///
     /// The (head, query) rows are the 16 lanes of a vector: a key row's score for 16 rows is a
     /// sum of its values, each broadcast, times the queries' transposed columns (no horizontal
@@ -406,30 +505,17 @@ mod wide {
     /// AVX-512F; `a` passed `check`, with shared rows.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::needless_range_loop)] // register-blocked: rows and vectors index several arrays
-    pub(super) unsafe fn heads_in_lanes(a: &Attention, keys: Range<usize>, o: &mut [f32], stats: Option<&mut [(f32, f32)]>) {
+    pub(super) unsafe fn heads_in_lanes(
+        a: &Attention,
+        lanes: &Lanes,
+        keys: Range<usize>,
+        o: &mut [f32],
+        stats: &mut [(f32, f32)],
+    ) {
         let (rows, dv, v_stride) = (a.heads * a.queries, a.values.width, a.values.stride);
         let (t0, t1) = (keys.start, keys.end.min(a.tokens.min(a.start + a.queries)));
+        let (qt, seen, width) = (&lanes.qt, &lanes.seen, lanes.width);
         let groups = rows.div_ceil(16);
-        let width: usize = a.parts.iter().map(|(_, k)| k.width).sum();
-        // the queries transposed, per group of 16 rows: qt[g][d][lane], times the scale
-        let mut qt = vec![0f32; groups * width * 16];
-        let mut d0 = 0;
-        for (q, k) in a.parts {
-            for hq in 0..rows {
-                let (g, lane) = (hq / 16, hq % 16);
-                for d in 0..k.width {
-                    qt[(g * width + d0 + d) * 16 + lane] = q[hq * k.width + d] * a.scale;
-                }
-            }
-            d0 += k.width;
-        }
-        // the key rows each lane sees (causal; lanes past the last row see none)
-        let seen: Vec<__m512i> = (0..groups)
-            .map(|g| {
-                let lane = |l: usize| if 16 * g + l < rows { a.query(16 * g + l).seen as i32 } else { 0 };
-                _mm512_loadu_si512(std::array::from_fn::<i32, 16, _>(lane).as_ptr() as *const _)
-            })
-            .collect();
         // each group's running max (finite: `exp16` of -inf is NaN) and sum
         let mut max = vec![_mm512_set1_ps(-1e30); groups];
         let mut sum = vec![_mm512_setzero_ps(); groups];
@@ -442,6 +528,7 @@ mod wide {
             let phys: [usize; DECODE_BLOCK] = std::array::from_fn(|i| a.phys(b0 + i.min(n - 1)));
             for g in 0..groups {
                 let nh = (rows - 16 * g).min(16);
+                let seen_g = _mm512_loadu_si512(seen[g].as_ptr() as *const _);
                 let qg = qt.as_ptr().add(g * width * 16);
                 for i in (0..n).step_by(SCORE_TILE) {
                     let mut acc = [_mm512_setzero_ps(); SCORE_TILE];
@@ -463,7 +550,7 @@ mod wide {
                 }
                 // online softmax, 16 rows a vector; the rows a lane does not see weigh 0
                 let sees: [__mmask16; DECODE_BLOCK] =
-                    std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen[g], _mm512_set1_epi32((b0 + j) as i32)));
+                    std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen_g, _mm512_set1_epi32((b0 + j) as i32)));
                 for j in 0..n {
                     scores[j] = _mm512_mask_blend_ps(sees[j], _mm512_set1_ps(-1e30), scores[j]);
                 }
@@ -522,15 +609,8 @@ mod wide {
             _mm512_storeu_ps(m.as_mut_ptr().add(16 * g), max[g]);
             _mm512_storeu_ps(l.as_mut_ptr().add(16 * g), sum[g]);
         }
-        if let Some(stats) = stats {
-            for (h, st) in stats.iter_mut().enumerate().take(rows) {
-                *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
-            }
-            return;
-        }
-        for (h, o) in o.chunks_exact_mut(dv).enumerate() {
-            let inv = if l[h] > 0.0 { 1.0 / l[h] } else { 0.0 };
-            o.iter_mut().for_each(|v| *v *= inv);
+        for (h, st) in stats.iter_mut().enumerate().take(rows) {
+            *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
         }
     }
 

@@ -260,6 +260,47 @@ fn mla_attention_matches_the_reference() {
     }
 }
 
+/// Lossless speculative decoding needs a verification step's queries to get the bits of the
+/// plain decode steps of the same tokens: a call of 2 queries over `T + 1` rows against one
+/// query over `T` rows and one over `T + 1`, around the decode kernel's chunk and block edges.
+#[test]
+fn a_verify_steps_queries_have_the_bits_of_plain_decode_steps() {
+    use moeserve_cpu::{mla_attention_with, MlaShape};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (latent, rope) = (64, 16);
+    for heads in [16, 20] {
+        for tokens in [1, 31, 32, 127, 128, 129, 200, 255, 256, 257, 400] {
+            let row = latent + rope;
+            let entries = rand_vec(&mut rng, (tokens + 1) * row);
+            let (q_lat, q_pe) = (rand_vec(&mut rng, heads * 2 * latent), rand_vec(&mut rng, heads * 2 * rope));
+            let verify = MlaShape { heads, queries: 2, tokens: tokens + 1, latent, rope, start: tokens - 1 };
+            // query s of every head, alone
+            let alone = |s: usize| {
+                let pick = |v: &[f32], w: usize| -> Vec<f32> {
+                    (0..heads).flat_map(|h| v[(2 * h + s) * w..(2 * h + s + 1) * w].to_vec()).collect()
+                };
+                let shape = MlaShape { heads, queries: 1, tokens: tokens + s, latent, rope, start: tokens - 1 + s };
+                (pick(&q_lat, latent), pick(&q_pe, rope), shape)
+            };
+            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+                let both = mla_attention_with(backend, &q_lat, &q_pe, &entries, None, verify, 0.3);
+                for s in 0..2 {
+                    let (ql, qp, shape) = alone(s);
+                    let one = mla_attention_with(backend, &ql, &qp, &entries[..shape.tokens * row], None, shape, 0.3);
+                    for h in 0..heads {
+                        let got = &both[(2 * h + s) * latent..(2 * h + s + 1) * latent];
+                        let want = &one[h * latent..(h + 1) * latent];
+                        assert!(
+                            got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{backend:?} heads {heads} tokens {tokens} query {s} head {h}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The fused attention on MLA's naive (prefill) layout against its f64 definition: per-head key
 /// and value rows interleaved in one `[T, H·(P+V)]` buffer, the rotated key shared by every
 /// head and read from the cache rows; ragged widths, causal with and without cached history.
