@@ -129,14 +129,14 @@ impl Lanes {
 
 /// Decode over shared rows (MLA's absorbed form: every head reads the same cache rows), for
 /// a few query rows per head (a decode step, MTP verification), the key rows of `keys` only:
-/// `o: [H·S, dv]` unnormalized, each row's softmax `(max, sum)` in `stats` (as
-/// [`group_over`]'s).
+/// `o: [H·S, dv]` (zeroed by the caller) unnormalized, each row's softmax `(max, sum)` in
+/// `stats` (as `wide::group_over`'s).
 ///
 /// The (head, query) rows are the 16 lanes of a vector: a key row's score for 16 rows is a
 /// sum of its values, each broadcast, times the queries' transposed columns (no horizontal
 /// sums); the online softmax takes one `exp` per key row for 16 rows, the causal mask being
 /// a lane mask; the weighted sum of the values loads each value vector once for 4 rows.
-/// [`group_over`] instead scores each row on its own, reloading every key row per row and
+/// `wide::group_over` instead scores each row on its own, reloading every key row per row and
 /// transposing its sums.
 ///
 /// # Safety
@@ -151,7 +151,6 @@ unsafe fn heads_in_lanes(a: &Attention, lanes: &Lanes, keys: Range<usize>, o: &m
     // each group's running max (finite: `exp16` of -inf is NaN) and sum
     let mut max = vec![_mm512_set1_ps(-1e30); groups];
     let mut sum = vec![_mm512_setzero_ps(); groups];
-    o.fill(0.0);
     let mut p = [[0f32; 16]; DECODE_BLOCK];
     let mut scores = [_mm512_setzero_ps(); DECODE_BLOCK];
     for b0 in (t0..t1).step_by(DECODE_BLOCK) {
@@ -166,12 +165,12 @@ unsafe fn heads_in_lanes(a: &Attention, lanes: &Lanes, keys: Range<usize>, o: &m
                 let mut acc = [_mm512_setzero_ps(); SCORE_TILE];
                 let mut d0 = 0;
                 for (_, k) in a.parts {
-                    let rows: [*const f32; SCORE_TILE] =
+                    let krows: [*const f32; SCORE_TILE] =
                         std::array::from_fn(|j| k.data.as_ptr().add(k.offset + phys[(i + j).min(DECODE_BLOCK - 1)] * k.stride));
                     for d in 0..k.width {
                         let qv = _mm512_loadu_ps(qg.add((d0 + d) * 16));
                         for j in 0..SCORE_TILE {
-                            acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(*rows[j].add(d)), acc[j]);
+                            acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(*krows[j].add(d)), acc[j]);
                         }
                     }
                     d0 += k.width;
