@@ -100,3 +100,56 @@ pub fn run(
     }
     KernelReport { rows, cols, read_bandwidth: read, results }
 }
+
+/// One decode attention measurement of [`run_attention`].
+pub struct AttentionRow {
+    /// Cached rows.
+    pub tokens: usize,
+    /// Query rows per head (1: a decode step; 2: an MTP verification step).
+    pub queries: usize,
+    pub seconds: f64,
+    /// Cache bytes per second (each cached row is read as key and value).
+    pub bytes_per_s: f64,
+    /// Multiply-adds per second (scores and weighted sums, every head).
+    pub fma_per_s: f64,
+}
+
+/// DeepSeek-R1's decode attention (absorbed MLA: `heads` heads over one f32 cache of
+/// `latent + rope` values per row), best of `reps` calls per context length and query count.
+pub fn run_attention(
+    contexts: &[usize],
+    queries: &[usize],
+    (heads, latent, rope): (usize, usize, usize),
+    reps: usize,
+    backend: Backend,
+) -> Vec<AttentionRow> {
+    let row = latent + rope;
+    let mut out = Vec::new();
+    let most = contexts.iter().copied().max().unwrap_or(0) + queries.iter().copied().max().unwrap_or(1);
+    let entries = weights(most * row);
+    let q_max = queries.iter().copied().max().unwrap_or(1);
+    let q_lat = weights(heads * q_max * latent);
+    let q_pe = weights(heads * q_max * rope);
+    for &tokens in contexts {
+        for &s in queries {
+            let shape = crate::MlaShape { heads, queries: s, tokens: tokens + s, latent, rope, start: tokens };
+            let (ql, qp) = (&q_lat[..heads * s * latent], &q_pe[..heads * s * rope]);
+            let mut best = f64::INFINITY;
+            for _ in 0..reps.max(1) {
+                let t = Instant::now();
+                let o = crate::mla_attention_with(backend, ql, qp, &entries[..(tokens + s) * row], None, shape, 0.1);
+                best = best.min(t.elapsed().as_secs_f64());
+                std::hint::black_box(o);
+            }
+            let fma = (heads * s * (tokens + s) * (row + latent)) as f64;
+            out.push(AttentionRow {
+                tokens,
+                queries: s,
+                seconds: best,
+                bytes_per_s: ((tokens + s) * row * 4) as f64 / best,
+                fma_per_s: fma / best,
+            });
+        }
+    }
+    out
+}
