@@ -268,8 +268,12 @@ fn a_verify_steps_queries_have_the_bits_of_plain_decode_steps() {
     use moeserve_cpu::{mla_attention_with, MlaShape};
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let (latent, rope) = (64, 16);
+    // the decode kernel's chunks of 128 rows and spans of 16 chunks, their edges, and thread
+    // counts that split the chunks within a span
+    let pools: Vec<rayon::ThreadPool> =
+        [1, 2, 3, 5].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool")).collect();
     for heads in [16, 20] {
-        for tokens in [1, 31, 32, 127, 128, 129, 200, 255, 256, 257, 400] {
+        for tokens in [1, 31, 32, 127, 128, 129, 200, 255, 256, 257, 400, 2047, 2048, 2049, 4097, 6200] {
             let row = latent + rope;
             let entries = rand_vec(&mut rng, (tokens + 1) * row);
             let (q_lat, q_pe) = (rand_vec(&mut rng, heads * 2 * latent), rand_vec(&mut rng, heads * 2 * rope));
@@ -283,17 +287,23 @@ fn a_verify_steps_queries_have_the_bits_of_plain_decode_steps() {
                 (pick(&q_lat, latent), pick(&q_pe, rope), shape)
             };
             for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
-                let both = mla_attention_with(backend, &q_lat, &q_pe, &entries, None, verify, 0.3);
-                for s in 0..2 {
-                    let (ql, qp, shape) = alone(s);
-                    let one = mla_attention_with(backend, &ql, &qp, &entries[..shape.tokens * row], None, shape, 0.3);
-                    for h in 0..heads {
-                        let got = &both[(2 * h + s) * latent..(2 * h + s + 1) * latent];
-                        let want = &one[h * latent..(h + 1) * latent];
-                        assert!(
-                            got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{backend:?} heads {heads} tokens {tokens} query {s} head {h}"
-                        );
+                let mut first: Option<Vec<f32>> = None;
+                for pool in &pools {
+                    let threads = pool.current_num_threads();
+                    let both = pool.install(|| mla_attention_with(backend, &q_lat, &q_pe, &entries, None, verify, 0.3));
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                    // nor do the bits depend on the number of threads
+                    let first = first.get_or_insert_with(|| both.clone());
+                    assert!(same(first, &both), "{backend:?} heads {heads} tokens {tokens}: {threads} threads");
+                    for s in 0..2 {
+                        let (ql, qp, shape) = alone(s);
+                        let one =
+                            pool.install(|| mla_attention_with(backend, &ql, &qp, &entries[..shape.tokens * row], None, shape, 0.3));
+                        for h in 0..heads {
+                            let got = &both[(2 * h + s) * latent..(2 * h + s + 1) * latent];
+                            let want = &one[h * latent..(h + 1) * latent];
+                            assert!(same(got, want), "{backend:?} heads {heads} tokens {tokens} query {s} head {h}, {threads} threads");
+                        }
                     }
                 }
             }

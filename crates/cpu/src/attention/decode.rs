@@ -16,41 +16,65 @@ use crate::simd::{exp16, lane_mask};
 /// holds its rows (`decode_in_chunks`).
 const DECODE_CHUNK: usize = 128;
 
+/// Chunks per span: a decode call merges its chunks' partials left to right within each span of
+/// 16 chunks (2048 cached rows, again at absolute positions), then the spans' left to right.
+/// A thread keeps one partial per span it begins, and one per chunk only of the span it
+/// begins within: at most `SPAN - 1` besides, not one per chunk (DeepSeek-R1's 128 heads hold
+/// 256 KiB per partial, and a 32K context has 256 chunks).
+const SPAN: usize = 16;
+
 /// A decode call ([`heads_in_lanes`]): the cached rows in fixed chunks of [`DECODE_CHUNK`],
-/// each chunk's partial softmax merged into the result strictly in chunk order. The result of
-/// a query then does not depend on how many rows the call holds nor on how the chunks are shared
-/// out: an MTP verification step of 2 tokens gives each of its queries the bits of the plain
-/// decode step of that token (a chunk of rows a query does not see merges as exact zeros), so
-/// speculative decoding stays lossless. The first thread merges its chunks as it goes; the
-/// others keep theirs until they are merged after.
+/// each chunk's partial softmax merged in a fixed order (chunks left to right within each
+/// [`SPAN`], then the spans left to right). The result of a query then depends neither on how
+/// many rows the call holds nor on how the chunks are shared out over the threads: an MTP
+/// verification step of 2 tokens gives each of its queries the bits of the plain decode step
+/// of that token (a chunk or span of rows a query does not see merges as exact zeros), so
+/// speculative decoding stays lossless.
 pub(super) fn decode_in_chunks(a: &Attention, threads: usize) -> Vec<f32> {
     let (rows, dv) = (a.heads * a.queries, a.values.width);
     let chunks = a.tokens.min(a.start + a.queries).div_ceil(DECODE_CHUNK).max(1);
     let per = chunks.div_ceil(threads);
     let lanes = Lanes::new(a);
-    let chunk = |c: usize| {
-        let mut p = Partial { o: vec![0f32; rows * dv], stats: vec![(f32::NEG_INFINITY, 0f32); rows] };
+    let chunk = |c: usize, p: &mut Partial| {
+        p.o.fill(0.0);
         let keys = c * DECODE_CHUNK..(c + 1) * DECODE_CHUNK;
         // SAFETY: `wide` (the caller) means the CPU has AVX-512F; `check` bounded every row.
         unsafe { heads_in_lanes(a, &lanes, keys, &mut p.o, &mut p.stats) };
-        p
     };
-    let shares: Vec<Vec<Partial>> = (0..chunks.div_ceil(per))
+    // each thread's chunks in order, as (span, whether it begins at the span's first chunk,
+    // partial): a chunk merges into the partial before it when that one began its span
+    let shares: Vec<Vec<(usize, bool, Partial)>> = (0..chunks.div_ceil(per))
         .into_par_iter()
         .map(|t| {
-            let mine = t * per..((t + 1) * per).min(chunks);
-            if t == 0 {
-                let mut it = mine.map(chunk);
-                let first = it.next().map(|p| it.fold(p, |acc, p| acc.merge(&p, dv)));
-                first.into_iter().collect()
-            } else {
-                mine.map(chunk).collect()
+            let mut out: Vec<(usize, bool, Partial)> = Vec::new();
+            let mut scratch = Partial::new(rows, dv);
+            for c in t * per..((t + 1) * per).min(chunks) {
+                let span = c / SPAN;
+                match out.last_mut() {
+                    Some((s, true, running)) if *s == span => {
+                        chunk(c, &mut scratch);
+                        running.merge(&scratch, dv);
+                    }
+                    _ => {
+                        let mut p = Partial::new(rows, dv);
+                        chunk(c, &mut p);
+                        out.push((span, c % SPAN == 0, p));
+                    }
+                }
             }
+            out
         })
         .collect();
-    let mut parts = shares.into_iter().flatten();
-    let Some(first) = parts.next() else { return vec![0f32; rows * dv] };
-    let mut total = parts.fold(first, |acc, p| acc.merge(&p, dv));
+    let mut spans: Vec<(usize, Partial)> = Vec::new();
+    for (span, _, p) in shares.into_iter().flatten() {
+        match spans.last_mut() {
+            Some((s, running)) if *s == span => running.merge(&p, dv),
+            _ => spans.push((span, p)),
+        }
+    }
+    let mut spans = spans.into_iter().map(|(_, p)| p);
+    let Some(mut total) = spans.next() else { return vec![0f32; rows * dv] };
+    spans.for_each(|p| total.merge(&p, dv));
     for (o, &(_, sum)) in total.o.chunks_exact_mut(dv).zip(&total.stats) {
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         o.iter_mut().for_each(|v| *v *= inv);
@@ -66,8 +90,12 @@ struct Partial {
 }
 
 impl Partial {
+    fn new(rows: usize, dv: usize) -> Partial {
+        Partial { o: vec![0f32; rows * dv], stats: vec![(f32::NEG_INFINITY, 0f32); rows] }
+    }
+
     /// `self` then `next` (rows of `dv` values): a row `next` has no key rows for keeps its bits.
-    fn merge(mut self, next: &Partial, dv: usize) -> Partial {
+    fn merge(&mut self, next: &Partial, dv: usize) {
         for (r, (st, &(m2, l2))) in self.stats.iter_mut().zip(&next.stats).enumerate() {
             let (m1, l1) = *st;
             let m = m1.max(m2);
@@ -80,7 +108,6 @@ impl Partial {
             o.iter_mut().zip(o2).for_each(|(a, b)| *a = *a * w1 + *b * w2);
             *st = (m, l1 * w1 + l2 * w2);
         }
-        self
     }
 }
 
