@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, default_value = "8192x4096", value_parser = parse_shape)]
     pub kernel_shape: (usize, usize),
     /// Context lengths of the kernel benchmark's decode attention table (DeepSeek-R1's shape:
-    /// 128 heads over a 512 + 64 wide latent cache, 1 and 2 queries per head); empty: none.
+    /// 128 heads over a 512 + 64 wide latent cache, 1 and 2 queries per head); 0: no table.
     #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
     pub kernel_contexts: Vec<usize>,
     /// Engine settings for the concurrency runs (the KV budget is capped at what the runs need).
@@ -117,10 +117,14 @@ fn bench_kernels(args: &Args) -> Result<()> {
             r.vs_batch1
         );
     }
-    if !args.kernel_contexts.is_empty() {
-        let rows = moeserve_cpu::bench::run_attention(&args.kernel_contexts, &[1, 2], (128, 512, 64), 5, backend);
+    let contexts: Vec<usize> = args.kernel_contexts.iter().copied().filter(|&c| c > 0).collect();
+    if !contexts.is_empty() {
+        let rows = moeserve_cpu::bench::run_attention(&contexts, &[1, 2], (128, 512, 64), 5, backend);
         println!("decode attention, DeepSeek-R1 shape (128 heads, f32 cache rows of 512 + 64), best of 5:");
-        println!("{:>8} {:>7} {:>10} {:>13} {:>8} {:>10}", "context", "queries", "time (us)", "cache GB/s", "GFMA/s", "vs 1 query");
+        println!(
+            "{:>8} {:>7} {:>10} {:>13} {:>8} {:>10}",
+            "context", "queries", "time (us)", "cache GB/s", "GFMA/s", "vs 1 query"
+        );
         for pair in rows.chunks(2) {
             for r in pair {
                 println!(

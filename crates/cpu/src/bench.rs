@@ -64,13 +64,14 @@ pub fn run(
         // enough copies to stream well past the last-level cache (some CPUs have hundreds of MB)
         let copies = (min_bytes / w.resident_bytes().max(1)).max(1);
         let ws: Vec<PackedMatrix> = (0..copies).map(|_| w.clone()).collect();
-        // bf16 weights twice: with f32 activations, and with activations that are bf16 values
-        // (a `--dtype bf16` model's), which take the bf16 × bf16 kernel where the CPU has one
+        // bf16 and FP8 weights twice: with f32 activations, and with activations that are bf16
+        // values (a `--dtype bf16` model's), which take the `vdpbf16ps` kernels where the CPU has them
         let bf16_values: Vec<f32>;
         let passes: Vec<(&'static str, &[f32])> = match format {
-            Format::Bf16 => {
+            Format::Bf16 | Format::Fp8 { .. } => {
                 bf16_values = w32.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-                vec![("bf16", &w32), ("bf16·bf16", &bf16_values)]
+                let exact = if format == Format::Bf16 { "bf16·bf16" } else { "fp8·bf16" };
+                vec![(format.name(), &w32), (exact, &bf16_values)]
             }
             _ => vec![(format.name(), &w32)],
         };

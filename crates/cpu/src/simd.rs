@@ -48,6 +48,11 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
         // the CPU has it)
         return crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride);
     }
+    if $max_tile == 8 && matches!(w.format, Format::Fp8 { .. }) && a.bf16_exact.is_some() {
+        // FP8 weights, exact bf16 activations, 2+ rows: decoded to bf16 for `vdpbf16ps` (the
+        // activations were prepared only where the kernel applies)
+        return crate::simd::fp8_bf16::rows(w, a, r0, r1, y, y_stride);
+    }
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
@@ -331,7 +336,12 @@ unsafe fn float_rows<const F: u8, const R: usize, const BT: usize>(
     x: *const f32,
     out: &mut [[f32; 8]; R],
 ) {
-    if R * BT <= 2 {
+    if $max_tile == 8 {
+        // one accumulator per output whatever the tile: an output's bits do not depend on the
+        // batch it is computed in (lossless MTP verification); the tiles of 1-2 activation rows
+        // run 8 and 4 weight rows, enough independent chains
+        float_row::<F, R, BT, 1>(rows, scales, seg, pc, x, out)
+    } else if R * BT <= 2 {
         float_row::<F, R, BT, 4>(rows, scales, seg, pc, x, out)
     } else if R * BT <= 4 {
         float_row::<F, R, BT, 2>(rows, scales, seg, pc, x, out)
@@ -593,6 +603,7 @@ pub(crate) unsafe fn sum16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x8
     _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
 }
 
+pub(crate) mod fp8_bf16;
 mod grouped;
 mod row512;
 pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};

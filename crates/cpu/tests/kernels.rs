@@ -103,15 +103,61 @@ fn kernels_match_the_reference_on_ragged_shapes() {
 }
 
 #[test]
-fn bf16_weights_with_bf16_activations_match_the_reference() {
-    // activations that are bf16 values (a `--dtype bf16` model's) take the bf16 x bf16 kernel
-    // (`vdpbf16ps`) where the CPU has one: exact products, f32 sums, so f32's bound holds
+fn bf16_and_fp8_weights_with_bf16_activations_match_the_reference() {
+    // activations that are bf16 values (a `--dtype bf16` model's) take the `vdpbf16ps` kernels
+    // where the CPU has them (FP8 with whole 64-column steps: 128-wide scale blocks): exact
+    // products, f32 sums, so f32's bound holds
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048)] {
-        let w = pack(Format::Bf16, &mut rng, rows, cols);
-        for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
-            let x: Vec<f32> = rand_vec(&mut rng, batch * cols).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
-            check_backends(&w, &x, batch, 1e-5, "bf16 x bf16");
+    for format in [Format::Bf16, Format::Fp8 { block: [128, 128] }, Format::Fp8 { block: [16, 64] }] {
+        for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048), (5, 64), (131, 576), (300, 1024)] {
+            let w = pack(format, &mut rng, rows, cols);
+            for batch in [1, 2, 3, 4, 5, 8, 13, 16, 32, 70] {
+                let x: Vec<f32> = rand_vec(&mut rng, batch * cols).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+                check_backends(&w, &x, batch, 1e-5, &format!("{format:?} x bf16"));
+            }
+        }
+    }
+}
+
+/// Lossless speculative decoding also needs a product's row to have the same bits in a batch
+/// (an MTP verification step's 2-5 tokens) as alone (the plain decode step): for every format,
+/// with f32 activations and with activations that are bf16 values (which take the `vdpbf16ps`
+/// kernels where the CPU has them, at any batch size for that reason). On the AVX-512 and
+/// portable backends; not yet on AVX2 (its float tiles of 1-2 rows keep several accumulators
+/// per output, and its FP8 decode kernel differs from its batch kernel) nor on AMX (bf16 tiles
+/// from 2 rows).
+#[test]
+fn a_row_has_the_same_bits_in_a_small_batch_as_alone() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let batches = [2, 3, 4, 5, 8, 13];
+    for (format, _) in FORMATS {
+        for (rows, cols) in [(33, 273), (130, 1024)] {
+            let w = pack(format, &mut rng, rows, cols);
+            for bf16 in [false, true] {
+                let mut x = rand_vec(&mut rng, 13 * cols);
+                if bf16 {
+                    x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+                }
+                for backend in [Backend::Avx512, Backend::Portable] {
+                    let run = |x: &[f32], batch: usize| {
+                        let a = activations(&w, x, batch);
+                        let mut y = vec![f32::NAN; batch * rows];
+                        matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut y }]);
+                        y
+                    };
+                    let alone: Vec<Vec<f32>> = (0..13).map(|b| run(&x[b * cols..(b + 1) * cols], 1)).collect();
+                    for batch in batches {
+                        let y = run(&x[..batch * cols], batch);
+                        for (b, want) in alone.iter().take(batch).enumerate() {
+                            let got = &y[b * rows..(b + 1) * rows];
+                            assert!(
+                                got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                                "{format:?} bf16 activations {bf16} {backend:?} [{rows}, {cols}]: row {b} of {batch}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -297,12 +343,15 @@ fn a_verify_steps_queries_have_the_bits_of_plain_decode_steps() {
                     assert!(same(first, &both), "{backend:?} heads {heads} tokens {tokens}: {threads} threads");
                     for s in 0..2 {
                         let (ql, qp, shape) = alone(s);
-                        let one =
-                            pool.install(|| mla_attention_with(backend, &ql, &qp, &entries[..shape.tokens * row], None, shape, 0.3));
+                        let one = pool
+                            .install(|| mla_attention_with(backend, &ql, &qp, &entries[..shape.tokens * row], None, shape, 0.3));
                         for h in 0..heads {
                             let got = &both[(2 * h + s) * latent..(2 * h + s + 1) * latent];
                             let want = &one[h * latent..(h + 1) * latent];
-                            assert!(same(got, want), "{backend:?} heads {heads} tokens {tokens} query {s} head {h}, {threads} threads");
+                            assert!(
+                                same(got, want),
+                                "{backend:?} heads {heads} tokens {tokens} query {s} head {h}, {threads} threads"
+                            );
                         }
                     }
                 }
