@@ -226,7 +226,9 @@ impl Mla {
     /// Weight-absorbed attention: MQA with one (L+R)-dim key and an L-dim value over the cache.
     fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla absorbed".to_string();
-        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
+        // (a bf16 cache's rows are read as f32, exactly: the kernel's bits then do not depend on
+        // the step's query count, where candle's products below would)
+        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu()) {
             return self.attend_absorbed_cpu(cpu, q_nope, q_pe, entries, None, entries.dims()[0], start);
         }
         let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
@@ -390,8 +392,8 @@ impl Mla {
     }
 }
 
-/// `f` on the values of an f32 CPU tensor: in place when it is contiguous (the cache rows), a
-/// copy otherwise.
+/// `f` on the values of a CPU tensor as f32: in place when it is f32 and contiguous (the cache
+/// rows), a copy otherwise.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
@@ -401,7 +403,7 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
             }
         }
     }
-    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+    Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// A tensor's values as f32, in order.
