@@ -151,14 +151,11 @@ unsafe fn tile<const N: usize, const BT: usize>(
                 // the high bytes with the sign (hi | bytes & 0x80), the low bytes
                 let hi = _mm512_ternarylogic_epi32::<0xf8>(_mm512_permutex2var_epi8(hi0, bytes, hi1), bytes, sign);
                 let lo = _mm512_permutex2var_epi8(lo0, bytes, lo1);
-                [std::mem::transmute(_mm512_unpacklo_epi8(lo, hi)), std::mem::transmute(_mm512_unpackhi_epi8(lo, hi))]
+                [as_bf16(_mm512_unpacklo_epi8(lo, hi)), as_bf16(_mm512_unpackhi_epi8(lo, hi))]
             });
             for b in 0..BT {
                 let xp = x.add(b * pc + k);
-                let xv: [__m512bh; 2] = [
-                    std::mem::transmute(_mm512_loadu_si512(xp as *const _)),
-                    std::mem::transmute(_mm512_loadu_si512(xp.add(32) as *const _)),
-                ];
+                let xv = [as_bf16(_mm512_loadu_si512(xp as *const _)), as_bf16(_mm512_loadu_si512(xp.add(32) as *const _))];
                 for j in 0..N {
                     acc[j][b] = _mm512_dpbf16_ps(acc[j][b], w[j][0], xv[0]);
                     acc[j][b] = _mm512_dpbf16_ps(acc[j][b], w[j][1], xv[1]);
@@ -177,6 +174,13 @@ unsafe fn tile<const N: usize, const BT: usize>(
             out[j][b] = _mm512_reduce_add_ps(tot[j][b]);
         }
     }
+}
+
+/// 32 bf16 values, from their bits.
+#[inline(always)]
+fn as_bf16(v: __m512i) -> __m512bh {
+    // SAFETY: both are 64 plain bytes
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
 }
 
 /// Whether this CPU runs the kernel.
