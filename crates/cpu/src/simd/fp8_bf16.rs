@@ -17,12 +17,13 @@ use std::sync::OnceLock;
 
 use crate::act::Activations;
 use crate::format::{fp8_via_f16, Format, PackedMatrix, FP8_VIA_F16_FACTOR};
+use crate::simd::bf16_512::{in_batch_tiles, TILE_ROWS};
 
 /// Weight rows a tile (memory streams per thread).
 const R: usize = 2;
-/// Activation rows a tile: each weight is decoded once for them. R × TILE_ROWS block sums and
-/// as many totals fill 16 of the 32 registers; the tables and operands take most of the rest.
-const TILE_ROWS: usize = 4;
+// Activation rows a tile (`bf16_512`'s 4): each weight is decoded once for them. R × 4 block
+// sums and as many totals fill 16 of the 32 registers; the tables and operands take most of
+// the rest (1 × 8, 3 × 4, 4 × 2 and 2 × 8 measured slower at batch 8).
 
 /// Whether an FP8 matrix of this block width and row length can take the kernel (its scale
 /// blocks and rows whole 64-column steps).
@@ -100,28 +101,12 @@ unsafe fn tiles<const N: usize>(
     y_stride: usize,
 ) {
     let pc = a.padded_cols;
-    let mut b0 = 0;
-    while b0 < a.batch {
-        let bt = (a.batch - b0).min(TILE_ROWS);
-        let xb = x.as_ptr().add(b0 * pc);
-        let mut out = [[0f32; TILE_ROWS]; N];
-        match bt {
-            1 => tile::<N, 1>(rows, tabs, seg, xb, pc, &mut out),
-            2 => tile::<N, 2>(rows, tabs, seg, xb, pc, &mut out),
-            3 => tile::<N, 3>(rows, tabs, seg, xb, pc, &mut out),
-            4 => tile::<N, 4>(rows, tabs, seg, xb, pc, &mut out),
-            5 => tile::<N, 5>(rows, tabs, seg, xb, pc, &mut out),
-            6 => tile::<N, 6>(rows, tabs, seg, xb, pc, &mut out),
-            7 => tile::<N, 7>(rows, tabs, seg, xb, pc, &mut out),
-            _ => tile::<N, 8>(rows, tabs, seg, xb, pc, &mut out),
-        }
-        for (o, &r) in out.iter().zip(&rr) {
-            for (i, v) in o.iter().take(bt).enumerate() {
-                *y.add((b0 + i) * y_stride + r) = *v;
-            }
-        }
-        b0 += bt;
-    }
+    in_batch_tiles(rr, x, a, y, y_stride, |bt, xb, out| match bt {
+        1 => tile::<N, 1>(rows, tabs, seg, xb, pc, out),
+        2 => tile::<N, 2>(rows, tabs, seg, xb, pc, out),
+        3 => tile::<N, 3>(rows, tabs, seg, xb, pc, out),
+        _ => tile::<N, 4>(rows, tabs, seg, xb, pc, out),
+    });
 }
 
 /// `out[j][b] = W[rows[j]] · x[b]`: per scale block of `seg` columns, sums of exact products,

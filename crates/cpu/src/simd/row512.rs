@@ -202,7 +202,7 @@ pub(crate) mod bf16_512 {
     /// Weight rows a tile (memory streams per thread).
     const R: usize = 4;
     /// Activation rows a tile: 4 × 4 accumulators (4 × 8 or 3 × 8 measured no faster at batch 8).
-    const TILE_ROWS: usize = 4;
+    pub(crate) const TILE_ROWS: usize = 4;
 
     /// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row.
     ///
@@ -237,17 +237,33 @@ pub(crate) mod bf16_512 {
         y_stride: usize,
     ) {
         let pc = a.padded_cols;
+        in_batch_tiles(rr, x, a, y, y_stride, |bt, xb, out| match bt {
+            1 => tile::<N, 1>(rows, xb, pc, out),
+            2 => tile::<N, 2>(rows, xb, pc, out),
+            3 => tile::<N, 3>(rows, xb, pc, out),
+            _ => tile::<N, 4>(rows, xb, pc, out),
+        });
+    }
+
+    /// The activation rows of a `vdpbf16ps` kernel (bf16 bits `x: [batch, padded_cols]`) in
+    /// tiles of up to [`TILE_ROWS`]: `tile(rows, their first row's bits, sums)` for each, its
+    /// sums `out[j][i]` stored to `y[(b0 + i) * y_stride + rr[j]]`.
+    ///
+    /// # Safety
+    /// `y` must be valid for those writes.
+    pub(crate) unsafe fn in_batch_tiles<const N: usize>(
+        rr: [usize; N],
+        x: &[u16],
+        a: &Activations,
+        y: *mut f32,
+        y_stride: usize,
+        mut tile: impl FnMut(usize, *const u16, &mut [[f32; TILE_ROWS]; N]),
+    ) {
         let mut b0 = 0;
         while b0 < a.batch {
             let bt = (a.batch - b0).min(TILE_ROWS);
-            let xb = x.as_ptr().add(b0 * pc);
             let mut out = [[0f32; TILE_ROWS]; N];
-            match bt {
-                1 => tile::<N, 1>(rows, xb, pc, &mut out),
-                2 => tile::<N, 2>(rows, xb, pc, &mut out),
-                3 => tile::<N, 3>(rows, xb, pc, &mut out),
-                _ => tile::<N, 4>(rows, xb, pc, &mut out),
-            }
+            tile(bt, x.as_ptr().add(b0 * a.padded_cols), &mut out);
             for (o, &r) in out.iter().zip(&rr) {
                 for (i, v) in o.iter().take(bt).enumerate() {
                     *y.add((b0 + i) * y_stride + r) = *v;
