@@ -31,11 +31,13 @@ pub struct Activations {
     /// The rows as bf16 high and low parts for the AMX tiles, built on first use (see
     /// [`Self::bf16_pairs`]).
     bf16_pairs: std::sync::OnceLock<Vec<u16>>,
-    /// bf16 and FP8 weights only, `[batch, padded_cols]`: the rows as bf16, set when there are
-    /// [`BF16_DOT_MIN_BATCH`] or more, every value is exactly a bf16 (a `--dtype bf16` model's
-    /// activations) and the CPU has `vdpbf16ps`, which then multiplies them exactly with no
-    /// rounding of its own (see `simd::bf16_512`; for FP8 weights `simd::fp8_bf16`, which takes
-    /// each 64 columns in its own order).
+    /// bf16 and FP8 weights only, `[batch, padded_cols]`: the rows as bf16, set when every value
+    /// is exactly a bf16 (a `--dtype bf16` model's activations) and the CPU has `vdpbf16ps`,
+    /// which then multiplies them exactly with no rounding of its own (see `simd::bf16_512`; for
+    /// FP8 weights `simd::fp8_bf16`, which takes each 64 columns in its own order). At any
+    /// number of rows, one included: a row then has the same bits in a batch (an MTP
+    /// verification step) as alone (a decode step); one row is memory-bound and reads as fast on
+    /// these kernels as on the f32 ones.
     pub(crate) bf16_exact: Option<Vec<u16>>,
 }
 
@@ -77,14 +79,11 @@ impl Activations {
         if block > 0 {
             a.quantize();
         }
-        if format == Format::Bf16 && batch >= BF16_DOT_MIN_BATCH && bf16_dot_available() {
+        if format == Format::Bf16 && bf16_dot_available() {
             a.bf16_exact = bf16_exact(&a.f32);
         }
         #[cfg(target_arch = "x86_64")]
-        if batch >= BF16_DOT_MIN_BATCH
-            && crate::simd::fp8_bf16::applies(format, padded_cols)
-            && crate::simd::fp8_bf16::available()
-        {
+        if crate::simd::fp8_bf16::applies(format, padded_cols) && crate::simd::fp8_bf16::available() {
             a.bf16_exact = bf16_exact(&a.f32).map(|x| crate::simd::fp8_bf16::interleave(&x, padded_cols));
         }
         a
@@ -109,11 +108,7 @@ impl Activations {
             block: self.block,
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),
-            bf16_exact: self
-                .bf16_exact
-                .as_ref()
-                .filter(|_| rows.len() >= BF16_DOT_MIN_BATCH)
-                .map(|v| gather_rows(v, rows, pc, rows.len())),
+            bf16_exact: self.bf16_exact.as_ref().map(|v| gather_rows(v, rows, pc, rows.len())),
         }
     }
 
@@ -185,11 +180,6 @@ impl Activations {
         }
     }
 }
-
-/// From how many activation rows bf16 and FP8 products take the `vdpbf16ps` kernels: every
-/// batch, so that a row has the same bits in a batch (an MTP verification step) as alone (a
-/// decode step). One row is memory-bound, and reads as fast on them as on the f32 path.
-const BF16_DOT_MIN_BATCH: usize = 1;
 
 /// Whether this CPU runs the bf16 × bf16 kernel (`simd::bf16_512`).
 fn bf16_dot_available() -> bool {

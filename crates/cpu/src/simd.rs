@@ -9,8 +9,9 @@
 //!   bit trick of `format::fp8_via_f16`, then `vcvtph2ps`, or on AMD with AVX-512 an integer
 //!   shift into the f32 fields, see `simd::fp8_512`), FMA with f32 activations; FP8 block scales
 //!   are applied once per column block.
-//! - bf16 with activations that are exactly bf16 (a `--dtype bf16` model), 2+ rows, AVX-512 BF16:
-//!   `vdpbf16ps` on the stored weights (`simd::bf16_512`), twice the multiply rate of the FMAs.
+//! - bf16 and FP8 with activations that are exactly bf16 (a `--dtype bf16` model), AVX-512 BF16:
+//!   `vdpbf16ps` on the stored weights (`simd::bf16_512`) or on FP8 bytes decoded to bf16 by
+//!   byte tables (`simd::fp8_bf16`), twice the multiply rate of the FMAs.
 //! - q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`, `vpmaddwd`),
 //!   block scales applied in f32 once per block.
 
@@ -44,12 +45,12 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
         return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
     }
     if $max_tile == 8 && w.format == Format::Bf16 && a.bf16_exact.is_some() {
-        // exact bf16 activations, 2+ rows: `vdpbf16ps` (the activations were prepared only where
+        // exact bf16 activations: `vdpbf16ps` (the activations were prepared only where
         // the CPU has it)
         return crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride);
     }
     if $max_tile == 8 && matches!(w.format, Format::Fp8 { .. }) && a.bf16_exact.is_some() {
-        // FP8 weights, exact bf16 activations, 2+ rows: decoded to bf16 for `vdpbf16ps` (the
+        // FP8 weights, exact bf16 activations: decoded to bf16 for `vdpbf16ps` (the
         // activations were prepared only where the kernel applies)
         return crate::simd::fp8_bf16::rows(w, a, r0, r1, y, y_stride);
     }
