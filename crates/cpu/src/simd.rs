@@ -58,10 +58,12 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
     // several rows at a time, each from its own part of the range: independent memory streams
-    // per thread read more per second than one (two streams about a third more than one). With
-    // 32 registers: eight streams for one activation row of the float formats and q8_0, four
-    // for one or two rows otherwise (the k-quant tiles would spill with eight)
-    if $max_tile == 8 && a.batch <= 2 {
+    // per thread read more per second than one (two streams about a third more than one), and
+    // the float formats' single accumulator per output needs independent chains. Eight streams
+    // for one activation row of the float formats, four for one or two rows otherwise (AVX2's
+    // q6_K tiles would spill)
+    let float = matches!(w.format, Format::F32 | Format::Bf16 | Format::Fp8 { .. });
+    if ($max_tile == 8 || float) && a.batch <= 2 {
         if a.batch == 1 && w.format != Format::Q6K {
             return streams::<8>(w, a, r0, r1, y, y_stride);
         }
@@ -222,7 +224,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
             let decode = crate::simd::fp8_512::decode();
             crate::simd::fp8_512::rows::<R, BT>(decode, rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out)
         }
-        Format::Fp8 { block } if R * BT <= 2 && a.has_fp8_order() => {
+        Format::Fp8 { block } if a.has_fp8_order() => {
             fp8_rows::<R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, a.fp8_order().as_ptr().add(b0 * pc), out)
         }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
@@ -269,10 +271,11 @@ unsafe fn load8<const F: u8>(row: *const u8, k: usize) -> __m256 {
     }
 }
 
-/// FP8 for one or two outputs (decode): 32 weights per load, converted to f16 bits with 16-bit
-/// shifts and masks on both bytes of each lane (no byte shuffles), stored, and widened by
-/// `vcvtph2ps` from memory, which needs no shuffle port; the activations come pre-ordered to
-/// match (`Activations::fp8_order`). Scale blocks are whole multiples of 32 columns.
+/// FP8 (AVX2): 32 weights per load, converted to f16 bits with 16-bit shifts and masks on both
+/// bytes of each lane (no byte shuffles), stored, and widened by `vcvtph2ps` from memory, which
+/// needs no shuffle port; the activations come pre-ordered to match (`Activations::fp8_order`).
+/// Scale blocks are whole multiples of 32 columns. One accumulator per output, as
+/// [`float_rows`], whatever the tile.
 #[inline]
 #[target_feature(enable = $features)]
 unsafe fn fp8_rows<const R: usize, const BT: usize>(
@@ -291,7 +294,7 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
     let mut si = 0;
     while k0 < pc {
         let k1 = (k0 + seg).min(pc);
-        let mut acc = [[[_mm256_setzero_ps(); 4]; BT]; R];
+        let mut acc = [[_mm256_setzero_ps(); BT]; R];
         let mut k = k0;
         while k < k1 {
             for j in 0..R {
@@ -307,7 +310,7 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
                 for u in 0..4 {
                     let wv = _mm256_cvtph_ps(_mm_loadu_si128(hp.add(8 * u) as *const __m128i));
                     for b in 0..BT {
-                        acc[j][b][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * pc + k + 8 * u)), acc[j][b][u]);
+                        acc[j][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * pc + k + 8 * u)), acc[j][b]);
                     }
                 }
             }
@@ -315,8 +318,7 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
         }
         for j in 0..R {
             for b in 0..BT {
-                let s = _mm256_add_ps(_mm256_add_ps(acc[j][b][0], acc[j][b][1]), _mm256_add_ps(acc[j][b][2], acc[j][b][3]));
-                tot[j][b] = _mm256_fmadd_ps(s, _mm256_set1_ps(scales[j][si]), tot[j][b]);
+                tot[j][b] = _mm256_fmadd_ps(acc[j][b], _mm256_set1_ps(scales[j][si]), tot[j][b]);
             }
         }
         k0 = k1;
@@ -325,8 +327,11 @@ unsafe fn fp8_rows<const R: usize, const BT: usize>(
     store_sums(&tot, &[[0.0; BT]; R], out);
 }
 
-/// Float formats: `R·BT·U` accumulators (at most 8), with `U` independent ones per output so
-/// that small tiles are not bound by the FMA latency.
+/// Float formats: one accumulator per output, whatever the tile, so that an output's bits do not
+/// depend on the batch it is computed in (lossless MTP verification: a verification step's rows
+/// get the bits of the plain decode steps'). The FMA latency is hidden by the tile's outputs:
+/// tiles of one and two activation rows take 8 and 4 weight rows (`rows`). Column segments of
+/// `seg` share one scale per row (FP8 blocks; the whole row otherwise).
 #[inline]
 #[target_feature(enable = $features)]
 unsafe fn float_rows<const F: u8, const R: usize, const BT: usize>(
@@ -337,87 +342,40 @@ unsafe fn float_rows<const F: u8, const R: usize, const BT: usize>(
     x: *const f32,
     out: &mut [[f32; 8]; R],
 ) {
-    if $max_tile == 8 {
-        // one accumulator per output whatever the tile: an output's bits do not depend on the
-        // batch it is computed in (lossless MTP verification); the tiles of 1-2 activation rows
-        // run 8 and 4 weight rows, enough independent chains
-        float_row::<F, R, BT, 1>(rows, scales, seg, pc, x, out)
-    } else if R * BT <= 2 {
-        float_row::<F, R, BT, 4>(rows, scales, seg, pc, x, out)
-    } else if R * BT <= 4 {
-        float_row::<F, R, BT, 2>(rows, scales, seg, pc, x, out)
-    } else {
-        float_row::<F, R, BT, 1>(rows, scales, seg, pc, x, out)
-    }
-}
-
-/// Column segments of `seg` share one scale per row (FP8 blocks; the whole row otherwise).
-#[inline]
-#[target_feature(enable = $features)]
-unsafe fn float_row<const F: u8, const R: usize, const BT: usize, const U: usize>(
-    rows: [*const u8; R],
-    scales: [&[f32]; R],
-    seg: usize,
-    pc: usize,
-    x: *const f32,
-    out: &mut [[f32; 8]; R],
-) {
-    let xs = pc;
+    // weight bytes per column
+    let bpw = match F {
+        F32 => 4,
+        BF16 => 2,
+        _ => 1,
+    };
     let mut tot = [[_mm256_setzero_ps(); BT]; R];
     let mut k0 = 0;
     let mut si = 0;
     while k0 < pc {
-        let k1 = (k0 + seg).min(pc);
-        let mut acc = [[[_mm256_setzero_ps(); U]; BT]; R];
-        let mut k = k0;
-        while k + 8 * U <= k1 {
-            // each cache line of the step's weights, once
-            let bpw = match F {
-                F32 => 4,
-                BF16 => 2,
-                _ => 1,
-            };
-            let mut line = (k * bpw).next_multiple_of(64);
-            while line < (k + 8 * U) * bpw {
-                for j in 0..R {
-                    crate::simd::prefetch_row(rows[j].add(line));
-                }
-                line += 64;
-            }
-            for u in 0..U {
-                let mut xv = [_mm256_setzero_ps(); BT];
-                for (b, v) in xv.iter_mut().enumerate() {
-                    *v = _mm256_loadu_ps(x.add(b * xs + k + 8 * u));
-                }
-                for j in 0..R {
-                    let wv = load8::<F>(rows[j], k + 8 * u);
-                    for b in 0..BT {
-                        acc[j][b][u] = _mm256_fmadd_ps(wv, xv[b], acc[j][b][u]);
-                    }
-                }
-            }
-            k += 8 * U;
-        }
         // segments are whole multiples of 8 columns
-        while k < k1 {
+        let k1 = (k0 + seg).min(pc);
+        let mut acc = [[_mm256_setzero_ps(); BT]; R];
+        for k in (k0..k1).step_by(8) {
+            // each cache line of the weights, once
+            if (k * bpw).is_multiple_of(64) {
+                for j in 0..R {
+                    crate::simd::prefetch_row(rows[j].add(k * bpw));
+                }
+            }
+            let xv: [__m256; BT] = std::array::from_fn(|b| _mm256_loadu_ps(x.add(b * pc + k)));
             for j in 0..R {
                 let wv = load8::<F>(rows[j], k);
                 for b in 0..BT {
-                    acc[j][b][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(b * xs + k)), acc[j][b][0]);
+                    acc[j][b] = _mm256_fmadd_ps(wv, xv[b], acc[j][b]);
                 }
             }
-            k += 8;
         }
         for j in 0..R {
             for b in 0..BT {
-                let mut s = acc[j][b][0];
-                for v in &acc[j][b][1..] {
-                    s = _mm256_add_ps(s, *v);
-                }
                 tot[j][b] = if F == FP8 {
-                    _mm256_fmadd_ps(s, _mm256_set1_ps(scales[j][si]), tot[j][b])
+                    _mm256_fmadd_ps(acc[j][b], _mm256_set1_ps(scales[j][si]), tot[j][b])
                 } else {
-                    _mm256_add_ps(tot[j][b], s)
+                    _mm256_add_ps(tot[j][b], acc[j][b])
                 };
             }
         }

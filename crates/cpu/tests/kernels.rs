@@ -122,10 +122,8 @@ fn bf16_and_fp8_weights_with_bf16_activations_match_the_reference() {
 /// Lossless speculative decoding also needs a product's row to have the same bits in a batch
 /// (an MTP verification step's 2-5 tokens) as alone (the plain decode step): for every format,
 /// with f32 activations and with activations that are bf16 values (which take the `vdpbf16ps`
-/// kernels where the CPU has them, at any batch size for that reason). On the AVX-512 and
-/// portable backends; not yet on AVX2 (its float tiles of 1-2 rows keep several accumulators
-/// per output, and its FP8 decode kernel differs from its batch kernel) nor on AMX (bf16 tiles
-/// from 2 rows).
+/// kernels where the CPU has them, at any batch size for that reason). Not on AMX: its bf16
+/// tiles take 2 rows and more.
 #[test]
 fn a_row_has_the_same_bits_in_a_small_batch_as_alone() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -138,7 +136,7 @@ fn a_row_has_the_same_bits_in_a_small_batch_as_alone() {
                 if bf16 {
                     x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
                 }
-                for backend in [Backend::Avx512, Backend::Portable] {
+                for backend in [Backend::Avx512, Backend::Avx2, Backend::Portable] {
                     let run = |x: &[f32], batch: usize| {
                         let a = activations(&w, x, batch);
                         let mut y = vec![f32::NAN; batch * rows];
