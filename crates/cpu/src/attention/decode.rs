@@ -17,8 +17,8 @@ use crate::simd::{exp16, lane_mask};
 const DECODE_CHUNK: usize = 128;
 
 /// Chunks per span: a decode call merges its chunks' partials left to right within each span of
-/// 16 chunks (2048 cached rows, again at absolute positions), then the spans' left to right.
-/// A thread keeps one partial per span it begins, and one per chunk only of the span it
+/// 16 chunks (2048 cached rows, again at absolute positions), then the spans' partials left to
+/// right. A thread keeps one partial per span it begins, and one per chunk only of the span it
 /// begins within: at most `SPAN - 1` besides, not one per chunk (DeepSeek-R1's 128 heads hold
 /// 256 KiB per partial, and a 32K context has 256 chunks).
 const SPAN: usize = 16;
@@ -35,8 +35,8 @@ pub(super) fn decode_in_chunks(a: &Attention, threads: usize) -> Vec<f32> {
     let chunks = a.tokens.min(a.start + a.queries).div_ceil(DECODE_CHUNK).max(1);
     let per = chunks.div_ceil(threads);
     let lanes = Lanes::new(a);
+    // (`p.o` zeroed)
     let chunk = |c: usize, p: &mut Partial| {
-        p.o.fill(0.0);
         let keys = c * DECODE_CHUNK..(c + 1) * DECODE_CHUNK;
         // SAFETY: `wide` (the caller) means the CPU has AVX-512F; `check` bounded every row.
         unsafe { heads_in_lanes(a, &lanes, keys, &mut p.o, &mut p.stats) };
@@ -47,13 +47,20 @@ pub(super) fn decode_in_chunks(a: &Attention, threads: usize) -> Vec<f32> {
         .into_par_iter()
         .map(|t| {
             let mut out: Vec<(usize, bool, Partial)> = Vec::new();
-            let mut scratch = Partial::new(rows, dv);
+            let mut scratch: Option<Partial> = None;
             for c in t * per..((t + 1) * per).min(chunks) {
                 let span = c / SPAN;
                 match out.last_mut() {
                     Some((s, true, running)) if *s == span => {
-                        chunk(c, &mut scratch);
-                        running.merge(&scratch, dv);
+                        let p = match scratch.as_mut() {
+                            Some(p) => {
+                                p.o.fill(0.0);
+                                p
+                            }
+                            None => scratch.insert(Partial::new(rows, dv)),
+                        };
+                        chunk(c, p);
+                        running.merge(p, dv);
                     }
                     _ => {
                         let mut p = Partial::new(rows, dv);

@@ -19,11 +19,11 @@ use crate::act::Activations;
 use crate::format::{fp8_via_f16, Format, PackedMatrix, FP8_VIA_F16_FACTOR};
 use crate::simd::bf16_512::{in_batch_tiles, TILE_ROWS};
 
-/// Weight rows a tile (memory streams per thread).
+/// Weight rows a tile (memory streams per thread), against up to `TILE_ROWS` (4) activation
+/// rows, for which each weight is decoded once: R × 4 block sums and as many totals fill 16 of
+/// the 32 registers, the tables and operands most of the rest (1 × 8, 3 × 4, 4 × 2 and 2 × 8
+/// measured slower at batch 8).
 const R: usize = 2;
-// Activation rows a tile (`bf16_512`'s 4): each weight is decoded once for them. R × 4 block
-// sums and as many totals fill 16 of the 32 registers; the tables and operands take most of
-// the rest (1 × 8, 3 × 4, 4 × 2 and 2 × 8 measured slower at batch 8).
 
 /// Whether an FP8 matrix of this block width and row length can take the kernel (its scale
 /// blocks and rows whole 64-column steps).
@@ -74,16 +74,15 @@ pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
     };
     let t = tables();
     let tabs = [0, 1, 2, 3].map(|i| _mm512_loadu_si512(t[i].as_ptr() as *const _));
-    let tile_of =
-        |rr: &[usize]| -> Vec<(*const u8, &[f32])> { rr.iter().map(|&r| (w.row(r).as_ptr(), w.fp8_row_scales(r))).collect() };
+    // a row's bytes and its scales
+    let row = |r: usize| (w.row(r).as_ptr(), w.fp8_row_scales(r));
     let part = (r1 - r0) / R;
     for i in 0..part {
         let rr: [usize; R] = std::array::from_fn(|k| r0 + k * part + i);
-        let t = tile_of(&rr);
-        tiles::<R>(std::array::from_fn(|j| t[j]), rr, tabs, block[1], x, a, y, y_stride);
+        tiles::<R>(rr.map(row), rr, tabs, block[1], x, a, y, y_stride);
     }
     for r in r0 + R * part..r1 {
-        tiles::<1>([(w.row(r).as_ptr(), w.fp8_row_scales(r))], [r], tabs, block[1], x, a, y, y_stride);
+        tiles::<1>([row(r)], [r], tabs, block[1], x, a, y, y_stride);
     }
 }
 
