@@ -45,9 +45,9 @@ impl Mla {
             QProj::Full(q) => q.resident_bytes(),
         };
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let absorbed = match &self.cpu {
-            Some(c) => c.kv.resident_bytes(),
-            None => t(&self.w_uk) + t(&self.w_uv_t),
+        let absorbed = match &self.absorbed {
+            Absorbed::Cpu(c) => c.kv.resident_bytes(),
+            Absorbed::Tensors { w_uk, w_uv_t } => t(w_uk) + t(w_uv_t),
         };
         q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + absorbed
     }
@@ -75,18 +75,22 @@ impl CpuAbsorbed {
     }
 }
 
+/// kv_b as the attention uses it.
+#[derive(Debug, Clone)]
+enum Absorbed {
+    /// On the CPU: as kernel weights (decode's absorption products, prefill's decompression).
+    Cpu(Arc<CpuAbsorbed>),
+    /// Elsewhere: `W_UK [H, P, L]` and `W_UV^T [H, L, V]` for the device's products.
+    Tensors { w_uk: Tensor, w_uv_t: Tensor },
+}
+
 #[derive(Debug, Clone)]
 pub struct Mla {
     q: QProj,
     kv_a: Arc<dyn Linear>,
     kv_a_norm: RmsNorm,
-    /// [H, P, L]
-    w_uk: Tensor,
-    /// [H, L, V]
-    w_uv_t: Tensor,
+    absorbed: Absorbed,
     o_proj: Arc<dyn Linear>,
-    /// Set on the CPU: decode's absorption products run on the kernels.
-    cpu: Option<Arc<CpuAbsorbed>>,
     heads: usize,
     nope: usize,
     rope: usize,
@@ -118,24 +122,24 @@ impl Mla {
         let kv_b = w.linear_part("kv_b_proj", latent, all_heads * (nope + v), &per_head(nope + v))?;
         let ctx = || w.name("kv_b_proj");
         let kvb = kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx)?;
-        let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
-        let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
-        let cpu = if w.device.is_cpu() {
+        // (the CPU keeps only the kernels' copy: at R1's shape the two f32 factors would be
+        // another 67 MB per layer)
+        let absorbed = if w.device.is_cpu() {
             let values = kvb.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
             let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
-            Some(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
+            Absorbed::Cpu(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
         } else {
-            None
+            let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
+            let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
+            Absorbed::Tensors { w_uk, w_uv_t }
         };
         let o_cols = Slice::cols(heads.start * v..heads.end * v);
         Ok(Mla {
             q,
             kv_a: w.linear("kv_a_proj_with_mqa", d, latent + rope)?,
             kv_a_norm: RmsNorm::load(&w.pp("kv_a_layernorm"), latent, eps)?,
-            w_uk,
-            w_uv_t,
+            absorbed,
             o_proj: w.linear_part("o_proj", all_heads * v, d, &o_cols)?,
-            cpu,
             heads: h,
             nope,
             rope,
@@ -195,9 +199,9 @@ impl Mla {
             };
             let o = match paged {
                 Some(o) => o,
-                None if batch.use_absorbed(chunk) => match (&self.cpu, cache.paged(layer)) {
+                None if batch.use_absorbed(chunk) => match (&self.absorbed, cache.paged(layer)) {
                     // a paged cache on the CPU: its pool rows in place, not a gathered copy
-                    (Some(cpu), Some(p)) if p.pool.device().is_cpu() && p.pool.dtype() == DType::F32 => {
+                    (Absorbed::Cpu(cpu), Some(p)) if p.pool.device().is_cpu() && p.pool.dtype() == DType::F32 => {
                         let pages = Pages { ids: p.pages, size: p.page_size };
                         self.attend_absorbed_cpu(cpu, &qn, &qp, p.pool, Some(pages), len, chunk.start_pos)?
                     }
@@ -226,19 +230,20 @@ impl Mla {
     /// Weight-absorbed attention: MQA with one (L+R)-dim key and an L-dim value over the cache.
     fn attend_absorbed(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla absorbed".to_string();
-        // (a bf16 cache's rows are read as f32, exactly: the kernel's bits then do not depend on
-        // the step's query count, where candle's products below would)
-        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu()) {
-            return self.attend_absorbed_cpu(cpu, q_nope, q_pe, entries, None, entries.dims()[0], start);
-        }
-        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, S, L]
+        let (w_uk, w_uv_t) = match &self.absorbed {
+            // (a bf16 cache's rows are read as f32, exactly: the kernel's bits then do not depend
+            // on the step's query count, where candle's products below would)
+            Absorbed::Cpu(cpu) => return self.attend_absorbed_cpu(cpu, q_nope, q_pe, entries, None, entries.dims()[0], start),
+            Absorbed::Tensors { w_uk, w_uv_t } => (w_uk, w_uv_t),
+        };
+        let q_lat = q_nope.matmul(w_uk).ctx(ctx)?; // [H, S, L]
         let (c_kv, k_pe) = self.split_entries(entries)?;
         let scores = (q_lat.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?
             + q_pe.broadcast_matmul(&k_pe.t().ctx(ctx)?).ctx(ctx)?)
         .ctx(ctx)?; // [H, S, T]
         let p = self.softmax(&scores, start)?;
         let o_lat = p.broadcast_matmul(&c_kv).ctx(ctx)?; // [H, S, L]
-        o_lat.matmul(&self.w_uv_t).ctx(ctx) // [H, S, V]
+        o_lat.matmul(w_uv_t).ctx(ctx) // [H, S, V]
     }
 
     /// The absorbed form on the CPU kernels: absorption on the pool, one fused pass over the
@@ -277,26 +282,31 @@ impl Mla {
     /// One decode token, absorbed form, by the paged kernel over the pool rows in place.
     fn attend_paged(&self, q_nope: &Tensor, q_pe: &Tensor, pages: &PagedRows, len: usize) -> Result<Option<Tensor>> {
         let ctx = || "mla paged".to_string();
-        let q_lat = q_nope.matmul(&self.w_uk).ctx(ctx)?; // [H, 1, L]
+        let Absorbed::Tensors { w_uk, w_uv_t } = &self.absorbed else { return Ok(None) };
+        let q_lat = q_nope.matmul(w_uk).ctx(ctx)?; // [H, 1, L]
         let q = Tensor::cat(&[&q_lat, q_pe], 2).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [1, H, L+R]
         let Some(o_lat) = crate::device_ops::mla_decode(&q, pages, len, self.latent, self.scale)? else { return Ok(None) };
         let o_lat = o_lat.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, 1, L]
-        o_lat.matmul(&self.w_uv_t).map(Some).ctx(ctx) // [H, 1, V]
+        o_lat.matmul(w_uv_t).map(Some).ctx(ctx) // [H, 1, V]
     }
 
     /// Naive attention: decompress per-head keys and values from the latent rows.
     fn attend_naive(&self, q_nope: &Tensor, q_pe: &Tensor, entries: &Tensor, start: usize) -> Result<Tensor> {
         let ctx = || "mla naive".to_string();
-        if let (Some(cpu), true) = (&self.cpu, entries.device().is_cpu() && entries.dtype() == DType::F32) {
-            let (h, s, _) = q_nope.dims3().ctx(ctx)?;
-            let o = with_f32(entries, |e| self.attend_naive_cpu(cpu, &f32_values(q_nope)?, &f32_values(q_pe)?, e, s, start))
-                .ctx(ctx)??;
-            return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
-        }
+        let (w_uk, w_uv_t) = match &self.absorbed {
+            // (a bf16 cache's rows read as f32, exactly)
+            Absorbed::Cpu(cpu) => {
+                let (h, s, _) = q_nope.dims3().ctx(ctx)?;
+                let o = with_f32(entries, |e| self.attend_naive_cpu(cpu, &f32_values(q_nope)?, &f32_values(q_pe)?, e, s, start))
+                    .ctx(ctx)??;
+                return Tensor::from_vec(o, (h, s, self.v), entries.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx);
+            }
+            Absorbed::Tensors { w_uk, w_uv_t } => (w_uk, w_uv_t),
+        };
         let (c_kv, k_pe) = self.split_entries(entries)?;
         let (t, s) = (c_kv.dims()[0], q_nope.dims()[1]);
-        let k_nope = self.w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?.transpose(1, 2).ctx(ctx)?; // [H, T, P]
-        let v = c_kv.broadcast_matmul(&self.w_uv_t).ctx(ctx)?; // [H, T, V]
+        let k_nope = w_uk.broadcast_matmul(&c_kv.t().ctx(ctx)?).ctx(ctx)?.transpose(1, 2).ctx(ctx)?; // [H, T, P]
+        let v = c_kv.broadcast_matmul(w_uv_t).ctx(ctx)?; // [H, T, V]
         let k_pe = k_pe.unsqueeze(0).ctx(ctx)?.broadcast_as((self.heads, t, self.rope)).ctx(ctx)?; // [H, T, R]
         let k = Tensor::cat(&[&k_nope, &k_pe], 2).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, T, P+R]
         let q = Tensor::cat(&[q_nope, q_pe], 2).ctx(ctx)?; // [H, S, P+R]
