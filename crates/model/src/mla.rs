@@ -1,7 +1,8 @@
 //! Multi-head Latent Attention over the latent cache.
 //!
 //! Per token the cache holds `c_kv` (kv_lora_rank, normalized) and `k_pe` (rope dim, rotated).
-//! `kv_b_proj` is split once at load into `W_UK [H, P, L]` and `W_UV^T [H, L, V]`:
+//! `kv_b_proj` holds `W_UK [H, P, L]` and `W_UV [H, V, L]` (on the CPU kept as stored, the
+//! kernels reading each head's rows; elsewhere split once at load into `W_UK` and `W_UV^T`):
 //! - naive form (long prefill): decompress `k_nope = W_UK c_kv`, `v = W_UV c_kv` per head;
 //! - absorbed form (decode): `q_lat = W_UKᵀ q_nope`, attend over `c_kv` directly, then `W_UV`.
 //!
