@@ -44,15 +44,13 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
         return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
     }
-    if $max_tile == 8 && w.format == Format::Bf16 && a.bf16_exact.is_some() {
-        // exact bf16 activations: `vdpbf16ps` (the activations were prepared only where
-        // the CPU has it)
-        return crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride);
-    }
-    if $max_tile == 8 && matches!(w.format, Format::Fp8 { .. }) && a.bf16_exact.is_some() {
-        // FP8 weights, exact bf16 activations: decoded to bf16 for `vdpbf16ps` (the
-        // activations were prepared only where the kernel applies)
-        return crate::simd::fp8_bf16::rows(w, a, r0, r1, y, y_stride);
+    if $max_tile == 8 && a.bf16_exact.is_some() {
+        // exact bf16 activations, prepared only for bf16 and FP8 weights where their
+        // `vdpbf16ps` kernel runs (FP8 decoded to bf16 first)
+        return match w.format {
+            Format::Fp8 { .. } => crate::simd::fp8_bf16::rows(w, a, r0, r1, y, y_stride),
+            _ => crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride),
+        };
     }
     if a.batch >= gemm_min_batch() {
         return rows_gemm(w, a, r0, r1, y, y_stride);
