@@ -24,6 +24,10 @@ pub struct Activations {
     /// k-quants: the sum of each 32 quantized values times the block scale (for the q4_K mins;
     /// padded like `qs`).
     pub(crate) scaled_sums32: Vec<f32>,
+    /// k-quants: the sums of each 32 quantized values again, as 16-bit pairs, 4 per 256 values:
+    /// blocks (0, 2), (1, 3), (4, 6), (5, 7) (the lower in the low half). The AVX-512 q4_K kernel
+    /// multiplies them by the mins with `vpdpwssd` (padded like `qs`).
+    pub(crate) min_pairs: Vec<i32>,
     pub(crate) block: usize,
     /// FP8 weights with whole 32-column scale blocks, for the AVX2 FP8 kernel only (built on first
     /// use, see [`Self::fp8_order`]).
@@ -71,6 +75,7 @@ impl Activations {
             q8_offset: Vec::new(),
             sums16: Vec::new(),
             scaled_sums32: Vec::new(),
+            min_pairs: Vec::new(),
             block,
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
@@ -105,6 +110,7 @@ impl Activations {
             q8_offset: gather_rows(&self.q8_offset, rows, pc / 32, padded),
             sums16: gather_rows(&self.sums16, rows, pc / 16, padded),
             scaled_sums32: gather_rows(&self.scaled_sums32, rows, pc / 32, padded),
+            min_pairs: gather_rows(&self.min_pairs, rows, pc / 64, padded),
             block: self.block,
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),
@@ -173,7 +179,14 @@ impl Activations {
         quantize(&self.f32, qs, d, sums, block);
         let sums32 = sums16.chunks_exact(2).map(|p| p[0] as i32 + p[1] as i32);
         if block == 256 {
-            self.scaled_sums32 = sums32.enumerate().map(|(k, s)| s as f32 * self.d[k / 8]).collect();
+            let s32: Vec<i32> = sums32.collect();
+            // (each at most 32 · 128 in magnitude: a 16-bit value)
+            let pair = |lo: i32, hi: i32| (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32;
+            self.min_pairs = s32
+                .chunks_exact(8)
+                .flat_map(|s| [pair(s[0], s[2]), pair(s[1], s[3]), pair(s[4], s[6]), pair(s[5], s[7])])
+                .collect();
+            self.scaled_sums32 = s32.iter().enumerate().map(|(k, &s)| s as f32 * self.d[k / 8]).collect();
             self.sums16 = sums16;
         } else {
             self.q8_offset = sums32.map(|s| -128 * s).collect();
@@ -351,6 +364,7 @@ mod tests {
             assert_eq!(got.q8_offset, want.q8_offset, "{format:?}");
             assert_eq!(got.sums16, want.sums16, "{format:?}");
             assert_eq!(got.scaled_sums32, want.scaled_sums32, "{format:?}");
+            assert_eq!(got.min_pairs, want.min_pairs, "{format:?}");
             assert_eq!(got.bf16_exact, want.bf16_exact, "{format:?}");
         }
     }

@@ -58,10 +58,16 @@ pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
     let out = Out { y, y_stride, r0, r1 };
     // four groups at a time from four parts of the range, so that each thread keeps four memory
     // streams going (one stream reads about half the bandwidth); with AVX-512 up to 4 activation
-    // rows, with AVX2 (16 registers) at one or two rows. From 5 rows AVX-512 takes two groups
-    // × 8 rows a tile: one pass over the weights instead of re-reading 4 groups from L2 per 4
-    // rows (batch 8 of 8192 × 4096: 1.7 → 1.4–1.5× batch 1)
-    if wide && a.batch > 4 && g1 - g0 >= 2 {
+    // rows, with AVX2 (16 registers) at one or two rows. From 5 rows AVX-512 takes 8 rows a
+    // tile, of two groups for q8_0: one pass over the weights instead of re-reading 4 groups
+    // from L2 per 4 rows (batch 8 of 8192 × 4096: 1.7 → 1.4–1.5× batch 1). q4_K, whose tiles
+    // keep a superblock's sums apart from the running ones, takes one group × 8 rows (two groups
+    // would not fit the registers: batch 8 1.6–1.8× batch 1 with two groups, 1.45–1.47× with one)
+    if wide && a.batch > 4 && w.format == Format::Q4K {
+        for g in g0..g1 {
+            tiles::<1>(w, a, [g], out, wide);
+        }
+    } else if wide && a.batch > 4 && g1 - g0 >= 2 {
         let part = (g1 - g0) / 2;
         for i in 0..part {
             tiles::<2>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
@@ -354,12 +360,13 @@ unsafe fn q4k_nibbles_x16(rec: *const u8, gi: usize) -> [__m512i; 8] {
 }
 
 /// Where a q4_K tile reads: each group's records, and from activation row `b0` on the 8-bit
-/// values, the superblock scales and the scaled 32-column sums.
+/// values, the superblock scales, the scaled 32-column sums (AVX2) and the sums' pairs (AVX-512).
 struct Q4kPtrs<const G: usize> {
     gp: [*const u8; G],
     xq: *const u8,
     dx: *const f32,
     xs: *const f32,
+    mp: *const i32,
 }
 
 #[inline(always)]
@@ -370,20 +377,58 @@ unsafe fn q4k_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activat
         xq: a.qs.as_ptr().add(b0 * pc) as *const u8,
         dx: a.d.as_ptr().add(b0 * nsb),
         xs: a.scaled_sums32.as_ptr().add(b0 * pc / 32),
+        mp: a.min_pairs.as_ptr().wrapping_add(b0 * pc / 64),
     }
 }
 
+/// Runs `$body` with `$j` = 0, 1, … `$g - 1` as constants (`$g` at most 4): the accumulators a
+/// tile indexes by `$j` then stay in registers (a loop over `$j` that the compiler leaves rolled
+/// indexes them in memory).
+macro_rules! unrolled {
+    ($g:expr, |$j:ident| $body:block) => {{
+        if $g > 0 {
+            let $j = 0;
+            $body
+        }
+        if $g > 1 {
+            let $j = 1;
+            $body
+        }
+        if $g > 2 {
+            let $j = 2;
+            $body
+        }
+        if $g > 3 {
+            let $j = 3;
+            $body
+        }
+    }};
+}
+
 /// q4_K, AVX-512 VNNI: `sums[j][b] = W[group gs[j]] · x[b0 + b]` for `BT` activation rows.
+///
+/// Per superblock, each 32-column block's integer dot products (8 `vpdpbusd`) are scaled by the
+/// block's `d · sc` (one conversion and one `fma`), the 8 mins times the activation blocks' sums
+/// come from 4 `vpdpwssd`, and the activations' superblock scale multiplies the superblock's
+/// total once. Each output takes the same operations in the same order at any tile shape, so a
+/// row's bits do not depend on its batch. Per block and activation row that is 10 vector
+/// instructions besides the superblock's few: against 13 when every block's sums were scaled by
+/// `d · sc · dx` and had their mins taken apart, which made batch 8 of 8192 × 4096 cost
+/// 1.6–1.7× batch 1 (the kernel is bound by its vector instructions from 5 rows on).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
 unsafe fn q4k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activations, b0: usize, out: Out) {
-    let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
-    let Q4kPtrs { gp, xq, dx, xs } = q4k_ptrs(w, gs, a, b0);
-    // the sums and the mins in separate accumulators: two dependency chains instead of one
+    let (pc, nsb) = (w.padded_cols, w.padded_cols / 256);
+    let Q4kPtrs { gp, xq, dx, mp, .. } = q4k_ptrs(w, gs, a, b0);
+    // the running sums, and each group's superblock scales (8 blocks' `d · sc`, then `dmin`) and
+    // mins (as 16-bit pairs), are read from memory: with the superblock's sums in registers too
+    // they would not fit (an opaque pointer keeps the compiler from holding them in registers)
     let mut acc = [[_mm512_setzero_ps(); BT]; G];
-    let mut mins = [[_mm512_setzero_ps(); BT]; G];
-    // each superblock's scales of every group first (to L1), then the 32-column groups with the
-    // G records side by side, so that the loads of the G memory streams stay close together
-    let mut scales = [[[_mm512_setzero_ps(); 2]; 8]; G];
+    let mut scales = [[_mm512_setzero_ps(); 9]; G];
+    let mut mins = [[_mm512_setzero_si512(); 4]; G];
+    let acc_p: *mut __m512 = std::hint::black_box(acc.as_mut_ptr().cast());
+    let scales_p: *mut __m512 = std::hint::black_box(scales.as_mut_ptr().cast());
+    let mins_p: *mut __m512i = std::hint::black_box(mins.as_mut_ptr().cast());
+    let pairs = _mm512_set1_epi32(0x00ff_00ff);
     for sb in 0..nsb {
         for j in 0..G {
             let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
@@ -393,30 +438,51 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize;
             let d16 = [d, _mm512_mul_ps(d, _mm512_set1_ps(1.0 / 16.0))];
             let words = q4k_scale_words(rec);
             for gi in 0..8 {
-                scales[j][gi] = [q4k_group_scale(&words, false, gi, d16[gi % 2]), q4k_group_scale(&words, true, gi, dmin)];
+                scales_p.add(9 * j + gi).write(q4k_group_scale(&words, false, gi, d16[gi % 2]));
+            }
+            scales_p.add(9 * j + 8).write(dmin);
+            // words 2 and 3 hold blocks 0–3 and 4–7's mins, a byte each: as pairs (0, 2), (1, 3),
+            // (4, 6), (5, 7), the order of `Activations::min_pairs`
+            for (k, m) in [words[2], words[3]].into_iter().enumerate() {
+                mins_p.add(4 * j + 2 * k).write(_mm512_and_si512(m, pairs));
+                mins_p.add(4 * j + 2 * k + 1).write(_mm512_srli_epi16::<8>(m));
             }
         }
+        let mut t = [[_mm512_setzero_ps(); BT]; G];
         for gi in 0..8 {
-            for j in 0..G {
+            unrolled!(G, |j| {
                 let rec = gp[j].add(sb * Q4K_GROUP_RECORD);
                 // (past the matrix's end for its last records: a prefetch does not fault)
                 let pf = rec.wrapping_add(Q4K_PREFETCH + gi * (Q4K_GROUP_RECORD / 8));
                 for l in 0..Q4K_GROUP_RECORD / 8 / 64 + 1 {
                     _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64 * l) as *const i8);
                 }
-                let [scale, min] = scales[j][gi];
+                let scale = _mm512_load_ps(scales_p.add(9 * j + gi) as *const f32);
                 let wv = q4k_nibbles_x16(rec, gi);
                 for b in 0..BT {
                     let s = _mm512_cvtepi32_ps(dot_block(wv, xq.add(b * pc + sb * 256 + 32 * gi), 0));
-                    acc[j][b] = _mm512_fmadd_ps(s, _mm512_mul_ps(scale, _mm512_set1_ps(*dx.add(b * nsb + sb))), acc[j][b]);
-                    mins[j][b] = _mm512_fmadd_ps(min, _mm512_set1_ps(*xs.add(b * nb + sb * 8 + gi)), mins[j][b]);
+                    t[j][b] = _mm512_fmadd_ps(s, scale, t[j][b]);
                 }
-            }
+            });
         }
+        unrolled!(G, |j| {
+            let m: [__m512i; 4] = std::array::from_fn(|k| _mm512_load_si512(mins_p.add(4 * j + k) as *const _));
+            let dmin = _mm512_load_ps(scales_p.add(9 * j + 8) as *const f32);
+            for b in 0..BT {
+                let xp = mp.add((b * nsb + sb) * 4);
+                let mut im = _mm512_setzero_si512();
+                for k in 0..4 {
+                    im = _mm512_dpwssd_epi32(im, m[k], _mm512_set1_epi32(*xp.add(k)));
+                }
+                let v = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(im), dmin, t[j][b]);
+                let at = acc_p.add(j * BT + b);
+                at.write(_mm512_fmadd_ps(v, _mm512_set1_ps(*dx.add(b * nsb + sb)), at.read()));
+            }
+        });
     }
     for j in 0..G {
         for b in 0..BT {
-            store_group(out, gs[j], b0 + b, _mm512_sub_ps(acc[j][b], mins[j][b]));
+            store_group(out, gs[j], b0 + b, acc_p.add(j * BT + b).read());
         }
     }
 }
@@ -432,7 +498,7 @@ unsafe fn q4k_256<const G: usize, const BT: usize>(
     sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
 ) {
     let (pc, nsb, nb) = (w.padded_cols, w.padded_cols / 256, w.padded_cols / 32);
-    let Q4kPtrs { gp, xq, dx, xs } = q4k_ptrs(w, gs, a, b0);
+    let Q4kPtrs { gp, xq, dx, xs, .. } = q4k_ptrs(w, gs, a, b0);
     let (low, ones, m6, m4, m2, ff) = (
         _mm256_set1_epi8(0x0f),
         _mm256_set1_epi16(1),
