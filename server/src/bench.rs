@@ -120,21 +120,26 @@ fn bench_kernels(args: &Args) -> Result<()> {
     let contexts: Vec<usize> = args.kernel_contexts.iter().copied().filter(|&c| c > 0).collect();
     if !contexts.is_empty() {
         let rows = moeserve_cpu::bench::run_attention(&contexts, &[1, 2], (128, 512, 64), 5, backend);
-        println!("decode attention, DeepSeek-R1 shape (128 heads, f32 cache rows of 512 + 64), best of 5:");
+        println!("decode attention, DeepSeek-R1 shape (128 heads, cache rows of 512 + 64), best of 5:");
         println!(
-            "{:>8} {:>7} {:>10} {:>13} {:>8} {:>10}",
-            "context", "queries", "time (us)", "cache GB/s", "GFMA/s", "vs 1 query"
+            "{:>5} {:>8} {:>7} {:>10} {:>13} {:>8} {:>10} {:>7}",
+            "cache", "context", "queries", "time (us)", "cache GB/s", "GFMA/s", "vs 1 query", "vs f32"
         );
-        for pair in rows.chunks(2) {
-            for r in pair {
+        let half = rows.len() / 2;
+        for (i, pair) in rows.chunks(2).enumerate() {
+            for (j, r) in pair.iter().enumerate() {
+                // the bf16 rows follow the f32 ones in the same order
+                let vs_f32 = if r.bf16 { format!("{:.2}", r.seconds / rows[2 * i + j - half].seconds) } else { "-".into() };
                 println!(
-                    "{:>8} {:>7} {:>10.1} {:>13.2} {:>8.1} {:>10.2}",
+                    "{:>5} {:>8} {:>7} {:>10.1} {:>13.2} {:>8.1} {:>10.2} {:>7}",
+                    if r.bf16 { "bf16" } else { "f32" },
                     r.tokens,
                     r.queries,
                     r.seconds * 1e6,
                     r.bytes_per_s / 1e9,
                     r.fma_per_s / 1e9,
-                    r.seconds / pair[0].seconds
+                    r.seconds / pair[0].seconds,
+                    vs_f32
                 );
             }
         }

@@ -240,6 +240,42 @@ pub fn mla_attention_with(
     attention_with(backend, &mla_call(&parts, values, pages, shape, scale))
 }
 
+/// [`mla_attention`] (with `pages`, [`mla_attention_paged`]) for a decode call over a bf16 cache,
+/// `cache` holding the rows' bf16 bits: the rows as stored, by `vdpbf16ps`, the queries and the
+/// softmax weights rounded to bf16 for their products (see `decode::Bf16Decode`). `None` where
+/// that kernel does not run (no AVX-512 BF16, more than `DECODE_MAX_QUERIES` queries, odd
+/// widths): the caller then reads the rows as f32 for [`mla_attention`].
+pub fn mla_decode_bf16(
+    q_lat: &[f32],
+    q_pe: &[f32],
+    cache: &[u16],
+    pages: Option<Pages>,
+    shape: MlaShape,
+    scale: f32,
+) -> Option<Vec<f32>> {
+    if !bf16_decode_applies(shape, pages.map(|p| p.size)) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    return Some(decode::Bf16Decode { q_lat, q_pe, cache, pages, shape, scale }.run(rayon::current_num_threads().max(1)));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (q_lat, q_pe, cache, scale);
+        None
+    }
+}
+
+/// Whether [`mla_decode_bf16`] runs a call of `shape` (over pages of `page_size` rows).
+pub fn bf16_decode_applies(shape: MlaShape, page_size: Option<usize>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(crate::backend(), Backend::Avx512 | Backend::Amx) && decode::bf16_applies(shape, page_size);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (shape, page_size);
+        false
+    }
+}
+
 /// The plain definition of [`mla_attention_with`], in f64 (for tests).
 pub fn mla_attention_reference(
     q_lat: &[f32],

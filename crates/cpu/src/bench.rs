@@ -104,6 +104,8 @@ pub fn run(
 
 /// One decode attention measurement of [`run_attention`].
 pub struct AttentionRow {
+    /// Whether the cache is bf16 (else f32).
+    pub bf16: bool,
     /// Cached rows.
     pub tokens: usize,
     /// Query rows per head (1: a decode step; 2: an MTP verification step).
@@ -116,7 +118,9 @@ pub struct AttentionRow {
 }
 
 /// DeepSeek-R1's decode attention (absorbed MLA: `heads` heads over one f32 cache of
-/// `latent + rope` values per row), best of `reps` calls per context length and query count.
+/// `latent + rope` values per row), best of `reps` calls per context length and query count; then
+/// over the same rows as a bf16 cache, as the engine runs one (its `vdpbf16ps` kernel where the CPU
+/// has one, else the rows read as f32 for the f32 kernel).
 pub fn run_attention(
     contexts: &[usize],
     queries: &[usize],
@@ -131,25 +135,37 @@ pub fn run_attention(
     let q_max = queries.iter().copied().max().unwrap_or(1);
     let q_lat = weights(heads * q_max * latent);
     let q_pe = weights(heads * q_max * rope);
-    for &tokens in contexts {
-        for &s in queries {
-            let shape = crate::MlaShape { heads, queries: s, tokens: tokens + s, latent, rope, start: tokens };
-            let (ql, qp) = (&q_lat[..heads * s * latent], &q_pe[..heads * s * rope]);
-            let mut best = f64::INFINITY;
-            for _ in 0..reps.max(1) {
-                let t = Instant::now();
-                let o = crate::mla_attention_with(backend, ql, qp, &entries[..(tokens + s) * row], None, shape, 0.1);
-                best = best.min(t.elapsed().as_secs_f64());
-                std::hint::black_box(o);
+    let bf16_bits: Vec<u16> = entries.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+    for bf16 in [false, true] {
+        for &tokens in contexts {
+            for &s in queries {
+                let shape = crate::MlaShape { heads, queries: s, tokens: tokens + s, latent, rope, start: tokens };
+                let (ql, qp) = (&q_lat[..heads * s * latent], &q_pe[..heads * s * rope]);
+                let n = (tokens + s) * row;
+                let mut best = f64::INFINITY;
+                for _ in 0..reps.max(1) {
+                    let t = Instant::now();
+                    let o = if bf16 {
+                        crate::mla_decode_bf16(ql, qp, &bf16_bits[..n], None, shape, 0.1).unwrap_or_else(|| {
+                            let rows: Vec<f32> = bf16_bits[..n].iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+                            crate::mla_attention_with(backend, ql, qp, &rows, None, shape, 0.1)
+                        })
+                    } else {
+                        crate::mla_attention_with(backend, ql, qp, &entries[..n], None, shape, 0.1)
+                    };
+                    best = best.min(t.elapsed().as_secs_f64());
+                    std::hint::black_box(o);
+                }
+                let fma = (heads * s * (tokens + s) * (row + latent)) as f64;
+                out.push(AttentionRow {
+                    bf16,
+                    tokens,
+                    queries: s,
+                    seconds: best,
+                    bytes_per_s: (n * if bf16 { 2 } else { 4 }) as f64 / best,
+                    fma_per_s: fma / best,
+                });
             }
-            let fma = (heads * s * (tokens + s) * (row + latent)) as f64;
-            out.push(AttentionRow {
-                tokens,
-                queries: s,
-                seconds: best,
-                bytes_per_s: ((tokens + s) * row * 4) as f64 / best,
-                fma_per_s: fma / best,
-            });
         }
     }
     out

@@ -22,8 +22,8 @@ mod simd;
 pub use absorb::{absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, KvbShape};
 pub use act::Activations;
 pub use attention::{
-    attention, attention_reference, attention_with, mla_attention, mla_attention_paged, mla_attention_reference,
-    mla_attention_with, Attention, MlaShape, Pages, Rows,
+    attention, attention_reference, attention_with, bf16_decode_applies, mla_attention, mla_attention_paged,
+    mla_attention_reference, mla_attention_with, mla_decode_bf16, Attention, MlaShape, Pages, Rows,
 };
 pub use elementwise::{exp_shifted, rms_norm, silu_mul};
 pub use format::{bf16_exact, Format, PackedMatrix};

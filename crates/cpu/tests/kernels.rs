@@ -358,6 +358,108 @@ fn a_verify_steps_queries_have_the_bits_of_plain_decode_steps() {
     }
 }
 
+/// A bf16 cache's decode kernel (`mla_decode_bf16`) on queries whose values times the scale are
+/// bf16 themselves, against the f64 definition over the same rows as f32: the scores are then
+/// exact products summed in f32, and the softmax weights keep 16 significant bits (bf16 high and
+/// low parts) in the weighted sum. Contiguous and paged caches (bit-identical), 1–4 queries,
+/// ragged head counts, lengths across the kernel's blocks and chunks.
+#[test]
+fn bf16_cache_decode_matches_the_reference() {
+    use moeserve_cpu::{mla_attention_reference, mla_decode_bf16, MlaShape, Pages};
+    if !bf16_decode_runs() {
+        eprintln!("no AVX-512 BF16 here: the bf16 cache's decode kernel does not run");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let scale = 0.125;
+    for (heads, latent, rope) in [(16, 64, 16), (20, 256, 32), (3, 32, 2), (4, 32, 8)] {
+        for (tokens, queries) in [(1, 1), (33, 1), (200, 2), (300, 4), (2049, 1), (130, 3)] {
+            let row = latent + rope;
+            let bits: Vec<u16> = rand_vec(&mut rng, tokens * row).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let entries: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+            let bf16_values = |n: usize, rng: &mut rand::rngs::StdRng| -> Vec<f32> {
+                rand_vec(rng, n).iter().map(|&v| half::bf16::from_f32(4.0 * v).to_f32()).collect()
+            };
+            let (q_lat, q_pe) = (bf16_values(heads * queries * latent, &mut rng), bf16_values(heads * queries * rope, &mut rng));
+            let shape = MlaShape { heads, queries, tokens, latent, rope, start: tokens - queries };
+            let want = mla_attention_reference(&q_lat, &q_pe, &entries, None, shape, scale);
+            // the same rows in pages of 16, in reverse order in the pool
+            let pages_n = tokens.div_ceil(16);
+            let ids: Vec<u32> = (0..pages_n as u32).rev().collect();
+            let mut pool = vec![0u16; pages_n * 16 * row];
+            for t in 0..tokens {
+                let at = (ids[t / 16] as usize * 16 + t % 16) * row;
+                pool[at..at + row].copy_from_slice(&bits[t * row..(t + 1) * row]);
+            }
+            let pages = Pages { ids: &ids, size: 16 };
+            let got = mla_decode_bf16(&q_lat, &q_pe, &bits, None, shape, scale).expect("the kernel runs");
+            let paged = mla_decode_bf16(&q_lat, &q_pe, &pool, Some(pages), shape, scale).expect("the kernel runs");
+            assert!(got.iter().zip(&paged).all(|(a, b)| a.to_bits() == b.to_bits()), "paged: {shape:?}");
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-5, "{shape:?}: off by {worst}");
+        }
+    }
+}
+
+/// Whether this CPU runs the bf16 cache's decode kernel.
+fn bf16_decode_runs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(moeserve_cpu::backend(), Backend::Avx512 | Backend::Amx) && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// As `a_verify_steps_queries_have_the_bits_of_plain_decode_steps`, for the bf16 cache's
+/// kernel: a 2-query call's queries have the bits of two 1-query calls, whatever the threads.
+#[test]
+fn bf16_cache_decode_verify_steps_have_the_bits_of_plain_decode_steps() {
+    use moeserve_cpu::{mla_decode_bf16, MlaShape};
+    if !bf16_decode_runs() {
+        eprintln!("no AVX-512 BF16 here: the bf16 cache's decode kernel does not run");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (latent, rope) = (64, 16);
+    let pools: Vec<rayon::ThreadPool> =
+        [1, 2, 3, 5].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("pool")).collect();
+    for heads in [16, 20] {
+        for tokens in [1, 31, 32, 33, 127, 128, 129, 2047, 2048, 2049, 4097] {
+            let row = latent + rope;
+            let bits: Vec<u16> =
+                rand_vec(&mut rng, (tokens + 1) * row).iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let (q_lat, q_pe) = (rand_vec(&mut rng, heads * 2 * latent), rand_vec(&mut rng, heads * 2 * rope));
+            let verify = MlaShape { heads, queries: 2, tokens: tokens + 1, latent, rope, start: tokens - 1 };
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+            let mut first: Option<Vec<f32>> = None;
+            for pool in &pools {
+                let threads = pool.current_num_threads();
+                let both = pool.install(|| mla_decode_bf16(&q_lat, &q_pe, &bits, None, verify, 0.3)).expect("the kernel runs");
+                let first = first.get_or_insert_with(|| both.clone());
+                assert!(same(first, &both), "heads {heads} tokens {tokens}: {threads} threads");
+                for s in 0..2 {
+                    let pick = |v: &[f32], w: usize| -> Vec<f32> {
+                        (0..heads).flat_map(|h| v[(2 * h + s) * w..(2 * h + s + 1) * w].to_vec()).collect()
+                    };
+                    let shape = MlaShape { heads, queries: 1, tokens: tokens + s, latent, rope, start: tokens - 1 + s };
+                    let (ql, qp) = (pick(&q_lat, latent), pick(&q_pe, rope));
+                    let one = pool
+                        .install(|| mla_decode_bf16(&ql, &qp, &bits[..shape.tokens * row], None, shape, 0.3))
+                        .expect("the kernel runs");
+                    for h in 0..heads {
+                        let got = &both[(2 * h + s) * latent..(2 * h + s + 1) * latent];
+                        assert!(
+                            same(got, &one[h * latent..(h + 1) * latent]),
+                            "heads {heads} tokens {tokens} query {s} head {h}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The fused attention on MLA's naive (prefill) layout against its f64 definition: per-head key
 /// and value rows interleaved in one `[T, H·(P+V)]` buffer, the rotated key shared by every
 /// head and read from the cache rows; ragged widths, causal with and without cached history.

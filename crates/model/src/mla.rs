@@ -202,7 +202,13 @@ impl Mla {
                 Some(o) => o,
                 None if batch.use_absorbed(chunk) => match (&self.absorbed, cache.paged(layer)) {
                     // a paged cache on the CPU: its pool rows in place, not a gathered copy
-                    (Absorbed::Cpu(cpu), Some(p)) if p.pool.device().is_cpu() && p.pool.dtype() == DType::F32 => {
+                    // (a bf16 pool only where its decode kernel runs: the f32 one would read the
+                    // whole pool as f32)
+                    (Absorbed::Cpu(cpu), Some(p))
+                        if p.pool.device().is_cpu()
+                            && (p.pool.dtype() == DType::F32
+                                || p.pool.dtype() == DType::BF16 && self.bf16_decode_applies(s, Some(p.page_size))) =>
+                    {
                         let pages = Pages { ids: p.pages, size: p.page_size };
                         self.attend_absorbed_cpu(cpu, &qn, &qp, p.pool, Some(pages), len, chunk.start_pos)?
                     }
@@ -269,15 +275,28 @@ impl Mla {
         let q_pe = f32_values(q_pe)?;
         let p = profile::span("attention block/attention/over the cache");
         let scale = self.scale as f32;
-        let o_lat = with_f32(rows, |e| match pages {
-            Some(pages) => moeserve_cpu::mla_attention_paged(&q_lat, &q_pe, e, pages, shape, scale),
-            None => moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, scale),
-        })
-        .ctx(ctx)?;
+        // a bf16 cache's rows as stored where its decode kernel runs, else read as f32
+        let bf16 = with_bf16_bits(rows, |bits| moeserve_cpu::mla_decode_bf16(&q_lat, &q_pe, bits, pages, shape, scale)).flatten();
+        let o_lat = match bf16 {
+            Some(o) => o,
+            None => with_f32(rows, |e| match pages {
+                Some(pages) => moeserve_cpu::mla_attention_paged(&q_lat, &q_pe, e, pages, shape, scale),
+                None => moeserve_cpu::mla_attention(&q_lat, &q_pe, e, shape, scale),
+            })
+            .ctx(ctx)?,
+        };
         drop(p);
         let _p = profile::span("attention block/attention/absorbed products");
         let o = moeserve_cpu::expand_values(&cpu.kv, cpu.shape, &o_lat, s); // [H, S, V]
         Tensor::from_vec(o, (h, s, self.v), rows.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx)
+    }
+
+    /// Whether the bf16 cache's decode kernel takes `s` queries per head (over pages of
+    /// `page_size` rows).
+    fn bf16_decode_applies(&self, s: usize, page_size: Option<usize>) -> bool {
+        let shape =
+            moeserve_cpu::MlaShape { heads: self.heads, queries: s, tokens: 0, latent: self.latent, rope: self.rope, start: 0 };
+        moeserve_cpu::bf16_decode_applies(shape, page_size)
     }
 
     /// One decode token, absorbed form, by the paged kernel over the pool rows in place.
@@ -415,6 +434,15 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
         }
     }
     Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// `f` of a contiguous bf16 CPU tensor's values as their bits; `None` for any other tensor.
+fn with_bf16_bits<R>(t: &Tensor, f: impl FnOnce(&[u16]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else { return None };
+    let values = &cpu.as_slice::<half::bf16>().ok()?[start..end];
+    // SAFETY: `half::bf16` is a transparent u16
+    Some(f(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u16, values.len()) }))
 }
 
 /// A tensor's values as f32, in order.

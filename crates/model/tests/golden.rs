@@ -257,6 +257,29 @@ fn bf16_compute_is_within_two_percent() {
     }
 }
 
+/// A bf16 model decoding token by token: its attention over the bf16 latent cache runs the
+/// CPU's bf16 decode kernel (`vdpbf16ps`, where the CPU has it), and the last token's logits stay
+/// within the bound of the bf16 prefill above.
+#[test]
+fn bf16_token_by_token_decode_is_within_two_percent() {
+    for dir in ["tiny-v3", "tiny-v3-fp8", "tiny-v2"] {
+        let model = load(dir, DType::BF16);
+        let r = Reference::load(dir);
+        for case in CASES {
+            let ids = r.ids(&format!("{case}.input_ids"));
+            let mut cache = model.new_cache();
+            let mut last = Vec::new();
+            for (p, &id) in ids.iter().enumerate() {
+                let h = model.forward(&ForwardBatch::single(&[id], p), &mut [&mut cache]).unwrap();
+                last = model.logits(&h).unwrap().to_dtype(DType::F32).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+            }
+            let e = rel_err(&last, &r.f32_1(&format!("{case}.logits_last")));
+            eprintln!("{dir} {case}: bf16 token-by-token decode relative error {e:.4}");
+            assert!(e < 2e-2, "{dir} {case}: bf16 decode relative error {e}");
+        }
+    }
+}
+
 #[test]
 fn bf16_router_fails_where_the_f32_router_passes() {
     // The router bias is about +2: in bf16 `sigmoid + bias` collapses nearby scores and other
