@@ -53,6 +53,9 @@ pub struct Args {
     /// 128 heads over a 512 + 64 wide latent cache, 1 and 2 queries per head); 0: no table.
     #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
     pub kernel_contexts: Vec<usize>,
+    /// Shape of that table, heads x latent x rope (default DeepSeek-R1's; bench-small: 16x256x32).
+    #[arg(long, default_value = "128x512x64", value_parser = parse_attention_shape)]
+    pub kernel_attention_shape: (usize, usize, usize),
     /// Engine settings for the concurrency runs (the KV budget is capped at what the runs need).
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -75,6 +78,15 @@ fn rss_bytes() -> Option<(u64, u64)> {
 /// 256 MiB is 8× the largest last-level cache here, and quick enough to take after every run.
 fn bandwidth_probe() -> f64 {
     moeserve_cpu::bandwidth::read_bandwidth(256 << 20, 3)
+}
+
+fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize), String> {
+    let v: Vec<usize> =
+        s.split('x').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s}: {e}"))?;
+    match v[..] {
+        [h, l, r] if h > 0 && l > 0 => Ok((h, l, r)),
+        _ => Err(format!("{s}: expected heads x latent x rope, e.g. 128x512x64")),
+    }
 }
 
 fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -119,8 +131,9 @@ fn bench_kernels(args: &Args) -> Result<()> {
     }
     let contexts: Vec<usize> = args.kernel_contexts.iter().copied().filter(|&c| c > 0).collect();
     if !contexts.is_empty() {
-        let rows = moeserve_cpu::bench::run_attention(&contexts, &[1, 2], (128, 512, 64), 5, backend);
-        println!("decode attention, DeepSeek-R1 shape (128 heads, cache rows of 512 + 64), best of 5:");
+        let (heads, latent, rope) = args.kernel_attention_shape;
+        let rows = moeserve_cpu::bench::run_attention(&contexts, &[1, 2], (heads, latent, rope), 5, backend);
+        println!("decode attention ({heads} heads, cache rows of {latent} + {rope}), best of 5:");
         println!(
             "{:>5} {:>8} {:>7} {:>10} {:>13} {:>8} {:>10} {:>7}",
             "cache", "context", "queries", "time (us)", "cache GB/s", "GFMA/s", "vs 1 query", "vs f32"
