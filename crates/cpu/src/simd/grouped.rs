@@ -536,17 +536,19 @@ unsafe fn q4k_256<const G: usize, const BT: usize>(
                     let scale = _mm256_mul_ps(byte(words[gi / 4]), d);
                     let min = _mm256_mul_ps(byte(words[2 + gi / 4]), dmin);
                     let q = rec.add(Q4K_GROUP_HEADER + (gi / 2) * 512 + 32 * h);
-                    let mut s = [_mm256_setzero_si256(); BT];
+                    // the block's pair sums in 16 bits (at most 8 · 2 · 15 · 128 = 30720 in
+                    // magnitude), widened to 32 once per block
+                    let mut s16 = [_mm256_setzero_si256(); BT];
                     for i in 0..8 {
                         let v = _mm256_loadu_si256(q.add(64 * i) as *const __m256i);
                         let nib =
                             if gi % 2 == 0 { _mm256_and_si256(v, low) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low) };
                         for b in 0..BT {
                             let x = (xq.add(b * pc + sb * 256 + 32 * gi + 4 * i) as *const i32).read_unaligned();
-                            let p = _mm256_maddubs_epi16(nib, _mm256_set1_epi32(x));
-                            s[b] = _mm256_add_epi32(s[b], _mm256_madd_epi16(p, ones));
+                            s16[b] = _mm256_add_epi16(s16[b], _mm256_maddubs_epi16(nib, _mm256_set1_epi32(x)));
                         }
                     }
+                    let s = s16.map(|v| _mm256_madd_epi16(v, ones));
                     for b in 0..BT {
                         let sc = _mm256_mul_ps(scale, _mm256_set1_ps(*dx.add(b * nsb + sb)));
                         let acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[b]), sc, acc[j][b][h]);
