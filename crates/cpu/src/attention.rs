@@ -241,8 +241,8 @@ pub fn mla_attention_with(
 }
 
 /// [`mla_attention`] (with `pages`, [`mla_attention_paged`]) for a decode call over a bf16 cache,
-/// `cache` holding the rows' bf16 bits: the rows as stored, by `vdpbf16ps`, the queries and the
-/// softmax weights rounded to bf16 for their products (see `decode::Bf16Decode`). `None` where
+/// `cache` holding the rows' bf16 bits: the rows as stored, by `vdpbf16ps`, the queries rounded to
+/// bf16 and the softmax weights split into bf16 high and low parts (see `decode::Bf16Decode`). `None` where
 /// that kernel does not run (no AVX-512 BF16, more than `DECODE_MAX_QUERIES` queries, odd
 /// widths): the caller then reads the rows as f32 for [`mla_attention`].
 pub fn mla_decode_bf16(
