@@ -69,6 +69,18 @@ pub struct Pages<'a> {
     pub size: usize,
 }
 
+/// Physical rows a call over `tokens` key rows may touch (asserting that `pages` hold them all).
+fn touched_rows(pages: Option<Pages>, tokens: usize) -> usize {
+    match pages {
+        Some(p) => {
+            let used = &p.ids[..tokens.div_ceil(p.size.max(1)).min(p.ids.len())];
+            assert!(p.size > 0 && used.len() * p.size >= tokens, "pages: {} of {} rows for {tokens} keys", used.len(), p.size);
+            used.iter().map(|&id| (id as usize + 1) * p.size).max().unwrap_or(0)
+        }
+        None => tokens,
+    }
+}
+
 impl Pages<'_> {
     #[inline(always)]
     fn row(&self, t: usize) -> usize {
@@ -98,15 +110,7 @@ pub struct Attention<'a> {
 impl Attention<'_> {
     fn check(&self) {
         let (h, s, t) = (self.heads, self.queries, self.tokens);
-        // physical rows the call may touch
-        let rows = match self.pages {
-            Some(p) => {
-                let used = &p.ids[..t.div_ceil(p.size.max(1)).min(p.ids.len())];
-                assert!(p.size > 0 && used.len() * p.size >= t, "pages: {} of {} rows for {t} keys", used.len(), p.size);
-                used.iter().map(|&id| (id as usize + 1) * p.size).max().unwrap_or(0)
-            }
-            None => t,
-        };
+        let rows = touched_rows(self.pages, t);
         for (i, (q, k)) in self.parts.iter().enumerate() {
             assert_eq!(q.len(), h * s * k.width, "query part {i}");
             assert!(k.covers(h, rows), "key part {i}: {rows} rows of {h} heads out of bounds");

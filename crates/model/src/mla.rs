@@ -427,10 +427,12 @@ impl Mla {
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            if let Ok(values) = cpu.as_slice::<f32>() {
-                return Ok(f(&values[start..end]));
-            }
+        // (matched, not `as_slice`: its error for another dtype captures a backtrace, which
+        // costs microseconds per call under RUST_BACKTRACE)
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&values[start..end]));
         }
     }
     Ok(f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
@@ -439,8 +441,12 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
 /// `f` of a contiguous bf16 CPU tensor's values as their bits; `None` for any other tensor.
 fn with_bf16_bits<R>(t: &Tensor, f: impl FnOnce(&[u16]) -> R) -> Option<R> {
     let (storage, layout) = t.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else { return None };
-    let values = &cpu.as_slice::<half::bf16>().ok()?[start..end];
+    let (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(values)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    let values = &values[start..end];
     // SAFETY: `half::bf16` is a transparent u16
     Some(f(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u16, values.len()) }))
 }

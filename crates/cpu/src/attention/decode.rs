@@ -312,14 +312,7 @@ impl Bf16Decode<'_> {
         let MlaShape { heads, queries, tokens, latent, rope, .. } = self.shape;
         assert_eq!(self.q_lat.len(), heads * queries * latent, "q_lat");
         assert_eq!(self.q_pe.len(), heads * queries * rope, "q_pe");
-        let rows = match self.pages {
-            Some(p) => {
-                let used = &p.ids[..tokens.div_ceil(p.size).min(p.ids.len())];
-                assert!(used.len() * p.size >= tokens, "pages: {} of {} rows for {tokens} keys", used.len(), p.size);
-                used.iter().map(|&id| (id as usize + 1) * p.size).max().unwrap_or(0)
-            }
-            None => tokens,
-        };
+        let rows = super::touched_rows(self.pages, tokens);
         assert!(rows * (latent + rope) <= self.cache.len(), "cache: {rows} rows out of bounds");
     }
 
@@ -334,7 +327,7 @@ impl Bf16Decode<'_> {
         let MlaShape { heads, queries, tokens, latent, start, .. } = self.shape;
         let lanes = Bf16Lanes::new(self);
         let mut o = in_chunks(heads * queries, latent, tokens.min(start + queries), threads, |keys, p| {
-            // SAFETY: `applies` (the caller) means AVX-512 F/BW/BF16; `check` bounded every row.
+            // SAFETY: `bf16_applies` (the caller's) means AVX-512 F/BW/BF16; `check` bounded every row.
             unsafe { heads_in_lanes_bf16(self, &lanes, keys, &mut p.o, &mut p.stats) }
         });
         // each 32 values' accumulators hold them in `vpunpck{l,h}wd`'s order
@@ -417,7 +410,8 @@ const BF16_VALUE_HEADS: usize = 8;
 /// [`heads_in_lanes`] on bf16 rows: scores by `vdpbf16ps` of the queries' column pairs against
 /// each key row's pair of values (broadcast), the same online softmax, and the weighted sum of
 /// the values by `vdpbf16ps` over pairs of key rows (their values interleaved by `vpunpck*wd`,
-/// the two weights of a row broadcast). `o` holds each 32 values in [`unpacked_column`]'s order.
+/// the pair's weights broadcast, high parts then low parts). `o` holds each 32 values in
+/// [`unpacked_column`]'s order.
 ///
 /// # Safety
 /// AVX-512 F/BW/BF16; `c` passed `check`.
