@@ -216,16 +216,8 @@ unsafe fn heads_in_lanes(a: &Attention, lanes: &Lanes, keys: Range<usize>, o: &m
                 let k = SCORE_TILE.min(n - i);
                 scores[i..i + k].copy_from_slice(&acc[..k]);
             }
-            // online softmax, 16 rows a vector; the rows a lane does not see weigh 0
-            let sees: [__mmask16; DECODE_BLOCK] =
-                std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen_g, _mm512_set1_epi32((b0 + j) as i32)));
-            for j in 0..n {
-                scores[j] = _mm512_mask_blend_ps(sees[j], _mm512_set1_ps(-1e30), scores[j]);
-            }
-            let block_max = scores[1..n].iter().fold(scores[0], |m, &s| _mm512_max_ps(m, s));
-            let new_max = _mm512_max_ps(max[g], block_max);
-            let rescale = exp16(_mm512_sub_ps(max[g], new_max));
-            max[g] = new_max;
+            // online softmax, 16 rows a vector
+            let (sees, new_max, rescale) = block_max(&mut scores, n, b0, seen_g, &mut max[g]);
             let mut block_sum = _mm512_setzero_ps();
             for j in 0..n {
                 let e = _mm512_maskz_mov_ps(sees[j], exp16(_mm512_sub_ps(scores[j], new_max)));
@@ -271,13 +263,45 @@ unsafe fn heads_in_lanes(a: &Attention, lanes: &Lanes, keys: Range<usize>, o: &m
             }
         }
     }
-    let mut m = vec![0f32; groups * 16];
-    let mut l = vec![0f32; groups * 16];
-    for g in 0..groups {
+    write_stats(&max, &sum, stats);
+}
+
+/// A block's online-softmax step for one group of 16 rows: each of its `n` scores masked where
+/// the lane does not see the key row (block rows from position `b0`, `seen` rows per lane), the
+/// group's running `max` raised to the block's. Returns the masks, the new max and the factor
+/// that rescales what the group summed before.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn block_max(
+    scores: &mut [__m512; DECODE_BLOCK],
+    n: usize,
+    b0: usize,
+    seen: __m512i,
+    max: &mut __m512,
+) -> ([__mmask16; DECODE_BLOCK], __m512, __m512) {
+    // the rows a lane does not see weigh 0
+    let sees: [__mmask16; DECODE_BLOCK] =
+        std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen, _mm512_set1_epi32((b0 + j) as i32)));
+    for j in 0..n {
+        scores[j] = _mm512_mask_blend_ps(sees[j], _mm512_set1_ps(-1e30), scores[j]);
+    }
+    let block_max = scores[1..n].iter().fold(scores[0], |m, &s| _mm512_max_ps(m, s));
+    let new_max = _mm512_max_ps(*max, block_max);
+    let rescale = exp16(_mm512_sub_ps(*max, new_max));
+    *max = new_max;
+    (sees, new_max, rescale)
+}
+
+/// Each row's `(max, sum)` from its group's vectors (`(-inf, 0)`: it saw no key row).
+#[target_feature(enable = "avx512f")]
+unsafe fn write_stats(max: &[__m512], sum: &[__m512], stats: &mut [(f32, f32)]) {
+    let mut m = vec![0f32; max.len() * 16];
+    let mut l = vec![0f32; max.len() * 16];
+    for g in 0..max.len() {
         _mm512_storeu_ps(m.as_mut_ptr().add(16 * g), max[g]);
         _mm512_storeu_ps(l.as_mut_ptr().add(16 * g), sum[g]);
     }
-    for (h, st) in stats.iter_mut().enumerate().take(rows) {
+    for (h, st) in stats.iter_mut().enumerate() {
         *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
     }
 }
@@ -452,15 +476,7 @@ unsafe fn heads_in_lanes_bf16(c: &Bf16Decode, lanes: &Bf16Lanes, keys: Range<usi
                 let k = SCORE_TILE.min(n - i);
                 scores[i..i + k].copy_from_slice(&acc[..k]);
             }
-            let sees: [__mmask16; DECODE_BLOCK] =
-                std::array::from_fn(|j| _mm512_cmpgt_epi32_mask(seen_g, _mm512_set1_epi32((b0 + j) as i32)));
-            for j in 0..n {
-                scores[j] = _mm512_mask_blend_ps(sees[j], _mm512_set1_ps(-1e30), scores[j]);
-            }
-            let block_max = scores[1..n].iter().fold(scores[0], |m, &s| _mm512_max_ps(m, s));
-            let new_max = _mm512_max_ps(max[g], block_max);
-            let rescale = exp16(_mm512_sub_ps(max[g], new_max));
-            max[g] = new_max;
+            let (sees, new_max, rescale) = block_max(&mut scores, n, b0, seen_g, &mut max[g]);
             let mut block_sum = _mm512_setzero_ps();
             // each weight as bf16 high and low parts (their bits in the upper halves), of the
             // block's even rows and then its odd rows, paired
@@ -516,15 +532,7 @@ unsafe fn heads_in_lanes_bf16(c: &Bf16Decode, lanes: &Bf16Lanes, keys: Range<usi
             }
         }
     }
-    let mut m = vec![0f32; groups * 16];
-    let mut l = vec![0f32; groups * 16];
-    for g in 0..groups {
-        _mm512_storeu_ps(m.as_mut_ptr().add(16 * g), max[g]);
-        _mm512_storeu_ps(l.as_mut_ptr().add(16 * g), sum[g]);
-    }
-    for (h, st) in stats.iter_mut().enumerate().take(rows) {
-        *st = if l[h] > 0.0 { (m[h], l[h]) } else { (f32::NEG_INFINITY, 0.0) };
-    }
+    write_stats(&max, &sum, stats);
 }
 
 /// `x` rounded to bf16 (nearest even), as f32 bits: the bf16 in the upper half, zeros below.
