@@ -312,19 +312,27 @@ fn profile_decode(model: &ModelGroup, req: &GenerateRequest) -> Result<()> {
     });
     profile::enable(false);
     let s = s?;
-    let table = |totals: Vec<(&str, std::time::Duration, u64)>, steps: f64, step_ms: f64| {
-        for (name, total, calls) in totals {
-            let ms = total.as_secs_f64() * 1e3 / steps;
-            println!("  {name:<48} {ms:8.3} ms {:6.1} % {:6.1}", 100.0 * ms / step_ms, calls as f64 / steps);
+    let table = |totals: Vec<profile::Stage>, steps: f64, step_ms: f64| {
+        for st in totals {
+            let (ms, serial) = (st.total.as_secs_f64() * 1e3 / steps, st.serial.as_secs_f64() * 1e3 / steps);
+            println!(
+                "  {:<48} {ms:8.3} ms {:6.1} % {serial:8.3} ms {:6.1}",
+                st.name,
+                100.0 * ms / step_ms,
+                st.calls as f64 / steps
+            );
         }
     };
     let prefill_ms = s.prefill.as_secs_f64() * 1e3;
-    println!("prefill profile: {prefill_ms:.3} ms for {} tokens (stage: ms, share of the step, calls)", req.prompt.len());
+    println!(
+        "prefill profile: {prefill_ms:.3} ms for {} tokens (stage: ms, share of the step, serial ms (outside parallel loops: the other threads wait), calls)",
+        req.prompt.len()
+    );
     table(prefill.unwrap_or_default(), 1.0, prefill_ms);
     let steps = s.decode_steps.max(1) as f64;
     let step_ms = s.decode.as_secs_f64() * 1e3 / steps;
     println!(
-        "decode profile: {step_ms:.3} ms per step over {} steps (stage: ms per step, share of the step, calls per step)",
+        "decode profile: {step_ms:.3} ms per step over {} steps (stage: ms per step, share of the step, serial ms per step, calls per step)",
         s.decode_steps
     );
     table(profile::totals(), steps, step_ms);
@@ -467,38 +475,38 @@ fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> 
                 engine.submit(req)
             })
             .collect::<Result<_, _>>()?;
-        let results: Vec<(f64, f64, usize)> = std::thread::scope(|s| {
+        // each request's token times
+        let results: Vec<Vec<f64>> = std::thread::scope(|s| {
             let joins: Vec<_> = handles
                 .into_iter()
                 .map(|mut stream| {
                     s.spawn(move || {
-                        let (mut first, mut last, mut n) = (None, 0.0, 0);
+                        let mut times = Vec::new();
                         while let Some(ev) = stream.blocking_next() {
                             if let Event::Token { .. } = ev {
-                                let t = start.elapsed().as_secs_f64();
-                                first.get_or_insert(t);
-                                last = t;
-                                n += 1;
+                                times.push(start.elapsed().as_secs_f64());
                             }
                         }
-                        (first.unwrap_or(last), last, n)
+                        times
                     })
                 })
                 .collect();
             joins.into_iter().filter_map(|j| j.join().ok()).collect()
         });
         let wall = start.elapsed().as_secs_f64();
-        let mut ttft: Vec<f64> = results.iter().map(|r| r.0).collect();
+        let mut ttft: Vec<f64> = results.iter().filter_map(|t| t.first().copied()).collect();
         ttft.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        // decode phase: from the last first-token to the last token, all requests decoding together
-        let decode_tokens: usize = results.iter().map(|r| r.2.saturating_sub(1)).sum();
-        let decode_span =
-            results.iter().map(|r| r.1).fold(0.0, f64::max) - results.iter().map(|r| r.0).fold(f64::INFINITY, f64::min);
+        // decode phase: from the last first token to the last token, every request decoding (as
+        // llama-batched-bench's generation phase, after all the prompts): the tokens after it
+        let all_decoding = ttft.last().copied().unwrap_or(0.0);
+        let last = results.iter().filter_map(|t| t.last().copied()).fold(0.0, f64::max);
+        let decode_tokens = results.iter().flatten().filter(|&&t| t > all_decoding).count();
+        let decode_span = last - all_decoding;
         let agg = decode_tokens as f64 / decode_span.max(1e-9);
         println!(
             "concurrency {c:>3}: aggregate decode {agg:8.2} tok/s ({:.1}x single stream), output {:.2} tok/s over {wall:.1} s, TTFT p50 {:.3} s p99 {:.3} s",
             agg / single.max(1e-9),
-            results.iter().map(|r| r.2).sum::<usize>() as f64 / wall,
+            results.iter().map(Vec::len).sum::<usize>() as f64 / wall,
             percentile(&ttft, 0.5),
             percentile(&ttft, 0.99)
         );

@@ -61,21 +61,23 @@ pub fn absorb_queries_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape,
         return out;
     }
     let wide = wide(backend, kv);
-    out.par_chunks_mut(s * l).enumerate().for_each(|(h, y)| {
-        let q = &q_nope[h * s * p..(h + 1) * s * p];
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
-            unsafe { x86::absorb_head(kv, shape.head(h), p, q, y) };
-            return;
-        }
-        let _ = wide;
-        for r in 0..p {
-            let row = kv.dequantize_row(shape.head(h) + r);
-            for (y, q) in y.chunks_exact_mut(l).zip(q.chunks_exact(p)) {
-                y.iter_mut().zip(&row).for_each(|(y, w)| *y += q[r] * w);
+    crate::pool::parallel(|| {
+        out.par_chunks_mut(s * l).enumerate().for_each(|(h, y)| {
+            let q = &q_nope[h * s * p..(h + 1) * s * p];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+                unsafe { x86::absorb_head(kv, shape.head(h), p, q, y) };
+                return;
             }
-        }
+            let _ = wide;
+            for r in 0..p {
+                let row = kv.dequantize_row(shape.head(h) + r);
+                for (y, q) in y.chunks_exact_mut(l).zip(q.chunks_exact(p)) {
+                    y.iter_mut().zip(&row).for_each(|(y, w)| *y += q[r] * w);
+                }
+            }
+        })
     });
     out
 }
@@ -90,22 +92,24 @@ pub fn expand_values_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, 
         return out;
     }
     let wide = wide(backend, kv);
-    out.par_chunks_mut(s * v).enumerate().for_each(|(h, y)| {
-        let x = &o_lat[h * s * l..(h + 1) * s * l];
-        let first = shape.head(h) + shape.nope;
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
-            unsafe { x86::expand_head(kv, first, v, x, y) };
-            return;
-        }
-        let _ = wide;
-        for j in 0..v {
-            let row = kv.dequantize_row(first + j);
-            for (y, x) in y.chunks_exact_mut(v).zip(x.chunks_exact(l)) {
-                y[j] = row.iter().zip(x).map(|(w, x)| w * x).sum();
+    crate::pool::parallel(|| {
+        out.par_chunks_mut(s * v).enumerate().for_each(|(h, y)| {
+            let x = &o_lat[h * s * l..(h + 1) * s * l];
+            let first = shape.head(h) + shape.nope;
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+                unsafe { x86::expand_head(kv, first, v, x, y) };
+                return;
             }
-        }
+            let _ = wide;
+            for j in 0..v {
+                let row = kv.dequantize_row(first + j);
+                for (y, x) in y.chunks_exact_mut(v).zip(x.chunks_exact(l)) {
+                    y[j] = row.iter().zip(x).map(|(w, x)| w * x).sum();
+                }
+            }
+        })
     });
     out
 }

@@ -185,22 +185,24 @@ pub fn attention_with(backend: Backend, a: &Attention) -> Vec<f32> {
         slices.push((r0, head));
         rest = tail;
     }
-    slices.into_par_iter().for_each_init(
-        || Vec::with_capacity(a.tokens),
-        |scores, (r0, o)| {
-            let group: Vec<OneQuery> = (r0..r0 + o.len() / dv).map(|hq| a.query(hq)).collect();
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
-                unsafe { wide::group(&group, o) };
-                return;
-            }
-            let _ = wide;
-            for (q, o) in group.iter().zip(o.chunks_exact_mut(dv)) {
-                q.run(scores, o);
-            }
-        },
-    );
+    crate::pool::parallel(|| {
+        slices.into_par_iter().for_each_init(
+            || Vec::with_capacity(a.tokens),
+            |scores, (r0, o)| {
+                let group: Vec<OneQuery> = (r0..r0 + o.len() / dv).map(|hq| a.query(hq)).collect();
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the CPU has AVX-512F (`available`); `check` bounded every row.
+                    unsafe { wide::group(&group, o) };
+                    return;
+                }
+                let _ = wide;
+                for (q, o) in group.iter().zip(o.chunks_exact_mut(dv)) {
+                    q.run(scores, o);
+                }
+            },
+        )
+    });
     out
 }
 
@@ -322,17 +324,13 @@ fn split_over_keys(
     let per = a.tokens.div_ceil(threads).next_multiple_of(64);
     // each range's unnormalized outputs and its rows' softmax (max, sum)
     type Partial = (Vec<f32>, Vec<(f32, f32)>);
-    let parts: Vec<Partial> = (0..a.tokens)
-        .step_by(per)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|t0| {
-            let mut o = vec![0f32; rows * dv];
-            let mut stats = vec![(f32::NEG_INFINITY, 0f32); rows];
-            kernel(t0..t0 + per, &mut o, Some(&mut stats));
-            (o, stats)
-        })
-        .collect();
+    let starts: Vec<usize> = (0..a.tokens).step_by(per).collect();
+    let parts: Vec<Partial> = crate::pool::map_indices(starts.len(), |i| {
+        let mut o = vec![0f32; rows * dv];
+        let mut stats = vec![(f32::NEG_INFINITY, 0f32); rows];
+        kernel(starts[i]..starts[i] + per, &mut o, Some(&mut stats));
+        (o, stats)
+    });
     let mut out = vec![0f32; rows * dv];
     for (r, o) in out.chunks_exact_mut(dv).enumerate() {
         let max = parts.iter().map(|(_, st)| st[r].0).fold(f32::NEG_INFINITY, f32::max);

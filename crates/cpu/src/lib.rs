@@ -16,6 +16,7 @@ pub mod bench;
 pub mod elementwise;
 pub mod format;
 pub mod matmul;
+pub mod pool;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
@@ -27,7 +28,8 @@ pub use attention::{
 };
 pub use elementwise::{exp_shifted, rms_norm, silu_mul};
 pub use format::{bf16_exact, Format, PackedMatrix};
-pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, on_pool, Backend, Product};
+pub use matmul::{activations, backend, matmul, matmul_many, matmul_many_with, matmul_reference, Backend, Product};
+pub use pool::{for_each_index, on_pool};
 
 /// A packing or shape error (the caller adds the tensor name).
 #[derive(Debug, Clone, PartialEq, Eq)]

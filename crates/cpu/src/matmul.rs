@@ -1,15 +1,10 @@
 //! Matrix × small batch: `y[b, r] = Σ_k x[b, k] · W[r, k]`, multi-threaded over output rows on
-//! rayon's pool (one pool for the whole process, shared with candle's own kernels, so threads are
-//! never oversubscribed).
+//! the kernels' threads (`pool`).
 //!
 //! [`matmul_many`] runs several independent products (e.g. every active expert of a MoE layer)
 //! in one parallel region; [`matmul_reference`] is the plain path every kernel is tested against.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-use rayon::prelude::*;
 
 use crate::act::Activations;
 use crate::format::{PackedMatrix, Q8_0_GROUP};
@@ -56,61 +51,6 @@ pub fn backend() -> Backend {
         };
         order.iter().copied().find(|&b| available(b)).unwrap_or(Backend::Portable)
     })
-}
-
-/// Run `f` on a thread of the kernels' pool while the caller waits. A model step issues dozens
-/// of [`matmul_many`] calls; from a pool thread each one runs partly on that thread, with no
-/// hand-over to the pool and back per call, and the serial work between them does not compete
-/// with idle pool threads for the cores.
-///
-/// While `f` runs, the pool's other threads stay awake ([`keep_awake`]): between two products
-/// of a decode step an idle rayon thread goes to sleep after a few dozen yields, and waking it
-/// for the next product costs a futex wake-up and a reschedule (about 5 % of a decode step in
-/// perf's profile, 2 vCPUs). `MOESERVE_CPU_SPIN_US` sets how long a thread waits for work
-/// before it sleeps after all (default 1000 µs; 0: no spinning).
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        return f();
-    }
-    let done = AtomicBool::new(false);
-    let idle = spin_idle();
-    rayon::scope(|s| {
-        let lead = rayon::current_thread_index();
-        if !idle.is_zero() {
-            let done = &done;
-            for _ in 1..rayon::current_num_threads() {
-                s.spawn(move |_| keep_awake(done, lead, idle));
-            }
-        }
-        let r = f();
-        done.store(true, Ordering::Release);
-        r
-    })
-}
-
-fn spin_idle() -> Duration {
-    static IDLE: OnceLock<Duration> = OnceLock::new();
-    *IDLE.get_or_init(|| {
-        let us = std::env::var("MOESERVE_CPU_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-        Duration::from_micros(us)
-    })
-}
-
-/// On a pool thread other than `lead` (which runs the step), run the pool's jobs as they appear
-/// until `done`, or until none came for `idle`. On `lead` itself (which may pick this job up
-/// while it waits inside `f`) return at once: it would otherwise spin above `f`'s frame.
-fn keep_awake(done: &AtomicBool, lead: Option<usize>, idle: Duration) {
-    if rayon::current_thread_index() == lead {
-        return;
-    }
-    let mut since = Instant::now();
-    while !done.load(Ordering::Acquire) {
-        match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => since = Instant::now(),
-            Some(rayon::Yield::Idle) if since.elapsed() < idle => std::hint::spin_loop(),
-            _ => return,
-        }
-    }
 }
 
 /// One product of a [`matmul_many`] call. `x: [batch, w.cols()]`, `y: [batch, w.rows()]`.
@@ -174,7 +114,7 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
     if units.len() == 1 || threads == 1 {
         units.iter().for_each(run);
     } else {
-        units.par_iter().for_each(run);
+        crate::pool::for_each_index(units.len(), |u| run(&units[u]));
     }
 }
 
@@ -208,33 +148,5 @@ pub fn matmul_reference(w: &PackedMatrix, x: &[f32], batch: usize, y: &mut [f32]
             let xb = &x[b * w.cols..(b + 1) * w.cols];
             y[b * w.rows + r] = wr.iter().zip(xb).map(|(&w, &x)| w as f64 * x as f64).sum::<f64>() as f32;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Steps from several threads at once, each with parallel work inside, all finish with
-    /// their own results: a thread kept awake for one step runs the others' jobs too, and gives
-    /// its thread back when its step ends or no job comes.
-    #[test]
-    fn concurrent_steps_on_the_pool_finish() {
-        let sums: Vec<u64> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4u64)
-                .map(|t| {
-                    s.spawn(move || {
-                        (0..50).map(|i| on_pool(|| (0..10_000u64).into_par_iter().map(|v| v * (t + 1) + i).sum::<u64>())).sum()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("step thread")).collect()
-        });
-        for (t, &got) in sums.iter().enumerate() {
-            let want: u64 = (0..50).map(|i| (0..10_000u64).map(|v| v * (t as u64 + 1) + i).sum::<u64>()).sum();
-            assert_eq!(got, want, "thread {t}");
-        }
-        // nested: a step inside a step runs inline
-        assert_eq!(on_pool(|| on_pool(|| 7)), 7);
     }
 }

@@ -550,16 +550,25 @@ impl Engine {
             }
         }
         let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v as &mut dyn LatentKv).collect();
-        let hidden = self.model.forward(&batch, &mut kv)?;
+        let model = &self.model;
+        // the forward and the logits in one step on the kernels' pool
+        let (hidden, logits) = model.step(|| -> Result<(Tensor, Vec<Vec<f32>>)> {
+            let hidden = model.forward(&batch, &mut kv)?;
+            if sample_rows.is_empty() {
+                return Ok((hidden, Vec::new()));
+            }
+            let idx: Vec<u32> = sample_rows.iter().flat_map(|r| (r.1..r.1 + r.2).map(|x| x as u32)).collect();
+            let idx = Tensor::from_vec(idx.clone(), idx.len(), hidden.device()).ctx(|| "sample rows".into())?;
+            let rows = hidden.index_select(&idx, 0).ctx(|| "sample rows".into())?;
+            let logits = model.logits(&rows)?.to_vec2::<f32>().ctx(|| "logits".into())?;
+            Ok((hidden, logits))
+        })?;
         drop(kv);
         drop(views);
         if sample_rows.is_empty() {
             return Ok(StepOut { hidden, chunks, rows: Vec::new() });
         }
-        let idx: Vec<u32> = sample_rows.iter().flat_map(|r| (r.1..r.1 + r.2).map(|x| x as u32)).collect();
-        let idx = Tensor::from_vec(idx.clone(), idx.len(), hidden.device()).ctx(|| "sample rows".into())?;
-        let rows = hidden.index_select(&idx, 0).ctx(|| "sample rows".into())?;
-        let mut logits = self.model.logits(&rows)?.to_vec2::<f32>().ctx(|| "logits".into())?.into_iter();
+        let mut logits = logits.into_iter();
         let rows = sample_rows.into_iter().map(|(i, _, n)| (i, logits.by_ref().take(n).collect())).collect();
         Ok(StepOut { hidden, chunks, rows })
     }

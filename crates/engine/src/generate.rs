@@ -60,11 +60,12 @@ pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl Fn
     let mut batch = ForwardBatch::single(&req.prompt, 0);
     while stats.generated < req.max_tokens {
         let step = Instant::now();
-        let hidden = model.forward(&batch, &mut [&mut cache])?;
-        let logits = last_logits(model, &hidden)?;
-        let p = moeserve_core::profile::span("sampling");
-        let next = sampler.sample_with_history(&logits, &req.prompt, &output);
-        drop(p);
+        let next = model.step(|| -> Result<u32> {
+            let hidden = model.forward(&batch, &mut [&mut cache])?;
+            let logits = last_logits(model, &hidden)?;
+            let _p = moeserve_core::profile::span("sampling");
+            Ok(sampler.sample_with_history(&logits, &req.prompt, &output))
+        })?;
         if stats.generated == 0 {
             stats.prefill = t0.elapsed();
         } else {
@@ -138,9 +139,13 @@ pub fn generate_speculative(
         };
         let (drafts, q) = (&drafts[..drafts.len().min(k)], &q[..q.len().min(k)]);
         let tokens: Vec<u32> = std::iter::once(last).chain(drafts.iter().copied()).collect();
-        hidden = model.forward(&ForwardBatch::single(&tokens, len), &mut [&mut cache])?;
+        let rows: Vec<Vec<f32>>;
+        (hidden, rows) = model.step(|| -> Result<_> {
+            let hidden = model.forward(&ForwardBatch::single(&tokens, len), &mut [&mut cache])?;
+            let rows = model.logits(&hidden)?.to_vec2().ctx(|| "logits".into())?;
+            Ok((hidden, rows))
+        })?;
         chunk_start = len;
-        let rows: Vec<Vec<f32>> = model.logits(&hidden)?.to_vec2().ctx(|| "logits".into())?;
         let v = verify(&mut sampler, &rows, drafts, q, prompt, &output);
         cache.set_seq_len(len + 1 + v.accepted)?;
         spec.record(drafts.len(), v.accepted);

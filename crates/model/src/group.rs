@@ -102,6 +102,17 @@ impl ModelGroup {
         self.ranks.iter().map(DeepSeekModel::weight_bytes).sum()
     }
 
+    /// Run `f`, several of the group's calls (a step's forward, logits and sampling), on the CPU
+    /// kernels' pool in one go: one hand-over to the pool and back per step, not one per call,
+    /// and the pool's threads kept awake from the forward to the logits (`moeserve_cpu::on_pool`).
+    /// A tensor-parallel group or a GPU model runs `f` where it is called.
+    pub fn step<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.ranks[..] {
+            [lead] if lead.device().is_cpu() => moeserve_cpu::on_pool(f),
+            _ => f(),
+        }
+    }
+
     /// Run `f` on every rank with its view of `kv`; rank 0's result.
     pub fn spmd<'o, R: Send>(
         &self,

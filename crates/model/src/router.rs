@@ -116,7 +116,9 @@ impl Router {
                 moeserve_cpu::matmul(w, &xs, n, &mut logits);
                 // a prefill's tokens select their experts on every thread
                 use rayon::prelude::*;
-                let picks: Vec<_> = logits.par_chunks_exact(w.rows()).with_min_len(8).map(|row| self.select(row)).collect();
+                let picks: Vec<_> = moeserve_core::profile::parallel(|| {
+                    logits.par_chunks_exact(w.rows()).with_min_len(8).map(|row| self.select(row)).collect()
+                });
                 return Ok(self.routing(picks));
             }
         };

@@ -6,8 +6,6 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use rayon::prelude::*;
-
 use super::{Attention, MlaShape, Pages};
 use crate::simd::{exp16, lane_mask};
 
@@ -47,35 +45,32 @@ fn in_chunks(rows: usize, dv: usize, seen: usize, threads: usize, chunk: impl Fn
     let chunk = |c: usize, p: &mut Partial| chunk(c * DECODE_CHUNK..(c + 1) * DECODE_CHUNK, p);
     // each thread's chunks in order, as (span, whether it begins at the span's first chunk,
     // partial): a chunk merges into the partial before it when that one began its span
-    let shares: Vec<Vec<(usize, bool, Partial)>> = (0..chunks.div_ceil(per))
-        .into_par_iter()
-        .map(|t| {
-            let mut out: Vec<(usize, bool, Partial)> = Vec::new();
-            let mut scratch: Option<Partial> = None;
-            for c in t * per..((t + 1) * per).min(chunks) {
-                let span = c / SPAN;
-                match out.last_mut() {
-                    Some((s, true, running)) if *s == span => {
-                        let p = match scratch.as_mut() {
-                            Some(p) => {
-                                p.o.fill(0.0);
-                                p
-                            }
-                            None => scratch.insert(Partial::new(rows, dv)),
-                        };
-                        chunk(c, p);
-                        running.merge(p, dv);
-                    }
-                    _ => {
-                        let mut p = Partial::new(rows, dv);
-                        chunk(c, &mut p);
-                        out.push((span, c % SPAN == 0, p));
-                    }
+    let shares = crate::pool::map_indices(chunks.div_ceil(per), |t| {
+        let mut out: Vec<(usize, bool, Partial)> = Vec::new();
+        let mut scratch: Option<Partial> = None;
+        for c in t * per..((t + 1) * per).min(chunks) {
+            let span = c / SPAN;
+            match out.last_mut() {
+                Some((s, true, running)) if *s == span => {
+                    let p = match scratch.as_mut() {
+                        Some(p) => {
+                            p.o.fill(0.0);
+                            p
+                        }
+                        None => scratch.insert(Partial::new(rows, dv)),
+                    };
+                    chunk(c, p);
+                    running.merge(p, dv);
+                }
+                _ => {
+                    let mut p = Partial::new(rows, dv);
+                    chunk(c, &mut p);
+                    out.push((span, c % SPAN == 0, p));
                 }
             }
-            out
-        })
-        .collect();
+        }
+        out
+    });
     let mut spans: Vec<(usize, Partial)> = Vec::new();
     for (span, _, p) in shares.into_iter().flatten() {
         match spans.last_mut() {
