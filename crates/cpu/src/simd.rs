@@ -84,8 +84,9 @@ unsafe fn streams<const R: usize>(w: &PackedMatrix, a: &Activations, r0: usize, 
 unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], y: *mut f32, y_stride: usize) {
     let mut b0 = 0;
     while b0 < a.batch {
-        // q6_K keeps per-tile integer sums beside the float ones, and the AVX-512 FP8 kernel
-        // its block sums beside the totals: at most 4 rows a tile
+        // q6_K keeps per-tile integer sums beside the float ones (with AVX-512 8 rows took
+        // 1.8x as long as twice 4), and the AVX-512 FP8 kernel its block sums beside the totals:
+        // at most 4 rows a tile
         let cap = if w.format == Format::Q6K || fp8_512_applies(w) { 4 } else { $max_tile };
         let bt = (a.batch - b0).min(cap);
         let mut out = [[0f32; 8]; R];
@@ -227,6 +228,7 @@ unsafe fn tile<const R: usize, const BT: usize>(
         }
         Format::Fp8 { block } => float_rows::<FP8, R, BT>(rows, rr.map(|r| w.fp8_row_scales(r)), block[1], pc, x, out),
         Format::Q8_0 | Format::Q4K => {} // never here (above)
+        Format::Q6K if $max_tile == 8 => crate::simd::q6k_512::rows::<R, BT>(rows, pc / Q6K_BLOCK.1, a, b0, out),
         Format::Q6K => q6k_rows::<R, BT>(rows, pc / Q6K_BLOCK.1, a, b0, out),
     }
 }
@@ -564,7 +566,7 @@ pub(crate) mod fp8_bf16;
 mod grouped;
 mod row512;
 pub(crate) use grouped::{q4k_group_scale, q4k_nibbles, q4k_scale_words};
-pub(crate) use row512::{bf16_512, fp8_512};
+pub(crate) use row512::{bf16_512, fp8_512, q6k_512};
 
 /// AVX2 + FMA + F16C.
 pub mod avx2 {

@@ -302,3 +302,124 @@ pub(crate) mod bf16_512 {
         }
     }
 }
+
+/// q6_K rows (ggml's block layout as stored) against up to 4 activation rows with AVX-512 VNNI.
+///
+/// Per 128-column half of a superblock, one 64-byte load of the low nibbles and one 32-byte load
+/// of the high bits (broadcast to both 256-bit halves, shifted per half by `vpsllvw` /
+/// `vpsrlvw`) give two vectors of 64 six-bit values (`q + 32`, 0–63): 9 integer instructions
+/// for 128 weights of a row, shared by every activation row. Per activation row, `vpdpbusd`
+/// against the 8-bit activations, started from `-32 ·` the sum of each 4 activations
+/// (`Activations::q6k_offsets`), leaves `Σ q · x` of 4 columns in each 32-bit lane (at most
+/// 4 · 32 · 127 in magnitude: a 16-bit value); `vpackssdw` pairs the two vectors' lanes so that
+/// each 16-bit pair belongs to one 16-column block, and `vpmaddwd` multiplies them by the blocks'
+/// scales. The superblock's integer sum then takes one conversion and one `fma` by `d · dx`.
+/// Per 256 weights and activation row that is 4 `vpdpbusd`, 2 `vpmaddwd` and 1 `fma`, against
+/// the AVX2 kernel's 16 multiplies of half width and its per-16-column scales.
+///
+/// The operations of one output are the same at any tile shape: a row has the same bits in a
+/// batch as alone.
+#[allow(clippy::needless_range_loop)]
+pub(crate) mod q6k_512 {
+    use std::arch::x86_64::*;
+
+    use std::sync::LazyLock;
+
+    use crate::act::Activations;
+    use crate::format::Q6K_BLOCK;
+
+    /// Per 16-bit word: the left and right shifts of the high bits, then the scale indices of
+    /// half 0 and half 1 (see `rows`).
+    static Q6K_CONSTANTS: LazyLock<[[i16; 32]; 4]> = LazyLock::new(|| {
+        let half = |lo: i16, hi: i16| std::array::from_fn(|w| if w < 16 { lo } else { hi });
+        let blocks = |h: usize| std::array::from_fn(|w| (8 * h + if w % 8 < 4 { w / 8 } else { 4 + w / 8 }) as i16);
+        [half(4, 2), half(0, 2), blocks(0), blocks(1)]
+    });
+
+    /// `out[j][b] = W[rows[j]] · x[b0 + b]` over `nsb` superblocks.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL/VNNI and F16C; each row holds `nsb` q6_K blocks, and `a`
+    /// was prepared for q6_K with at least `b0 + BT` rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    pub(crate) unsafe fn rows<const R: usize, const BT: usize>(
+        rows: [*const u8; R],
+        nsb: usize,
+        a: &Activations,
+        b0: usize,
+        out: &mut [[f32; 8]; R],
+    ) {
+        let pc = a.padded_cols;
+        let xq = a.qs.as_ptr().add(b0 * pc);
+        let off = a.q6k_offsets.as_ptr().add(b0 * pc / 4);
+        let dx = a.d.as_ptr().add(b0 * nsb);
+        let (low4, bits45) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+        // the high bits' shifts, per 16-bit word: in the low 256 bits (columns 0–31 and 64–95 of
+        // the half) bits 0–1 and 4–5 move to 4–5, in the high 256 bits (32–63, 96–127) bits 2–3
+        // and 6–7; and the scale of 16-bit word w of a packed pair of vectors, block
+        // 4 · (w % 8 >= 4) + w / 8 of the half (`vpackssdw`'s order per 128-bit lane). Read from
+        // memory where used (registers are short)
+        let c = &*Q6K_CONSTANTS;
+        let ptr = |i: usize| c[i].as_ptr() as *const __m512i;
+        // superblock `sb` of row `j` into its activation rows' sums
+        let superblock = |j: usize, sb: usize, acc: &mut [__m512; BT]| {
+            let bp = rows[j].add(sb * Q6K_BLOCK.0);
+            for l in 0..4 {
+                crate::simd::prefetch_row(bp.add(64 * l));
+            }
+            let sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(192) as *const __m128i)));
+            let scales: [__m512i; 2] =
+                std::array::from_fn(|h| _mm512_permutexvar_epi16(_mm512_loadu_si512(ptr(2 + h) as *const _), sc));
+            let v: [[__m512i; 2]; 2] = std::array::from_fn(|h| {
+                let l = _mm512_loadu_si512(bp.add(64 * h) as *const _);
+                let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(bp.add(128 + 32 * h) as *const __m256i));
+                let (up, down) = (_mm512_loadu_si512(ptr(0) as *const _), _mm512_loadu_si512(ptr(1) as *const _));
+                [
+                    _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_and_si512(_mm512_sllv_epi16(hb, up), bits45)),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(l), low4),
+                        _mm512_and_si512(_mm512_srlv_epi16(hb, down), bits45),
+                    ),
+                ]
+            });
+            let d = crate::simd::f16_at(bp.add(208));
+            for b in 0..BT {
+                let (x, o) = (xq.add(b * pc + sb * 256), off.add(b * pc / 4 + sb * 64));
+                let mut isum = _mm512_setzero_si512();
+                for h in 0..2 {
+                    let s: [__m512i; 2] = std::array::from_fn(|k| {
+                        let c = 128 * h + 64 * k;
+                        let seed = _mm512_loadu_si512(o.add(c / 4) as *const _);
+                        _mm512_dpbusd_epi32(seed, v[h][k], _mm512_loadu_si512(x.add(c) as *const _))
+                    });
+                    isum = _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(s[0], s[1]), scales[h]));
+                }
+                let scale = _mm512_set1_ps(d * *dx.add(b * nsb + sb));
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[b]);
+            }
+        };
+        let mut acc = [[_mm512_setzero_ps(); BT]; R];
+        if BT <= 2 {
+            // memory-bound: the rows' streams side by side
+            for sb in 0..nsb {
+                for j in 0..R {
+                    superblock(j, sb, &mut acc[j]);
+                }
+            }
+        } else {
+            // bound by the multiplies: one row at a time, its sums in registers (with every
+            // row's at once they spill)
+            for j in 0..R {
+                for sb in 0..nsb {
+                    superblock(j, sb, &mut acc[j]);
+                }
+            }
+        }
+        for j in 0..R {
+            for b in 0..BT {
+                out[j][b] = _mm512_reduce_add_ps(acc[j][b]);
+            }
+        }
+    }
+}
