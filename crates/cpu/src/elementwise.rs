@@ -76,6 +76,30 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
+/// [`rms_norm`] for a bf16 model, as its tensor ops compute it (HF's order): each row divided
+/// by `sqrt(mean(x²) + eps)` in f32, rounded to bf16, then times the bf16 weight `w` (its values)
+/// and rounded again. One pass for the statistics and one for the output, against candle's
+/// seven allocating ops on bf16 tensors.
+pub fn rms_norm_bf16(x: &[f32], w: &[f32], eps: f32) -> Vec<half::bf16> {
+    let dim = w.len();
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm_bf16: {} values in rows of {dim}", x.len());
+    let mut out = vec![half::bf16::ZERO; x.len()];
+    for (y, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        let mut lanes = [0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+        for c in chunks {
+            for i in 0..16 {
+                lanes[i] += c[i] * c[i];
+            }
+        }
+        let rms = ((lanes.iter().sum::<f32>() + tail) / dim as f32 + eps).sqrt();
+        let round = half::bf16::from_f32;
+        y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = round(round(x / rms).to_f32() * w));
+    }
+    out
+}
+
 /// Rotary embedding on interleaved pairs, in place: `x: [n, heads, 2·half]`, `cos, sin: [n, half]`;
 /// each pair `(a, b)` of token t becomes `(a·cos − b·sin, a·sin + b·cos)` (candle's `rope_i`).
 pub fn rope_interleaved(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, half: usize) {

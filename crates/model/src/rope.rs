@@ -90,14 +90,17 @@ impl RopeTables {
             return Ok(y);
         }
         let ctx = || format!("rope {:?}", x.dims());
-        if let (Some((cos, sin)), true) = (&self.cpu, x.device().is_cpu() && x.dtype() == DType::F32) {
+        // f32 and bf16 CPU inputs: rotated in f32 (as candle's `rope_i` below), a bf16 input's
+        // result rounded back
+        if let (Some((cos, sin)), true) = (&self.cpu, x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16)) {
             let (n, heads, dim) = x.dims3().ctx(ctx)?;
             let (mut xs, _) = moeserve_quant::packed::rows_f32(x, dim, "rope")?;
             if dim % 2 != 0 || cos.len() != n * dim / 2 {
                 return Err(moeserve_core::Error::Input(format!("rope: {n} tokens of {dim}, tables hold {}", cos.len())));
             }
             moeserve_cpu::elementwise::rope_interleaved(&mut xs, cos, sin, heads, dim / 2);
-            return Tensor::from_vec(xs, (n, heads, dim), x.device()).ctx(ctx);
+            let y = Tensor::from_vec(xs, (n, heads, dim), x.device()).ctx(ctx)?;
+            return y.to_dtype(x.dtype()).ctx(ctx);
         }
         let dtype = x.dtype();
         // rope_i wants [batch, heads, tokens, dim]
@@ -133,6 +136,26 @@ mod tests {
             assert!(((f[i] as f64 - v) / v).abs() < 1e-5, "inv_freq[{i}] = {} expected {v}", f[i]);
         }
         assert_eq!(rope.attention_scaling, 1.0);
+    }
+
+    /// The fused loop gives candle's `rope_i` bits on f32 and on bf16 inputs.
+    #[test]
+    fn fused_rotation_matches_candles() {
+        let cfg = DeepSeekConfig::from_json_str(include_str!("../../../tests/fixtures/tiny-v3/config.json"), "c").unwrap();
+        let rope = Rope::new(&cfg);
+        let dim = cfg.qk_rope_head_dim;
+        let t = rope.tables(&[0, 5, 77, 4000], &Device::Cpu).unwrap();
+        let plain = RopeTables { cos: t.cos.clone(), sin: t.sin.clone(), cpu: None };
+        let x = Tensor::randn(0f32, 2.0, (4, 3, dim), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = x.to_dtype(dtype).unwrap();
+            let get = |t: &RopeTables| -> Vec<f32> {
+                let y = t.apply(&x).unwrap();
+                assert_eq!(y.dtype(), dtype);
+                y.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            assert_eq!(get(&t), get(&plain), "{dtype:?}");
+        }
     }
 
     #[test]
