@@ -61,19 +61,23 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm: {} values in rows of {dim}", x.len());
     let mut out = vec![0f32; x.len()];
     for (y, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-        let mut lanes = [0f32; 16];
-        let chunks = x.chunks_exact(16);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for c in chunks {
-            for i in 0..16 {
-                lanes[i] += c[i] * c[i];
-            }
-        }
-        let mean = (lanes.iter().sum::<f32>() + tail) / dim as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
+        let inv = 1.0 / (mean_square(x) + eps).sqrt();
         y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = x * inv * w);
     }
     out
+}
+
+/// `mean(x²)` of a row, summed in 16 independent lanes (so that it vectorizes).
+fn mean_square(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] += c[i] * c[i];
+        }
+    }
+    (lanes.iter().sum::<f32>() + tail) / x.len() as f32
 }
 
 /// [`rms_norm`] for a bf16 model, as its tensor ops compute it (HF's order): each row divided
@@ -85,15 +89,7 @@ pub fn rms_norm_bf16(x: &[f32], w: &[f32], eps: f32) -> Vec<half::bf16> {
     assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm_bf16: {} values in rows of {dim}", x.len());
     let mut out = vec![half::bf16::ZERO; x.len()];
     for (y, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
-        let mut lanes = [0f32; 16];
-        let chunks = x.chunks_exact(16);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for c in chunks {
-            for i in 0..16 {
-                lanes[i] += c[i] * c[i];
-            }
-        }
-        let rms = ((lanes.iter().sum::<f32>() + tail) / dim as f32 + eps).sqrt();
+        let rms = (mean_square(x) + eps).sqrt();
         let round = half::bf16::from_f32;
         y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = round(round(x / rms).to_f32() * w));
     }
