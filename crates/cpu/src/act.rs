@@ -28,9 +28,6 @@ pub struct Activations {
     /// blocks (0, 2), (1, 3), (4, 6), (5, 7) (the lower in the low half). The AVX-512 q4_K kernel
     /// multiplies them by the mins with `vpdpwssd` (padded like `qs`).
     pub(crate) min_pairs: Vec<i32>,
-    /// q6_K: `-32 ·` the sum of each 4 quantized values (its weights are stored + 32), the
-    /// AVX-512 kernel's starting sums (padded like `qs`).
-    pub(crate) q6k_offsets: Vec<i32>,
     pub(crate) block: usize,
     /// FP8 weights with whole 32-column scale blocks, for the AVX2 FP8 kernel only (built on first
     /// use, see [`Self::fp8_order`]).
@@ -79,7 +76,6 @@ impl Activations {
             sums16: Vec::new(),
             scaled_sums32: Vec::new(),
             min_pairs: Vec::new(),
-            q6k_offsets: Vec::new(),
             block,
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
@@ -87,9 +83,6 @@ impl Activations {
         };
         if block > 0 {
             a.quantize();
-        }
-        if format == Format::Q6K {
-            a.q6k_offsets = a.qs.chunks_exact(4).map(|q| -32 * q.iter().map(|&v| v as i32).sum::<i32>()).collect();
         }
         if format == Format::Bf16 && bf16_dot_available() {
             a.bf16_exact = bf16_exact(&a.f32);
@@ -118,7 +111,6 @@ impl Activations {
             sums16: gather_rows(&self.sums16, rows, pc / 16, padded),
             scaled_sums32: gather_rows(&self.scaled_sums32, rows, pc / 32, padded),
             min_pairs: gather_rows(&self.min_pairs, rows, pc / 64, padded),
-            q6k_offsets: gather_rows(&self.q6k_offsets, rows, pc / 4, padded),
             block: self.block,
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),

@@ -309,13 +309,13 @@ pub(crate) mod bf16_512 {
 /// of the high bits (broadcast to both 256-bit halves, shifted per half by `vpsllvw` /
 /// `vpsrlvw`) give two vectors of 64 six-bit values (`q + 32`, 0–63): 9 integer instructions
 /// for 128 weights of a row, shared by every activation row. Per activation row, `vpdpbusd`
-/// against the 8-bit activations, started from `-32 ·` the sum of each 4 activations
-/// (`Activations::q6k_offsets`), leaves `Σ q · x` of 4 columns in each 32-bit lane (at most
-/// 4 · 32 · 127 in magnitude: a 16-bit value); `vpackssdw` pairs the two vectors' lanes so that
-/// each 16-bit pair belongs to one 16-column block, and `vpmaddwd` multiplies them by the blocks'
-/// scales. The superblock's integer sum then takes one conversion and one `fma` by `d · dx`.
-/// Per 256 weights and activation row that is 4 `vpdpbusd`, 2 `vpmaddwd` and 1 `fma`, against
-/// the AVX2 kernel's 16 multiplies of half width and its per-16-column scales.
+/// against the 8-bit activations leaves `Σ q · x` of 4 columns in each 32-bit lane (at most
+/// 4 · 63 · 127: a 16-bit value); `vpackssdw` pairs the two vectors' lanes so that each 16-bit
+/// pair belongs to one 16-column block, and `vpmaddwd` multiplies them by the blocks' scales. The
+/// stored offset of 32 comes off once per superblock (`vpmaddwd` of the scales and the
+/// activations' 16-column sums), and the superblock's integer sum takes one conversion and one
+/// `fma` by `d · dx`. Per 256 weights and activation row that is 4 `vpdpbusd`, 3 `vpmaddwd` and
+/// 1 `fma`, against the AVX2 kernel's 16 multiplies of half width and its per-16-column scales.
 ///
 /// The operations of one output are the same at any tile shape: a row has the same bits in a
 /// batch as alone.
@@ -352,7 +352,7 @@ pub(crate) mod q6k_512 {
     ) {
         let pc = a.padded_cols;
         let xq = a.qs.as_ptr().add(b0 * pc);
-        let off = a.q6k_offsets.as_ptr().add(b0 * pc / 4);
+        let sums16 = a.sums16.as_ptr().add(b0 * pc / 16);
         let dx = a.d.as_ptr().add(b0 * nsb);
         let (low4, bits45) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
         // the high bits' shifts, per 16-bit word: in the low 256 bits (columns 0–31 and 64–95 of
@@ -384,19 +384,28 @@ pub(crate) mod q6k_512 {
                 ]
             });
             let d = crate::simd::f16_at(bp.add(208));
-            for b in 0..BT {
-                let (x, o) = (xq.add(b * pc + sb * 256), off.add(b * pc / 4 + sb * 64));
-                let mut isum = _mm512_setzero_si512();
+            let one = |b: usize, acc: &mut [__m512; BT]| {
+                let x = xq.add(b * pc + sb * 256);
+                // the stored values' offset: 32 · Σ over the blocks of scale · activation sum
+                let s16 = _mm256_loadu_si256(sums16.add(b * pc / 16 + sb * 16) as *const __m256i);
+                let corr = _mm512_slli_epi32::<5>(_mm512_zextsi256_si512(_mm256_madd_epi16(_mm512_castsi512_si256(sc), s16)));
+                let mut isum = _mm512_sub_epi32(_mm512_setzero_si512(), corr);
                 for h in 0..2 {
                     let s: [__m512i; 2] = std::array::from_fn(|k| {
                         let c = 128 * h + 64 * k;
-                        let seed = _mm512_loadu_si512(o.add(c / 4) as *const _);
-                        _mm512_dpbusd_epi32(seed, v[h][k], _mm512_loadu_si512(x.add(c) as *const _))
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[h][k], _mm512_loadu_si512(x.add(c) as *const _))
                     });
                     isum = _mm512_add_epi32(isum, _mm512_madd_epi16(_mm512_packs_epi32(s[0], s[1]), scales[h]));
                 }
                 let scale = _mm512_set1_ps(d * *dx.add(b * nsb + sb));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[b]);
+            };
+            // in runs of at most 4 activation rows (8 in one loop took 1.8x as long as twice 4)
+            for b in 0..BT.min(4) {
+                one(b, acc);
+            }
+            for b in 4..BT.max(4) {
+                one(b, acc);
             }
         };
         let mut acc = [[_mm512_setzero_ps(); BT]; R];
