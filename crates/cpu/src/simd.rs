@@ -84,9 +84,8 @@ unsafe fn streams<const R: usize>(w: &PackedMatrix, a: &Activations, r0: usize, 
 unsafe fn tiles<const R: usize>(w: &PackedMatrix, a: &Activations, rr: [usize; R], y: *mut f32, y_stride: usize) {
     let mut b0 = 0;
     while b0 < a.batch {
-        // q6_K keeps per-tile integer sums beside the float ones (with AVX-512 8 rows took
-        // 1.8x as long as twice 4), and the AVX-512 FP8 kernel its block sums beside the totals:
-        // at most 4 rows a tile
+        // AVX2's q6_K keeps per-tile integer sums beside the float ones, and the AVX-512 FP8
+        // kernel its block sums beside the totals: at most 4 rows a tile
         let cap = if (w.format == Format::Q6K && $max_tile != 8) || fp8_512_applies(w) { 4 } else { $max_tile };
         let bt = (a.batch - b0).min(cap);
         let mut out = [[0f32; 8]; R];

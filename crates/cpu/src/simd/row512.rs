@@ -303,7 +303,7 @@ pub(crate) mod bf16_512 {
     }
 }
 
-/// q6_K rows (ggml's block layout as stored) against up to 4 activation rows with AVX-512 VNNI.
+/// q6_K rows (ggml's block layout as stored) against up to 8 activation rows with AVX-512 VNNI.
 ///
 /// Per 128-column half of a superblock, one 64-byte load of the low nibbles and one 32-byte load
 /// of the high bits (broadcast to both 256-bit halves, shifted per half by `vpsllvw` /
@@ -400,29 +400,14 @@ pub(crate) mod q6k_512 {
                 let scale = _mm512_set1_ps(d * *dx.add(b * nsb + sb));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[b]);
             };
-            // in runs of at most 4 activation rows (8 in one loop took 1.8x as long as twice 4)
-            for b in 0..BT.min(4) {
-                one(b, acc);
-            }
-            for b in 4..BT.max(4) {
+            for b in 0..BT {
                 one(b, acc);
             }
         };
         let mut acc = [[_mm512_setzero_ps(); BT]; R];
-        if BT <= 2 {
-            // memory-bound: the rows' streams side by side
-            for sb in 0..nsb {
-                for j in 0..R {
-                    superblock(j, sb, &mut acc[j]);
-                }
-            }
-        } else {
-            // bound by the multiplies: one row at a time, its sums in registers (with every
-            // row's at once they spill)
+        for sb in 0..nsb {
             for j in 0..R {
-                for sb in 0..nsb {
-                    superblock(j, sb, &mut acc[j]);
-                }
+                superblock(j, sb, &mut acc[j]);
             }
         }
         for j in 0..R {
