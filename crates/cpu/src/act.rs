@@ -43,6 +43,9 @@ pub struct Activations {
     /// verification step) as alone (a decode step); one row is memory-bound and reads as fast on
     /// these kernels as on the f32 ones.
     pub(crate) bf16_exact: Option<Vec<u16>>,
+    /// With `bf16_exact`, the rows for `simd::batch_bf16`, built on first use (see
+    /// [`Self::bf16_quads`]).
+    bf16_quads: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl Activations {
@@ -80,6 +83,7 @@ impl Activations {
             fp8_order,
             bf16_pairs: std::sync::OnceLock::new(),
             bf16_exact: None,
+            bf16_quads: std::sync::OnceLock::new(),
         };
         if block > 0 {
             a.quantize();
@@ -115,7 +119,30 @@ impl Activations {
             fp8_order: self.fp8_order.as_ref().map(|_| std::sync::OnceLock::new()),
             bf16_pairs: std::sync::OnceLock::new(),
             bf16_exact: self.bf16_exact.as_ref().map(|v| gather_rows(v, rows, pc, rows.len())),
+            bf16_quads: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The rows as bf16 bits (exact: only with `bf16_exact`), in tiles of 8 rows, each
+    /// `[padded_cols / 4][16]` 32-bit lanes: lane `2m` holds columns `4q` (low half) and `4q + 1`
+    /// of the tile's row `m`, lane `2m + 1` columns `4q + 2` and `4q + 3`. Rows past `batch` in the
+    /// last tile are zero.
+    pub(crate) fn bf16_quads(&self) -> &[u32] {
+        self.bf16_quads.get_or_init(|| {
+            let pc = self.padded_cols;
+            let tile = 4 * pc;
+            let mut out = vec![0u32; self.batch.div_ceil(8) * tile];
+            let bits = |v: f32| v.to_bits() >> 16;
+            for (b, row) in self.f32.chunks_exact(pc).enumerate() {
+                let (t, m) = (b / 8, b % 8);
+                for (q, c) in row.chunks_exact(4).enumerate() {
+                    let lanes = &mut out[t * tile + 16 * q + 2 * m..][..2];
+                    lanes[0] = bits(c[0]) | bits(c[1]) << 16;
+                    lanes[1] = bits(c[2]) | bits(c[3]) << 16;
+                }
+            }
+            out
+        })
     }
 
     pub(crate) fn has_fp8_order(&self) -> bool {

@@ -88,6 +88,14 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
         assert_eq!(p.x.padded_cols, p.w.padded_cols, "activations prepared for another matrix");
         assert_eq!(p.y.len(), p.x.batch * p.w.rows, "output size");
     }
+    // activations in the layout of the batched bf16 kernel, before the threads start (built on
+    // first use, a thread would build them while the others wait)
+    #[cfg(target_arch = "x86_64")]
+    if matches!(backend, Backend::Avx512 | Backend::Amx) {
+        for p in products.iter().filter(|p| crate::simd::batch_bf16::applies(p.w, p.x)) {
+            p.x.bf16_quads();
+        }
+    }
     let total_bytes: usize = products.iter().map(|p| p.w.data.len()).sum();
     let threads = rayon::current_num_threads().max(1);
     // units of ~1/8 of a thread's share (work stealing evens out the rest), at least 16 KiB

@@ -11,7 +11,8 @@
 //!   are applied once per column block.
 //! - bf16 and FP8 with activations that are exactly bf16 (a `--dtype bf16` model), AVX-512 BF16:
 //!   `vdpbf16ps` on the stored weights (`simd::bf16_512`) or on FP8 bytes decoded to bf16 by
-//!   byte tables (`simd::fp8_bf16`), twice the multiply rate of the FMAs.
+//!   byte tables (`simd::fp8_bf16`), twice the multiply rate of the FMAs; from 16 activation
+//!   rows on, 8 activation rows per vector against broadcast weights (`simd::batch_bf16`).
 //! - q4_K / q6_K: integer dot products against 8-bit activations (`vpmaddubsw`, `vpmaddwd`),
 //!   block scales applied in f32 once per block.
 
@@ -46,7 +47,11 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
     }
     if $max_tile == 8 && a.bf16_exact.is_some() {
         // exact bf16 activations, prepared only for bf16 and FP8 weights where their
-        // `vdpbf16ps` kernel runs (FP8 decoded to bf16 first)
+        // `vdpbf16ps` kernel runs (FP8 decoded to bf16 first); eight activation rows a vector
+        // from `batch_bf16::MIN_BATCH` rows on
+        if crate::simd::batch_bf16::applies(w, a) {
+            return crate::simd::batch_bf16::rows(w, a, r0, r1, y, y_stride);
+        }
         return match w.format {
             Format::Fp8 { .. } => crate::simd::fp8_bf16::rows(w, a, r0, r1, y, y_stride),
             _ => crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride),
@@ -561,6 +566,7 @@ pub(crate) unsafe fn sum16(a: &[std::arch::x86_64::__m512; 16]) -> std::arch::x8
     _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(d0, d1), _mm512_shuffle_f32x4::<0xdd>(d0, d1))
 }
 
+pub(crate) mod batch_bf16;
 pub(crate) mod fp8_bf16;
 mod grouped;
 mod row512;

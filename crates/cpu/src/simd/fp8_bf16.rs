@@ -48,7 +48,7 @@ pub(crate) fn interleave(x: &[u16], pc: usize) -> Vec<u16> {
 
 /// The high and low bytes of the bf16 of each E4M3 value `0..128` (sign clear), as the four
 /// 64-byte tables of `vpermi2b`: high bytes of `0..64`, of `64..128`, then the low bytes'.
-fn tables() -> &'static [[u8; 64]; 4] {
+pub(crate) fn tables() -> &'static [[u8; 64]; 4] {
     static T: OnceLock<[[u8; 64]; 4]> = OnceLock::new();
     T.get_or_init(|| {
         let mut t = [[0u8; 64]; 4];
