@@ -174,8 +174,7 @@ unsafe fn fp8_tile<const R: usize, const T: usize>(
 ) -> [[__m512; R]; T] {
     #[repr(align(64))]
     struct Decoded<const R: usize>([[u16; 64]; R]);
-    let [hi0, hi1, lo0, lo1] = crate::simd::fp8_bf16::tables().map(|t| _mm512_loadu_si512(t.as_ptr() as *const _));
-    let sign = _mm512_set1_epi8(0x80u8 as i8);
+    let tabs = crate::simd::fp8_bf16::tables().map(|t| _mm512_loadu_si512(t.as_ptr() as *const _));
     // the stored scales carry the f16 decoding's factor (`format::FP8_VIA_F16_FACTOR`)
     let unit = 1.0 / FP8_VIA_F16_FACTOR;
     let mut bufs = [Decoded([[0u16; 64]; R]), Decoded([[0u16; 64]; R])];
@@ -184,12 +183,9 @@ unsafe fn fp8_tile<const R: usize, const T: usize>(
         for j in 0..R {
             let p = rows[j].0.add(k);
             crate::simd::prefetch_row(p);
-            let bytes = _mm512_loadu_si512(p as *const _);
-            // the high bytes with the sign (hi | bytes & 0x80), the low bytes
-            let hi = _mm512_ternarylogic_epi32::<0xf8>(_mm512_permutex2var_epi8(hi0, bytes, hi1), bytes, sign);
-            let lo = _mm512_permutex2var_epi8(lo0, bytes, lo1);
-            _mm512_storeu_si512(buf.0[j].as_mut_ptr() as *mut _, _mm512_unpacklo_epi8(lo, hi));
-            _mm512_storeu_si512(buf.0[j].as_mut_ptr().add(32) as *mut _, _mm512_unpackhi_epi8(lo, hi));
+            let [first, second] = crate::simd::fp8_bf16::decode64(_mm512_loadu_si512(p as *const _), tabs);
+            _mm512_storeu_si512(buf.0[j].as_mut_ptr() as *mut _, first);
+            _mm512_storeu_si512(buf.0[j].as_mut_ptr().add(32) as *mut _, second);
         }
     };
     decode(0, &mut bufs[0]);

@@ -61,6 +61,18 @@ pub(crate) fn tables() -> &'static [[u8; 64]; 4] {
     })
 }
 
+/// 64 E4M3 bytes as the bf16 bits of their values, in the module's column order (the words of
+/// `vpunpcklbw`, then of `vpunpckhbw`), by the byte tables `[hi0, hi1, lo0, lo1]` of [`tables`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+pub(crate) unsafe fn decode64(bytes: __m512i, [hi0, hi1, lo0, lo1]: [__m512i; 4]) -> [__m512i; 2] {
+    let sign = _mm512_set1_epi8(0x80u8 as i8);
+    // the high bytes with the sign (hi | bytes & 0x80), the low bytes
+    let hi = _mm512_ternarylogic_epi32::<0xf8>(_mm512_permutex2var_epi8(hi0, bytes, hi1), bytes, sign);
+    let lo = _mm512_permutex2var_epi8(lo0, bytes, lo1);
+    [_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi)]
+}
+
 /// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row.
 ///
 /// # Safety
@@ -115,13 +127,12 @@ unsafe fn tiles<const N: usize>(
 #[allow(clippy::needless_range_loop)] // register-blocked: rows and activation rows index several arrays
 unsafe fn tile<const N: usize, const BT: usize>(
     rows: [(*const u8, &[f32]); N],
-    [hi0, hi1, lo0, lo1]: [__m512i; 4],
+    tabs: [__m512i; 4],
     seg: usize,
     x: *const u16,
     pc: usize,
     out: &mut [[f32; TILE_ROWS]; N],
 ) {
-    let sign = _mm512_set1_epi8(0x80u8 as i8);
     // the stored scales carry the f16 decoding's factor (`format::FP8_VIA_F16_FACTOR`)
     let unit = 1.0 / FP8_VIA_F16_FACTOR;
     let mut tot = [[_mm512_setzero_ps(); BT]; N];
@@ -131,11 +142,7 @@ unsafe fn tile<const N: usize, const BT: usize>(
             let w: [[__m512bh; 2]; N] = std::array::from_fn(|j| {
                 let p = rows[j].0.add(k);
                 crate::simd::prefetch_row(p);
-                let bytes = _mm512_loadu_si512(p as *const _);
-                // the high bytes with the sign (hi | bytes & 0x80), the low bytes
-                let hi = _mm512_ternarylogic_epi32::<0xf8>(_mm512_permutex2var_epi8(hi0, bytes, hi1), bytes, sign);
-                let lo = _mm512_permutex2var_epi8(lo0, bytes, lo1);
-                [as_bf16(_mm512_unpacklo_epi8(lo, hi)), as_bf16(_mm512_unpackhi_epi8(lo, hi))]
+                decode64(_mm512_loadu_si512(p as *const _), tabs).map(as_bf16)
             });
             for b in 0..BT {
                 let xp = x.add(b * pc + k);
