@@ -34,10 +34,13 @@ pub(crate) const MIN_BATCH: usize = 16;
 /// Activation rows a vector.
 pub(crate) const TILE: usize = 8;
 
-/// Whether a product of `w` with these activations takes this kernel.
+/// Whether a product of `w` with these activations takes this kernel (compiled with VBMI for the
+/// FP8 decoding: a CPU with AVX-512 BF16 but without VBMI, such as Cooper Lake, keeps the row
+/// kernels for bf16 weights too).
 pub(crate) fn applies(w: &PackedMatrix, a: &Activations) -> bool {
     a.batch >= MIN_BATCH
         && a.bf16_exact.is_some()
+        && crate::simd::fp8_bf16::available()
         && match w.format {
             Format::Bf16 => a.padded_cols.is_multiple_of(32),
             Format::Fp8 { .. } => crate::simd::fp8_bf16::applies(w.format, a.padded_cols),
