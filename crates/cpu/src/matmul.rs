@@ -4,6 +4,7 @@
 //! [`matmul_many`] runs several independent products (e.g. every active expert of a MoE layer)
 //! in one parallel region; [`matmul_reference`] is the plain path every kernel is tested against.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::act::Activations;
@@ -98,8 +99,9 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
     }
     let total_bytes: usize = products.iter().map(|p| p.w.data.len()).sum();
     let threads = rayon::current_num_threads().max(1);
-    // units of ~1/8 of a thread's share (work stealing evens out the rest), at least 16 KiB
-    let unit_bytes = (total_bytes / (threads * 8)).max(16 << 10);
+    // units of ~1/3 of a thread's share, at least 16 KiB: each unit starts its memory streams
+    // cold, so fewer units are faster as long as the threads finish together (see below)
+    let unit_bytes = (total_bytes / (threads * 3)).max(16 << 10);
     let mut units = Vec::new();
     for (i, p) in products.iter().enumerate() {
         // whole AMX tiles of 32 rows where a unit has more than one
@@ -122,7 +124,17 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
     if units.len() == 1 || threads == 1 {
         units.iter().for_each(run);
     } else {
-        crate::pool::for_each_index(units.len(), |u| run(&units[u]));
+        // each thread takes the next unit in order when it is free: the threads finish within a
+        // unit of each other, where rayon's halving of the index range hands out runs of units
+        // that cannot be split once begun (bench-small q4_K decode, alternate steps: 6 units
+        // taken in order 2.0–2.5 % faster a step than rayon over 16; over 16 taken in order the
+        // same as rayon's; 32 units 5–6 % slower, 4 units 1 % slower)
+        let next = AtomicUsize::new(0);
+        crate::pool::for_each_index(threads.min(units.len()), |_| loop {
+            let u = next.fetch_add(1, Ordering::Relaxed);
+            let Some(unit) = units.get(u) else { break };
+            run(unit);
+        });
     }
 }
 
