@@ -6,8 +6,9 @@
 //!   transposed into one vector.
 //!
 //! Decode runs both once per layer and head; as matrix products over per-head `[L, P]` and
-//! `[V, L]` matrices they were mostly horizontal sums and call overhead. f32 and bf16 rows take
-//! the AVX-512 loops; other formats (and other CPUs) the portable ones.
+//! `[V, L]` matrices they were mostly horizontal sums and call overhead. f32, bf16 and FP8 rows
+//! take the AVX-512 loops (FP8 as stored, a quarter of the bytes of its f32 dequantization, each
+//! weight decoded to the same f32 bits); other formats (and other CPUs) the portable ones.
 
 use rayon::prelude::*;
 
@@ -44,11 +45,22 @@ pub fn expand_values(kv: &PackedMatrix, shape: KvbShape, o_lat: &[f32], s: usize
     expand_values_with(crate::backend(), kv, shape, o_lat, s)
 }
 
+/// Whether this CPU's loops take kv_b in `kv`'s format as it is (f32, bf16, and FP8 with
+/// column blocks of a multiple of 16 on AVX-512; elsewhere a row at a time, dequantized).
+pub fn takes_as_stored(kv: &PackedMatrix) -> bool {
+    matches!(kv.format, Format::F32 | Format::Bf16) || wide(crate::backend(), kv)
+}
+
 /// Whether `backend` runs the AVX-512 loops for `kv`'s format.
 fn wide(backend: Backend, kv: &PackedMatrix) -> bool {
     matches!(backend, Backend::Avx512 | Backend::Amx)
         && crate::matmul::available(backend)
-        && matches!(kv.format, Format::F32 | Format::Bf16)
+        && match kv.format {
+            Format::F32 | Format::Bf16 => true,
+            // a vector's 16 columns under one scale
+            Format::Fp8 { block } => block[1].is_multiple_of(16),
+            _ => false,
+        }
 }
 
 /// [`absorb_queries`] on a chosen backend (tests compare them).
@@ -149,58 +161,86 @@ mod x86 {
     /// took 0.54–0.58 ms with 4 rows ahead into L1, 0.38–0.39 ms so.
     const AHEAD: usize = 8;
 
-    /// 16 values of a row at `p` (f32, or bf16 widened by a shift), as f32.
+    /// Row formats of the loops: f32, bf16, FP8 (block-scaled, with whole blocks of 16 or more
+    /// columns: see [`super::wide`]).
+    const F32: u8 = 0;
+    const BF16: u8 = 1;
+    const FP8: u8 = 2;
+
+    /// Bytes a value of format `K`.
+    const fn width(k: u8) -> usize {
+        match k {
+            F32 => 4,
+            BF16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// 16 values of a row at `p` as f32: f32, bf16 widened by a shift, or FP8 through the f16
+    /// with its bits (`format::fp8_via_f16`) times the block's `scale` (stored times 2^8), which
+    /// gives each weight the bits of the dequantized row (`PackedMatrix::dequantize_row`).
     #[inline(always)]
-    unsafe fn load<const BF16: bool>(p: *const u8, mask: __mmask16) -> __m512 {
-        if BF16 {
-            let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        } else {
-            _mm512_maskz_loadu_ps(mask, p as *const f32)
+    unsafe fn load<const K: u8>(p: *const u8, mask: __mmask16, scale: f32) -> __m512 {
+        match K {
+            F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+            BF16 => {
+                let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            _ => {
+                let b = _mm_maskz_loadu_epi8(mask, p as *const i8);
+                let h = _mm256_and_si256(_mm256_slli_epi16::<7>(_mm256_cvtepi8_epi16(b)), _mm256_set1_epi16(0xbf80u16 as i16));
+                _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(scale))
+            }
+        }
+    }
+
+    /// FP8 scale of the 16 columns from `c` of a row whose block scales are `scales`, 1 for the
+    /// other formats.
+    #[inline(always)]
+    fn scale_at<const K: u8>(kv: &PackedMatrix, scales: &[f32], c: usize) -> f32 {
+        match (K, kv.format) {
+            (FP8, Format::Fp8 { block }) => scales[c / block[1]],
+            _ => 1.0,
         }
     }
 
     /// `y: [S, L] = Σ_r q[s, r] · kv[first + r]` over the `P = q.len() / S` rows from `first`.
     ///
     /// # Safety
-    /// AVX-512F (BW, VL); rows `first..first + P` inside `kv`, which is f32 or bf16.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    /// AVX-512F (BW, VL); rows `first..first + P` inside `kv`, which is f32, bf16 or FP8 with
+    /// column blocks of a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn absorb_head(kv: &PackedMatrix, first: usize, p: usize, q: &[f32], y: &mut [f32]) {
-        if kv.format == Format::Bf16 {
-            absorb::<true>(kv, first, p, q, y)
-        } else {
-            absorb::<false>(kv, first, p, q, y)
+        match kv.format {
+            Format::Bf16 => absorb::<BF16>(kv, first, p, q, y),
+            Format::Fp8 { .. } => absorb::<FP8>(kv, first, p, q, y),
+            _ => absorb::<F32>(kv, first, p, q, y),
         }
     }
 
     #[inline(always)]
-    unsafe fn absorb<const BF16: bool>(kv: &PackedMatrix, first: usize, p: usize, q: &[f32], y: &mut [f32]) {
-        let (l, width) = (kv.cols, if BF16 { 2 } else { 4 });
-        let rows = kv.data.as_ptr().add(first * kv.row_bytes);
+    unsafe fn absorb<const K: u8>(kv: &PackedMatrix, first: usize, p: usize, q: &[f32], y: &mut [f32]) {
+        let l = kv.cols;
         for (q, y) in q.chunks_exact(p).zip(y.chunks_exact_mut(l)) {
             // 256 latents at a time in 16 registers, then the rest 32 at a time
             let mut c0 = 0;
             while l - c0 >= 256 {
-                absorb_cols::<BF16, 16>(rows.add(c0 * width), kv.row_bytes, q, y.as_mut_ptr().add(c0), l - c0);
+                absorb_cols::<K, 16>(kv, first, c0, q, y.as_mut_ptr().add(c0));
                 c0 += 256;
             }
             while c0 < l {
-                absorb_cols::<BF16, 2>(rows.add(c0 * width), kv.row_bytes, q, y.as_mut_ptr().add(c0), l - c0);
+                absorb_cols::<K, 2>(kv, first, c0, q, y.as_mut_ptr().add(c0));
                 c0 += 32;
             }
         }
     }
 
-    /// `y[..min(left, 16·NV)] = Σ_r q[r] · row_r[..]`, rows `stride` bytes apart from `rows`.
+    /// `y[..min(L - c0, 16·NV)] = Σ_r q[r] · kv[first + r][c0..]`.
     #[inline(always)]
-    unsafe fn absorb_cols<const BF16: bool, const NV: usize>(
-        rows: *const u8,
-        stride: usize,
-        q: &[f32],
-        y: *mut f32,
-        left: usize,
-    ) {
-        let width = if BF16 { 32 } else { 64 };
+    unsafe fn absorb_cols<const K: u8, const NV: usize>(kv: &PackedMatrix, first: usize, c0: usize, q: &[f32], y: *mut f32) {
+        let (stride, vector) = (kv.row_bytes, 16 * width(K));
+        let rows = kv.data.as_ptr().add(first * stride + c0 * width(K));
         let mut acc = [_mm512_setzero_ps(); NV];
         // (rows are padded to whole 32-value blocks, so every vector of the chunk is readable)
         for (r, &x) in q.iter().enumerate() {
@@ -208,13 +248,16 @@ mod x86 {
             // the row AHEAD rows on, line by line: a head's rows are one short stream, too short
             // for the hardware prefetcher to ramp up
             let ahead = row.wrapping_add(AHEAD * stride);
-            for line in (0..NV * width).step_by(64) {
+            for line in (0..NV * vector).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line) as *const i8);
             }
+            let scales = if K == FP8 { kv.fp8_row_scales(first + r) } else { &[] };
             for i in 0..NV {
-                acc[i] = _mm512_fmadd_ps(x, load::<BF16>(row.add(i * width), u16::MAX), acc[i]);
+                let w = load::<K>(row.add(i * vector), u16::MAX, scale_at::<K>(kv, scales, c0 + 16 * i));
+                acc[i] = _mm512_fmadd_ps(x, w, acc[i]);
             }
         }
+        let left = kv.cols - c0;
         for i in 0..NV {
             _mm512_mask_storeu_ps(y.wrapping_add(16 * i), lane_mask(left.saturating_sub(16 * i)), acc[i]);
         }
@@ -224,24 +267,26 @@ mod x86 {
     ///
     /// # Safety
     /// As [`absorb_head`], for rows `first..first + V`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn expand_head(kv: &PackedMatrix, first: usize, v: usize, x: &[f32], y: &mut [f32]) {
-        if kv.format == Format::Bf16 {
-            expand::<true>(kv, first, v, x, y)
-        } else {
-            expand::<false>(kv, first, v, x, y)
+        match kv.format {
+            Format::Bf16 => expand::<BF16>(kv, first, v, x, y),
+            Format::Fp8 { .. } => expand::<FP8>(kv, first, v, x, y),
+            _ => expand::<F32>(kv, first, v, x, y),
         }
     }
 
     #[inline(always)]
-    unsafe fn expand<const BF16: bool>(kv: &PackedMatrix, first: usize, v: usize, x: &[f32], y: &mut [f32]) {
-        let (l, width) = (kv.cols, if BF16 { 2 } else { 4 });
+    unsafe fn expand<const K: u8>(kv: &PackedMatrix, first: usize, v: usize, x: &[f32], y: &mut [f32]) {
+        let (l, width) = (kv.cols, width(K));
         let rows = kv.data.as_ptr().add(first * kv.row_bytes);
         for (x, y) in x.chunks_exact(l).zip(y.chunks_exact_mut(v)) {
             for j0 in (0..v).step_by(16) {
                 // 16 rows (the last block's missing ones repeat its last row; their sums are
                 // not stored)
-                let row: [*const u8; 16] = std::array::from_fn(|k| rows.add((j0 + k).min(v - 1) * kv.row_bytes));
+                let at = |k: usize| (j0 + k).min(v - 1);
+                let row: [*const u8; 16] = std::array::from_fn(|k| rows.add(at(k) * kv.row_bytes));
+                let scales: [&[f32]; 16] = std::array::from_fn(|k| if K == FP8 { kv.fp8_row_scales(first + at(k)) } else { &[] });
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for c in (0..l).step_by(16) {
                     let m = lane_mask(l - c);
@@ -253,7 +298,8 @@ mod x86 {
                     }
                     let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(c));
                     for k in 0..16 {
-                        acc[k] = _mm512_fmadd_ps(xv, load::<BF16>(row[k].add(c * width), m), acc[k]);
+                        let w = load::<K>(row[k].add(c * width), m, scale_at::<K>(kv, scales[k], c));
+                        acc[k] = _mm512_fmadd_ps(xv, w, acc[k]);
                     }
                 }
                 _mm512_mask_storeu_ps(y.as_mut_ptr().add(j0), lane_mask(v - j0), sum16(&acc));

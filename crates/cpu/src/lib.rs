@@ -20,7 +20,9 @@ pub mod pool;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-pub use absorb::{absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, KvbShape};
+pub use absorb::{
+    absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, takes_as_stored, KvbShape,
+};
 pub use act::Activations;
 pub use attention::{
     attention, attention_reference, attention_with, bf16_decode_applies, mla_attention, mla_attention_paged,

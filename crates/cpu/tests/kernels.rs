@@ -496,7 +496,8 @@ fn attention_on_per_head_rows_matches_the_reference() {
 }
 
 /// MLA's absorption products against their f64 definition: ragged latent widths and head
-/// shapes, 1-4 query rows, f32 and bf16 rows (the AVX-512 loops) and q8_0 (the portable path).
+/// shapes, 1-4 query rows, f32, bf16 and FP8 rows (the AVX-512 loops), q8_0 and FP8 with
+/// 8-column blocks (the portable path).
 #[test]
 fn absorption_products_match_the_reference() {
     use moeserve_cpu::{absorb_queries_with, absorption_reference, expand_values_with, KvbShape};
@@ -505,7 +506,14 @@ fn absorption_products_match_the_reference() {
         [(1, 1, 1, 16, 1), (3, 5, 7, 40, 2), (2, 64, 64, 256, 1), (4, 16, 24, 300, 3), (2, 128, 128, 512, 4)]
     {
         let shape = KvbShape { heads, nope, v };
-        for format in [Format::F32, Format::Bf16, Format::Q8_0] {
+        for format in [
+            Format::F32,
+            Format::Bf16,
+            Format::Q8_0,
+            Format::Fp8 { block: [128, 128] },
+            Format::Fp8 { block: [3, 16] },
+            Format::Fp8 { block: [2, 8] },
+        ] {
             let kv = pack(format, &mut rng, heads * (nope + v), latent);
             let q_nope = rand_vec(&mut rng, heads * s * nope);
             let o_lat = rand_vec(&mut rng, heads * s * latent);
@@ -517,6 +525,29 @@ fn absorption_products_match_the_reference() {
                 ] {
                     let e = rel_err(&got, want);
                     assert!(e < 1e-5, "{what} {format:?} {backend:?} {shape:?} s={s}: relative error {e}");
+                }
+            }
+            // FP8 rows as stored give the bits of their f32 dequantization (a model keeps kv_b
+            // as FP8 for these products instead of dequantizing it)
+            // (where both take the same loops: the AVX-512 ones need 16-column blocks)
+            if let Format::Fp8 { block } = format {
+                let rows = heads * (nope + v);
+                let dense: Vec<f32> = (0..rows).flat_map(|r| kv.dequantize_row(r).into_iter().take(latent)).collect();
+                let f32_kv = PackedMatrix::from_f32(Format::F32, rows, latent, &dense).unwrap();
+                let backends: &[Backend] =
+                    if block[1] % 16 == 0 { &[Backend::Avx512, Backend::Portable] } else { &[Backend::Portable] };
+                for &backend in backends {
+                    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(absorb_queries_with(backend, &kv, shape, &q_nope, s)),
+                        bits(absorb_queries_with(backend, &f32_kv, shape, &q_nope, s)),
+                        "absorb {format:?} {backend:?} {shape:?}"
+                    );
+                    assert_eq!(
+                        bits(expand_values_with(backend, &kv, shape, &o_lat, s)),
+                        bits(expand_values_with(backend, &f32_kv, shape, &o_lat, s)),
+                        "expand {format:?} {backend:?} {shape:?}"
+                    );
                 }
             }
         }

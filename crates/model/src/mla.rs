@@ -57,8 +57,10 @@ impl Mla {
 /// kv_b as CPU kernel weights, `kv: [H·(P+V), L]` as it is stored: decode's absorption
 /// products read each head's key rows (`q_lat = W_UKᵀ q_nope`) and value rows (`o = W_UV o_lat`)
 /// from it, and one product decompresses a prefill's cache rows into every head's keys and
-/// values. bf16 where that is exact (bf16 checkpoints) or where kv_b is already quantized to a
-/// ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so f32 and FP8
+/// values. FP8 checkpoints' kv_b as FP8 where the absorption loops decode it (to the bits of
+/// its f32 dequantization: a quarter of the bytes, which for DeepSeek-R1 are 67 MB a layer and
+/// token as f32); bf16 where that is exact (bf16 checkpoints) or where kv_b is already quantized
+/// to a ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so f32
 /// checkpoints keep the reference's numbers.
 #[derive(Debug)]
 struct CpuAbsorbed {
@@ -119,20 +121,31 @@ impl Mla {
             },
             None => QProj::Full(w.linear_part("q_proj", d, all_heads * (nope + rope), &per_head(nope + rope))?),
         };
-        // split kv_b_proj [H*(P+V), L] (dequantized first) into the absorbed factors
+        // kv_b_proj [H*(P+V), L]: the CPU kernels' copy (FP8 as stored, else dequantized), or
+        // split into the absorbed factors (the CPU keeps only the kernels' copy: at R1's shape
+        // the two f32 factors would be another 67 MB per layer)
         let kv_b = w.linear_part("kv_b_proj", latent, all_heads * (nope + v), &per_head(nope + v))?;
         let ctx = || w.name("kv_b_proj");
-        let kvb = kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx)?;
-        // (the CPU keeps only the kernels' copy: at R1's shape the two f32 factors would be
-        // another 67 MB per layer)
-        let absorbed = if w.device.is_cpu() {
-            let values = kvb.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
-            let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
-            Absorbed::Cpu(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
-        } else {
-            let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
-            let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
-            Absorbed::Tensors { w_uk, w_uv_t }
+        let dense = || -> Result<Tensor> { kv_b.dense_weight(w.dtype)?.reshape((h, nope + v, latent)).ctx(ctx) };
+        let fp8 = kv_b.packed().filter(|p| {
+            matches!(p.format(), Format::Fp8 { .. })
+                && (p.rows(), p.cols()) == (h * (nope + v), latent)
+                && moeserve_cpu::takes_as_stored(p)
+        });
+        let absorbed = match (w.device.is_cpu(), fp8) {
+            (true, Some(kv)) => Absorbed::Cpu(Arc::new(CpuAbsorbed { kv: kv.clone(), shape: KvbShape { heads: h, nope, v } })),
+            (true, None) => {
+                let values =
+                    dense()?.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
+                let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
+                Absorbed::Cpu(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
+            }
+            (false, _) => {
+                let kvb = dense()?;
+                let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
+                let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
+                Absorbed::Tensors { w_uk, w_uv_t }
+            }
         };
         let o_cols = Slice::cols(heads.start * v..heads.end * v);
         Ok(Mla {
