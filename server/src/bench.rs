@@ -40,6 +40,11 @@ pub struct Args {
     /// for each stage of the prefill and per decoded token, and its share of the step.
     #[arg(long)]
     pub profile: bool,
+    /// Alternate the decode steps of the timed runs between two versions of the code under
+    /// evaluation (it branches on `moeserve_core::ab::variant()`), and print the ratio of their
+    /// mean step times: resolves a 1 % change on a machine whose bandwidth drifts more.
+    #[arg(long)]
+    pub ab: bool,
     /// Formats of the kernel benchmark (default: all of f32,bf16,fp8,q8_0,q4k,q6k).
     #[arg(long, value_delimiter = ',')]
     pub kernel_formats: Vec<String>,
@@ -216,6 +221,7 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     generate(model, &GenerateRequest { prompt: prompt[..prompt.len().min(16)].to_vec(), ..req(4) }, |_| Ok(()))?; // warm-up
+    moeserve_core::ab::enable(args.ab);
     let (mut prefill, mut decode, mut read_bw) = (Vec::new(), Vec::new(), Vec::new());
     let mut plain_ids = Vec::new();
     for _ in 0..args.runs.max(1) {
@@ -228,6 +234,7 @@ pub fn run(args: Args) -> Result<()> {
         decode.push((s.generated - 1) as f64 / s.decode.as_secs_f64());
         read_bw.push(bandwidth_probe());
     }
+    moeserve_core::ab::enable(false);
     let (pp, tg) = (median(prefill.clone()), median(decode.clone()));
     println!(
         "prefill (pp{}): {pp:.1} tok/s   runs: {:?}",
@@ -240,6 +247,16 @@ pub fn run(args: Args) -> Result<()> {
         decode.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>()
     );
 
+    if let Some(r) = moeserve_core::ab::report() {
+        println!(
+            "A/B (alternate decode steps): variant A {:.1} us/step ({} steps), variant B {:.1} us/step ({} steps), B/A {:.4}",
+            r.a.as_secs_f64() * 1e6,
+            r.a_steps,
+            r.b.as_secs_f64() * 1e6,
+            r.b_steps,
+            r.ratio()
+        );
+    }
     if args.profile {
         profile_decode(model, &req(args.gen_len.max(2)))?;
     }

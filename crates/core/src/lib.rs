@@ -1,5 +1,6 @@
 //! Shared types of moeserve: the DeepSeek V2/V3 config, the error type, the latent KV layout.
 
+pub mod ab;
 pub mod comm;
 pub mod config;
 pub mod error;

@@ -59,6 +59,7 @@ pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl Fn
     let t0 = Instant::now();
     let mut batch = ForwardBatch::single(&req.prompt, 0);
     while stats.generated < req.max_tokens {
+        let variant = if stats.generated == 0 { None } else { moeserve_core::ab::begin_step(stats.decode_steps) };
         let step = Instant::now();
         let next = model.step(|| -> Result<u32> {
             let hidden = model.forward(&batch, &mut [&mut cache])?;
@@ -71,6 +72,9 @@ pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl Fn
         } else {
             stats.decode += step.elapsed();
             stats.decode_steps += 1;
+            if let Some(b) = variant {
+                moeserve_core::ab::end_step(b, step.elapsed());
+            }
         }
         stats.generated += 1;
         output.push(next);
