@@ -4,7 +4,6 @@
 //! [`matmul_many`] runs several independent products (e.g. every active expert of a MoE layer)
 //! in one parallel region; [`matmul_reference`] is the plain path every kernel is tested against.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use crate::act::Activations;
@@ -121,21 +120,10 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
         // SAFETY: units cover disjoint row ranges of each product's output.
         unsafe { rows(backend, p.w, p.x, r0, r1, outs[i].0, p.w.rows) }
     };
-    if units.len() == 1 || threads == 1 {
-        units.iter().for_each(run);
-    } else {
-        // each thread takes the next unit in order when it is free: the threads finish within a
-        // unit of each other, where rayon's halving of the index range hands out runs of units
-        // that cannot be split once begun (bench-small q4_K decode, alternate steps: 6 units
-        // taken in order 2.0–2.5 % faster a step than rayon over 16; over 16 taken in order the
-        // same as rayon's; 32 units 5–6 % slower, 4 units 1 % slower)
-        let next = AtomicUsize::new(0);
-        crate::pool::for_each_index(threads.min(units.len()), |_| loop {
-            let u = next.fetch_add(1, Ordering::Relaxed);
-            let Some(unit) = units.get(u) else { break };
-            run(unit);
-        });
-    }
+    // each thread takes the next unit in order when it is free (bench-small q4_K decode,
+    // alternate steps: 6 units taken in order 2.0–2.5 % faster a step than rayon's halving over
+    // 16; over 16 taken in order the same as rayon's; 32 units 5–6 % slower, 4 units 1 % slower)
+    crate::pool::for_each_in_order(units.len(), |u| run(&units[u]));
 }
 
 unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {

@@ -3,7 +3,7 @@
 //! parallel loops ([`parallel`], [`for_each_index`], [`map_indices`]) count as parallel time in
 //! `--profile`'s stages.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,25 @@ pub fn for_each_index(n: usize, f: impl Fn(usize) + Sync + Send) {
     })
 }
 
+/// `f(i)` for every `i < n` on the pool's threads ([`parallel`]), each thread taking the next
+/// index in order when it comes free: the threads finish within one index of each other, where
+/// rayon's halving of the range ([`for_each_index`]) hands out runs of indices that cannot be
+/// split once begun. For a few coarse units of work.
+pub fn for_each_in_order(n: usize, f: impl Fn(usize) + Sync + Send) {
+    let threads = rayon::current_num_threads().max(1);
+    if n <= 1 || threads == 1 {
+        return (0..n).for_each(f);
+    }
+    let next = AtomicUsize::new(0);
+    for_each_index(threads.min(n), |_| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    });
+}
+
 /// `[f(0), .., f(n - 1)]`, computed on the pool's threads ([`parallel`]).
 pub fn map_indices<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
     parallel(|| (0..n).into_par_iter().map(f).collect())
@@ -131,7 +150,7 @@ mod tests {
         assert_eq!(on_pool(|| on_pool(|| 7)), 7);
     }
 
-    /// Every index runs exactly once, inside a step and outside one, for any count.
+    /// Every index runs exactly once a loop, inside a step and outside one, for any count.
     #[test]
     fn every_index_runs_once() {
         for n in [0, 1, 2, 3, 17, 1000] {
@@ -140,7 +159,10 @@ mod tests {
                 for_each_index(n, |i| {
                     hits[i].fetch_add(1, Ordering::Relaxed);
                 });
-                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "{n} indices");
+                for_each_in_order(n, |i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2), "{n} indices");
             };
             check();
             on_pool(|| {
