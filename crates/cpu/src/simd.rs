@@ -57,7 +57,7 @@ pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *
             _ => crate::simd::bf16_512::rows(w, a, r0, r1, y, y_stride),
         };
     }
-    if a.batch >= gemm_min_batch() {
+    if a.batch >= gemm_min_batch(w.format, $max_tile) {
         return rows_gemm(w, a, r0, r1, y, y_stride);
     }
     // several rows at a time, each from its own part of the range: independent memory streams
@@ -126,11 +126,19 @@ pub const GEMM_MIN_BATCH: usize = 64;
 /// From how many activation rows products decode each weight once into f32 panels
 /// and run the GEMM. Measured: below 64 rows the tiles win for every format, even though the
 /// block formats re-decode their blocks every 4 rows (the f32 panels cost 4x the weight bytes in
-/// memory traffic). `MOESERVE_GEMM_MIN_BATCH` overrides it (experiments).
-fn gemm_min_batch() -> usize {
+/// memory traffic). q6_K's tiles win further: its panels decode slowly (Zen 4, 8192 × 4096,
+/// AVX-512: 64 rows 51 → 17 ms, 128 rows 72 → 32, 512 rows 194 → 137 ms with its tiles; AVX2
+/// tiles: 64 rows 52 → 35 ms, 128 rows 72 → 79, so from 128 rows the panels). `max_tile`: the
+/// kernels' widest tile of activation rows (8: AVX-512). `MOESERVE_GEMM_MIN_BATCH` overrides it
+/// (experiments).
+fn gemm_min_batch(format: Format, max_tile: usize) -> usize {
     static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let over = *OVERRIDE.get_or_init(|| std::env::var("MOESERVE_GEMM_MIN_BATCH").ok().and_then(|v| v.parse().ok()));
-    over.unwrap_or(GEMM_MIN_BATCH)
+    over.unwrap_or(match format {
+        Format::Q6K if max_tile == 8 => usize::MAX,
+        Format::Q6K => 2 * GEMM_MIN_BATCH,
+        _ => GEMM_MIN_BATCH,
+    })
 }
 const PANEL_ROWS: usize = 64;
 
