@@ -30,9 +30,12 @@ pub fn variant() -> bool {
 
 /// Before decode step `step`: which variant it runs, `None` when not alternating.
 pub fn begin_step(step: usize) -> Option<bool> {
-    let b = ON.load(Relaxed) && step % 2 == 1;
+    if !ON.load(Relaxed) {
+        return None;
+    }
+    let b = step % 2 == 1;
     B.store(b, Relaxed);
-    ON.load(Relaxed).then_some(b)
+    Some(b)
 }
 
 /// After a step that [`begin_step`] gave variant `b`.
