@@ -61,6 +61,10 @@ pub struct Args {
     /// Shape of that table, heads x latent x rope (default DeepSeek-R1's; bench-small: 16x256x32).
     #[arg(long, default_value = "128x512x64", value_parser = parse_attention_shape)]
     pub kernel_attention_shape: (usize, usize, usize),
+    /// kv_b of the kernel benchmark's MLA absorption table, heads x nope x v x latent (default
+    /// DeepSeek-R1's; bench-small: 16x64x64x256); 0: no table.
+    #[arg(long, default_value = "128x128x128x512", value_parser = parse_absorption_shape)]
+    pub kernel_absorption_shape: (usize, usize, usize, usize),
     /// Engine settings for the concurrency runs (the KV budget is capped at what the runs need).
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -91,6 +95,19 @@ fn parse_attention_shape(s: &str) -> Result<(usize, usize, usize), String> {
     match v[..] {
         [h, l, r] if h > 0 && l > 0 => Ok((h, l, r)),
         _ => Err(format!("{s}: expected heads x latent x rope, e.g. 128x512x64")),
+    }
+}
+
+/// `0` (no table) as all zeros.
+fn parse_absorption_shape(s: &str) -> Result<(usize, usize, usize, usize), String> {
+    if s.trim() == "0" {
+        return Ok((0, 0, 0, 0));
+    }
+    let v: Vec<usize> =
+        s.split('x').map(|p| p.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|e| format!("{s}: {e}"))?;
+    match v[..] {
+        [h, p, v, l] if h > 0 && p > 0 && v > 0 && l > 0 => Ok((h, p, v, l)),
+        _ => Err(format!("{s}: expected heads x nope x v x latent, e.g. 128x128x128x512, or 0")),
     }
 }
 
@@ -160,6 +177,24 @@ fn bench_kernels(args: &Args) -> Result<()> {
                     vs_f32
                 );
             }
+        }
+    }
+    let shape = args.kernel_absorption_shape;
+    if shape.0 > 0 {
+        let (heads, nope, v, latent) = shape;
+        let rows = moeserve_cpu::bench::run_absorption(shape, 5, 1 << 30, backend);
+        println!(
+            "MLA absorption products of one decode step and layer ({heads} heads, kv_b {nope} + {v} rows x {latent}), best of 5:"
+        );
+        println!("{:<9} {:>10} {:>9} {:>12}", "kv_b", "time (us)", "GB/s", "of read bw");
+        for r in &rows {
+            println!(
+                "{:<9} {:>10.1} {:>9.2} {:>12.2}",
+                r.format,
+                r.seconds * 1e6,
+                r.bytes_per_s / 1e9,
+                r.bytes_per_s / report.read_bandwidth
+            );
         }
     }
     Ok(())

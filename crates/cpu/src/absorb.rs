@@ -1,5 +1,5 @@
-//! MLA's per-head absorption products against kv_b as stored, `[H·(P+V), L]` (each head's `P`
-//! key rows, then its `V` value rows, `L` latents wide):
+//! MLA's per-head absorption products against kv_b, `[H·(P+V), L]` (each head's `P` key rows,
+//! then its `V` value rows, `L` latents wide):
 //! - [`absorb_queries`]: `q_lat[h, s] = W_UK[h]ᵀ q_nope[h, s]`, a sum of the head's key rows
 //!   weighted by the query (no horizontal sums: each row is one multiply-add per 16 latents);
 //! - [`expand_values`]: `o[h, s] = W_UV[h] o_lat[h, s]`, 16 value rows at a time, their sums
@@ -9,10 +9,15 @@
 //! `[V, L]` matrices they were mostly horizontal sums and call overhead. f32, bf16 and FP8 rows
 //! take the AVX-512 loops (FP8 as stored, a quarter of the bytes of its f32 dequantization, each
 //! weight decoded to the same f32 bits); other formats (and other CPUs) the portable ones.
+//!
+//! A model whose projections are quantized keeps kv_b as q8_0 instead ([`Kvb::quantized`]),
+//! with each head's key rows transposed beside it: both products are then the q8_0 matrix
+//! kernels' (int8 dot products against the queries and latent outputs quantized to 8 bits a
+//! block, as llama.cpp's `attn_k_b` / `attn_v_b`), reading half the bytes of bf16 rows.
 
 use rayon::prelude::*;
 
-use crate::{Backend, Format, PackedMatrix};
+use crate::{Activations, Backend, Error, Format, PackedMatrix};
 
 /// How kv_b's rows divide into heads.
 #[derive(Debug, Clone, Copy)]
@@ -25,8 +30,11 @@ pub struct KvbShape {
 }
 
 impl KvbShape {
-    fn check(&self, kv: &PackedMatrix) {
-        assert_eq!(kv.rows, self.heads * (self.nope + self.v), "kv_b rows for {self:?}");
+    fn check_rows(&self, kv: &PackedMatrix) -> Result<(), Error> {
+        match kv.rows == self.heads * (self.nope + self.v) {
+            true => Ok(()),
+            false => Err(Error(format!("kv_b has {} rows, {self:?} needs {}", kv.rows, self.heads * (self.nope + self.v)))),
+        }
     }
 
     /// Row of head `h`'s first key row.
@@ -35,14 +43,81 @@ impl KvbShape {
     }
 }
 
+/// kv_b as the absorbed products read it: as stored ([`Kvb::as_stored`]), or as q8_0 with the
+/// key rows transposed beside it ([`Kvb::quantized`]).
+#[derive(Debug, Clone)]
+pub struct Kvb {
+    /// `[H·(P+V), L]`: the expansion's value rows, and prefill's decompression of cache rows.
+    kv: PackedMatrix,
+    /// q8_0 kv_b only: `[H·L, P]`, head `h`'s `W_UKᵀ` in rows `h·L..(h + 1)·L`, so the absorption
+    /// is a matrix × vector product per head too.
+    keys_t: Option<PackedMatrix>,
+    shape: KvbShape,
+}
+
+impl Kvb {
+    /// kv_b in the format it is packed in: the AVX-512 loops take f32, bf16 and FP8 with column
+    /// blocks of a multiple of 16 ([`takes_as_stored`]), the portable loops any format.
+    pub fn as_stored(kv: PackedMatrix, shape: KvbShape) -> Result<Self, Error> {
+        shape.check_rows(&kv)?;
+        Ok(Kvb { kv, keys_t: None, shape })
+    }
+
+    /// `values: [H, P+V, L]` quantized to q8_0, each head's key rows also transposed and
+    /// quantized (along `P`): for a model whose projections are quantized anyway (the error of
+    /// q8_0 is far below theirs), at half the bytes of bf16 rows per decoded token.
+    pub fn quantized(values: &[f32], shape: KvbShape, latent: usize) -> Result<Self, Error> {
+        let KvbShape { heads, nope: p, v } = shape;
+        let rows = heads * (p + v);
+        if values.len() != rows * latent {
+            return Err(Error(format!("kv_b has {} values, expected {rows} x {latent}", values.len())));
+        }
+        let kv = PackedMatrix::from_f32(Format::Q8_0, rows, latent, values)?;
+        let mut t = vec![0f32; heads * latent * p];
+        for h in 0..heads {
+            for r in 0..p {
+                let row = &values[(shape.head(h) + r) * latent..][..latent];
+                for (c, &w) in row.iter().enumerate() {
+                    t[(h * latent + c) * p + r] = w;
+                }
+            }
+        }
+        let keys_t = PackedMatrix::from_f32(Format::Q8_0, heads * latent, p, &t)?;
+        Ok(Kvb { kv, keys_t: Some(keys_t), shape })
+    }
+
+    /// `[H·(P+V), L]`, for the decompression of cache rows into every head's keys and values.
+    pub fn kv(&self) -> &PackedMatrix {
+        &self.kv
+    }
+
+    pub fn shape(&self) -> KvbShape {
+        self.shape
+    }
+
+    /// Bytes held (kv, and the transposed keys of a q8_0 kv_b).
+    pub fn resident_bytes(&self) -> usize {
+        self.kv.resident_bytes() + self.keys_t.as_ref().map_or(0, PackedMatrix::resident_bytes)
+    }
+
+    /// Weight bytes a decode step reads for the two products: all of kv as stored; for q8_0 the
+    /// transposed keys and the value rows.
+    pub fn decode_bytes(&self) -> usize {
+        match &self.keys_t {
+            None => self.kv.resident_bytes(),
+            Some(t) => t.resident_bytes() + self.kv.resident_bytes() * self.shape.v / (self.shape.nope + self.shape.v).max(1),
+        }
+    }
+}
+
 /// `q_nope: [H, S, P]` -> `q_lat: [H, S, L]`.
-pub fn absorb_queries(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], s: usize) -> Vec<f32> {
-    absorb_queries_with(crate::backend(), kv, shape, q_nope, s)
+pub fn absorb_queries(kvb: &Kvb, q_nope: &[f32], s: usize) -> Vec<f32> {
+    absorb_queries_with(crate::backend(), kvb, q_nope, s)
 }
 
 /// `o_lat: [H, S, L]` -> `o: [H, S, V]`.
-pub fn expand_values(kv: &PackedMatrix, shape: KvbShape, o_lat: &[f32], s: usize) -> Vec<f32> {
-    expand_values_with(crate::backend(), kv, shape, o_lat, s)
+pub fn expand_values(kvb: &Kvb, o_lat: &[f32], s: usize) -> Vec<f32> {
+    expand_values_with(crate::backend(), kvb, o_lat, s)
 }
 
 /// Whether this CPU's loops take kv_b in `kv`'s format as it is (f32, bf16, and FP8 with
@@ -63,11 +138,50 @@ fn wide(backend: Backend, kv: &PackedMatrix) -> bool {
         }
 }
 
+/// `[H, S, n]`: head `h`'s `w[first(h)..first(h) + n] · x[h, s]` for its `S` rows of
+/// `x: [H, S, w.cols]`, by the matrix kernels (the rows quantized once, each on its own as a
+/// product's activations are), a head and query row a task.
+fn per_head(
+    backend: Backend,
+    w: &PackedMatrix,
+    heads: usize,
+    n: usize,
+    first: impl Fn(usize) -> usize + Sync,
+    x: &[f32],
+    s: usize,
+) -> Vec<f32> {
+    let backend = if crate::matmul::available(backend) { backend } else { Backend::Portable };
+    assert_eq!(x.len(), heads * s * w.cols, "per-head activations");
+    let a = Activations::new(w.format, x, heads * s, w.cols, w.padded_cols);
+    // the kernels write row `r` at `y[r]`: into one `[S, rows]` buffer, each head its own rows
+    // of it, then gathered per head
+    let mut all = vec![0f32; s * w.rows];
+    let y = crate::matmul::OutPtr(all.as_mut_ptr());
+    crate::pool::for_each_in_order(heads * s, |i| {
+        let (h, q) = (i / s, i % s);
+        let r0 = first(h);
+        debug_assert!(r0 + n <= w.rows);
+        // SAFETY: activation row `i` (`h · S + q`) exists; rows `r0..r0 + n` of `w`, written at
+        // `[q, r0..r0 + n]` of `all` (`[s, w.rows]`); the heads' row ranges are disjoint
+        unsafe { crate::matmul::rows_of(backend, w, &a, i, r0, r0 + n, y.get().add(q * w.rows)) }
+    });
+    let mut out = Vec::with_capacity(heads * s * n);
+    for h in 0..heads {
+        for q in 0..s {
+            out.extend_from_slice(&all[q * w.rows + first(h)..][..n]);
+        }
+    }
+    out
+}
+
 /// [`absorb_queries`] on a chosen backend (tests compare them).
-pub fn absorb_queries_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], s: usize) -> Vec<f32> {
-    shape.check(kv);
+pub fn absorb_queries_with(backend: Backend, kvb: &Kvb, q_nope: &[f32], s: usize) -> Vec<f32> {
+    let (kv, shape) = (&kvb.kv, kvb.shape);
     let (p, l) = (shape.nope, kv.cols);
     assert_eq!(q_nope.len(), shape.heads * s * p, "q_nope");
+    if let Some(t) = &kvb.keys_t {
+        return per_head(backend, t, shape.heads, l, |h| h * l, q_nope, s);
+    }
     let mut out = vec![0f32; shape.heads * s * l];
     if l == 0 || s == 0 {
         return out;
@@ -95,10 +209,13 @@ pub fn absorb_queries_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape,
 }
 
 /// [`expand_values`] on a chosen backend (tests compare them).
-pub fn expand_values_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, o_lat: &[f32], s: usize) -> Vec<f32> {
-    shape.check(kv);
+pub fn expand_values_with(backend: Backend, kvb: &Kvb, o_lat: &[f32], s: usize) -> Vec<f32> {
+    let (kv, shape) = (&kvb.kv, kvb.shape);
     let (v, l) = (shape.v, kv.cols);
     assert_eq!(o_lat.len(), shape.heads * s * l, "o_lat");
+    if kvb.keys_t.is_some() {
+        return per_head(backend, kv, shape.heads, v, |h| shape.head(h) + shape.nope, o_lat, s);
+    }
     let mut out = vec![0f32; shape.heads * s * v];
     if v == 0 || s == 0 {
         return out;
@@ -128,12 +245,21 @@ pub fn expand_values_with(backend: Backend, kv: &PackedMatrix, shape: KvbShape, 
 
 /// The plain definitions in f64 (for tests): `(q_lat, o)` of [`absorb_queries`] and
 /// [`expand_values`].
-pub fn absorption_reference(kv: &PackedMatrix, shape: KvbShape, q_nope: &[f32], o_lat: &[f32], s: usize) -> (Vec<f32>, Vec<f32>) {
+/// A q8_0 kv_b's keys are its transposed copy's values, and its queries and latent outputs are
+/// taken as they are (unquantized).
+pub fn absorption_reference(kvb: &Kvb, q_nope: &[f32], o_lat: &[f32], s: usize) -> (Vec<f32>, Vec<f32>) {
+    let (kv, shape) = (&kvb.kv, kvb.shape);
     let (p, v, l) = (shape.nope, shape.v, kv.cols);
     let mut q_lat = vec![0f32; shape.heads * s * l];
     let mut o = vec![0f32; shape.heads * s * v];
     for h in 0..shape.heads {
-        let rows: Vec<Vec<f32>> = (0..p + v).map(|r| kv.dequantize_row(shape.head(h) + r)).collect();
+        let mut rows: Vec<Vec<f32>> = (0..p + v).map(|r| kv.dequantize_row(shape.head(h) + r)).collect();
+        if let Some(t) = &kvb.keys_t {
+            for c in 0..l {
+                let keys = t.dequantize_row(h * l + c);
+                rows.iter_mut().zip(&keys[..p]).for_each(|(row, &k)| row[c] = k);
+            }
+        }
         for i in 0..s {
             let hs = h * s + i;
             for c in 0..l {

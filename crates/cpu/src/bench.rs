@@ -178,3 +178,60 @@ pub fn run_attention(
     }
     out
 }
+
+/// One format of [`run_absorption`].
+pub struct AbsorptionRow {
+    pub format: &'static str,
+    /// One layer's absorption and expansion (one query row per head).
+    pub seconds: f64,
+    /// Weight bytes the two products read, per second.
+    pub bytes_per_s: f64,
+}
+
+/// A decode step's MLA absorption products for one layer (`absorb_queries` then `expand_values`,
+/// one query per head) over kv_b of `(heads, nope, v, latent)`: bf16 rows (a bf16 checkpoint's),
+/// FP8 rows with 128 × 128 blocks (an FP8 checkpoint's) and q8_0 with transposed keys (a
+/// quantized model's), best of `reps` passes over enough copies (a model's layers) to total
+/// `min_bytes`.
+pub fn run_absorption(
+    (heads, nope, v, latent): (usize, usize, usize, usize),
+    reps: usize,
+    min_bytes: usize,
+    backend: Backend,
+) -> Vec<AbsorptionRow> {
+    use crate::absorb::{absorb_queries_with, expand_values_with, Kvb, KvbShape};
+    let shape = KvbShape { heads, nope, v };
+    let rows = heads * (nope + v);
+    let w32 = weights(rows * latent);
+    let fp8 = || {
+        let bytes: Vec<u8> = w32.iter().map(|v| ((v * 255.0) as i32 as u8) & 0xf7).collect();
+        let scales = vec![0.01f32; rows.div_ceil(128) * latent.div_ceil(128)];
+        PackedMatrix::from_fp8(rows, latent, &bytes, &scales, [128, 128])
+    };
+    let kvbs: [(&'static str, Result<Kvb, crate::Error>); 3] = [
+        ("bf16", PackedMatrix::from_f32(Format::Bf16, rows, latent, &w32).and_then(|kv| Kvb::as_stored(kv, shape))),
+        ("fp8", fp8().and_then(|kv| Kvb::as_stored(kv, shape))),
+        ("q8_0", Kvb::quantized(&w32, shape, latent)),
+    ];
+    let q_nope = weights(heads * nope);
+    let o_lat = weights(heads * latent);
+    let mut out = Vec::new();
+    for (format, kvb) in kvbs {
+        let Ok(kvb) = kvb else { continue };
+        let copies = (min_bytes / kvb.decode_bytes().max(1)).max(1);
+        let all: Vec<Kvb> = (0..copies).map(|_| kvb.clone()).collect();
+        let best = crate::on_pool(|| {
+            let mut best = f64::INFINITY;
+            for i in 0..reps.max(1) * copies {
+                let kvb = &all[i % copies];
+                let t = Instant::now();
+                std::hint::black_box(absorb_queries_with(backend, kvb, &q_nope, 1));
+                std::hint::black_box(expand_values_with(backend, kvb, &o_lat, 1));
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best
+        });
+        out.push(AbsorptionRow { format, seconds: best, bytes_per_s: kvb.decode_bytes() as f64 / best });
+    }
+    out
+}

@@ -21,7 +21,7 @@ pub mod pool;
 mod simd;
 
 pub use absorb::{
-    absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, takes_as_stored, KvbShape,
+    absorb_queries, absorb_queries_with, absorption_reference, expand_values, expand_values_with, takes_as_stored, Kvb, KvbShape,
 };
 pub use act::Activations;
 pub use attention::{

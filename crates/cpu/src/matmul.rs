@@ -71,10 +71,18 @@ pub fn matmul(w: &PackedMatrix, x: &[f32], batch: usize, y: &mut [f32]) {
     matmul_many(&mut [Product { w, x: &a, y }]);
 }
 
-struct OutPtr(*mut f32);
+/// An output shared by the threads of a product.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every work unit writes a disjoint set of output rows.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// (A method, so that closures capture the wrapper, not the bare pointer.)
+    pub(crate) fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Run several products in one parallel region, split into row ranges of similar cost.
 pub fn matmul_many(products: &mut [Product<'_>]) {
@@ -128,7 +136,19 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
     crate::pool::for_each_in_order(units.len(), |u| run(&units[u]));
 }
 
-unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
+/// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` on `backend` (available).
+///
+/// # Safety
+/// `y` must be valid for those writes.
+pub(crate) unsafe fn rows(
+    backend: Backend,
+    w: &PackedMatrix,
+    a: &Activations,
+    r0: usize,
+    r1: usize,
+    y: *mut f32,
+    y_stride: usize,
+) {
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => crate::simd::avx2::rows(w, a, r0, r1, y, y_stride),
@@ -147,6 +167,26 @@ unsafe fn rows(backend: Backend, w: &PackedMatrix, a: &Activations, r0: usize, r
                 }
             }
         }
+    }
+}
+
+/// `y[r] = W[r] · x[b]` for the rows `r0..r1` and the one activation row `b` on `backend`
+/// (available): a grouped format's vector kernels, else a row at a time.
+///
+/// # Safety
+/// `b < a.batch`, rows `r0..r1` inside `w`, and `y` valid for those writes.
+pub(crate) unsafe fn rows_of(backend: Backend, w: &PackedMatrix, a: &Activations, b: usize, r0: usize, r1: usize, y: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if w.format.grouped() {
+        match backend {
+            Backend::Avx2 => return crate::simd::avx2::grouped_rows_of(w, a, b, r0, r1, y),
+            Backend::Avx512 | Backend::Amx => return crate::simd::avx512::grouped_rows_of(w, a, b, r0, r1, y),
+            Backend::Portable => {}
+        }
+    }
+    let x = &a.f32[b * a.padded_cols..(b + 1) * a.padded_cols];
+    for r in r0..r1 {
+        *y.add(r) = w.dequantize_row(r).iter().zip(x).map(|(w, x)| w * x).sum();
     }
 }
 

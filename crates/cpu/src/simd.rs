@@ -36,6 +36,15 @@ pub fn available() -> bool {
     $(is_x86_feature_detected!($detect))&&*
 }
 
+/// `y[r] = W[r] · x[b]` for the rows `r0..r1` of a grouped (q8_0, q4_K) matrix and the one
+/// activation row `b` (MLA's absorption products: each head's rows against its own queries).
+///
+/// # Safety
+/// `available()` must be true, `w` grouped, `b < a.batch`, and `y` valid for those writes.
+pub unsafe fn grouped_rows_of(w: &PackedMatrix, a: &Activations, b: usize, r0: usize, r1: usize, y: *mut f32) {
+    crate::simd::grouped::rows(w, a, b..b + 1, r0, r1, y, 0, $vnni)
+}
+
 /// `y[b * y_stride + r] = W[r] · x[b]` for rows `r0..r1` and every activation row.
 ///
 /// # Safety
@@ -43,7 +52,7 @@ pub fn available() -> bool {
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
     if w.format.grouped() {
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
-        return crate::simd::grouped::rows(w, a, r0, r1, y, y_stride, $vnni);
+        return crate::simd::grouped::rows(w, a, 0..a.batch, r0, r1, y, y_stride, $vnni);
     }
     if $max_tile == 8 && a.bf16_exact.is_some() {
         // exact bf16 activations, prepared only for bf16 and FP8 weights where their

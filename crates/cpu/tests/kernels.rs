@@ -499,15 +499,31 @@ fn attention_on_per_head_rows_matches_the_reference() {
 
 /// MLA's absorption products against their f64 definition: ragged latent widths and head
 /// shapes, 1-4 query rows, f32, bf16 and FP8 rows (the AVX-512 loops), q8_0 and FP8 with
-/// 8-column blocks (the portable path).
+/// 8-column blocks (the portable path), and a quantized model's q8_0 kv_b with its transposed
+/// keys (the q8_0 matrix kernels, per head).
 #[test]
 fn absorption_products_match_the_reference() {
-    use moeserve_cpu::{absorb_queries_with, absorption_reference, expand_values_with, KvbShape};
+    use moeserve_cpu::{absorb_queries_with, absorption_reference, expand_values_with, Kvb, KvbShape};
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     for (heads, nope, v, latent, s) in
         [(1, 1, 1, 16, 1), (3, 5, 7, 40, 2), (2, 64, 64, 256, 1), (4, 16, 24, 300, 3), (2, 128, 128, 512, 4)]
     {
         let shape = KvbShape { heads, nope, v };
+        let rows = heads * (nope + v);
+        let q_nope = rand_vec(&mut rng, heads * s * nope);
+        let o_lat = rand_vec(&mut rng, heads * s * latent);
+        let check = |kvb: &Kvb, what: &str| {
+            let (want_q, want_o) = absorption_reference(kvb, &q_nope, &o_lat, s);
+            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+                for (product, got, want) in [
+                    ("absorb", absorb_queries_with(backend, kvb, &q_nope, s), &want_q),
+                    ("expand", expand_values_with(backend, kvb, &o_lat, s), &want_o),
+                ] {
+                    let e = rel_err(&got, want);
+                    assert!(e < 1e-5, "{product} {what} {backend:?} {shape:?} s={s}: relative error {e}");
+                }
+            }
+        };
         for format in [
             Format::F32,
             Format::Bf16,
@@ -516,42 +532,53 @@ fn absorption_products_match_the_reference() {
             Format::Fp8 { block: [3, 16] },
             Format::Fp8 { block: [2, 8] },
         ] {
-            let kv = pack(format, &mut rng, heads * (nope + v), latent);
-            let q_nope = rand_vec(&mut rng, heads * s * nope);
-            let o_lat = rand_vec(&mut rng, heads * s * latent);
-            let (want_q, want_o) = absorption_reference(&kv, shape, &q_nope, &o_lat, s);
-            for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
-                for (what, got, want) in [
-                    ("absorb", absorb_queries_with(backend, &kv, shape, &q_nope, s), &want_q),
-                    ("expand", expand_values_with(backend, &kv, shape, &o_lat, s), &want_o),
-                ] {
-                    let e = rel_err(&got, want);
-                    assert!(e < 1e-5, "{what} {format:?} {backend:?} {shape:?} s={s}: relative error {e}");
-                }
-            }
+            let kv = Kvb::as_stored(pack(format, &mut rng, rows, latent), shape).unwrap();
+            check(&kv, &format!("{format:?}"));
             // FP8 rows as stored give the bits of their f32 dequantization (a model keeps kv_b
             // as FP8 for these products instead of dequantizing it)
             // (where both take the same loops: the AVX-512 ones need 16-column blocks)
             if let Format::Fp8 { block } = format {
-                let rows = heads * (nope + v);
-                let dense: Vec<f32> = (0..rows).flat_map(|r| kv.dequantize_row(r).into_iter().take(latent)).collect();
-                let f32_kv = PackedMatrix::from_f32(Format::F32, rows, latent, &dense).unwrap();
+                let dense: Vec<f32> = (0..rows).flat_map(|r| kv.kv().dequantize_row(r).into_iter().take(latent)).collect();
+                let f32_kv = Kvb::as_stored(PackedMatrix::from_f32(Format::F32, rows, latent, &dense).unwrap(), shape).unwrap();
                 let backends: &[Backend] =
                     if block[1] % 16 == 0 { &[Backend::Avx512, Backend::Portable] } else { &[Backend::Portable] };
                 for &backend in backends {
                     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
                     assert_eq!(
-                        bits(absorb_queries_with(backend, &kv, shape, &q_nope, s)),
-                        bits(absorb_queries_with(backend, &f32_kv, shape, &q_nope, s)),
+                        bits(absorb_queries_with(backend, &kv, &q_nope, s)),
+                        bits(absorb_queries_with(backend, &f32_kv, &q_nope, s)),
                         "absorb {format:?} {backend:?} {shape:?}"
                     );
                     assert_eq!(
-                        bits(expand_values_with(backend, &kv, shape, &o_lat, s)),
-                        bits(expand_values_with(backend, &f32_kv, shape, &o_lat, s)),
+                        bits(expand_values_with(backend, &kv, &o_lat, s)),
+                        bits(expand_values_with(backend, &f32_kv, &o_lat, s)),
                         "expand {format:?} {backend:?} {shape:?}"
                     );
                 }
             }
         }
+        // q8_0 weights against the reference's unquantized queries and latent outputs, within
+        // the q8_0 products' bound of the products' magnitudes (Σ |w · x|: the reference of
+        // the absolute values, whose q8_0 quantization is the absolute of the values')
+        let values = rand_vec(&mut rng, rows * latent);
+        let quantized = Kvb::quantized(&values, shape, latent).unwrap();
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        let (mag_q, mag_o) =
+            absorption_reference(&Kvb::quantized(&abs(&values), shape, latent).unwrap(), &abs(&q_nope), &abs(&o_lat), s);
+        let (want_q, want_o) = absorption_reference(&quantized, &q_nope, &o_lat, s);
+        for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
+            for (product, got, want, mag) in [
+                ("absorb", absorb_queries_with(backend, &quantized, &q_nope, s), &want_q, &mag_q),
+                ("expand", expand_values_with(backend, &quantized, &o_lat, s), &want_o, &mag_o),
+            ] {
+                let e = scaled_err(&got, want, mag);
+                assert!(e < 5e-3, "{product} quantized {backend:?} {shape:?} s={s}: error {e} of the magnitudes");
+            }
+        }
+        assert!(quantized.decode_bytes() < quantized.resident_bytes());
     }
+    // a kv_b whose rows do not fit the heads is refused, not a panic
+    let shape = KvbShape { heads: 2, nope: 3, v: 4 };
+    assert!(Kvb::as_stored(pack(Format::Bf16, &mut rng, 13, 16), shape).is_err());
+    assert!(Kvb::quantized(&[0.0; 13 * 16], shape, 16).is_err());
 }

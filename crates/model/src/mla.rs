@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use moeserve_core::{error::Context, profile, DeepSeekConfig, Error, Result};
-use moeserve_cpu::{Attention, Format, KvbShape, PackedMatrix, Pages, Rows};
+use moeserve_cpu::{Attention, Format, Kvb, KvbShape, PackedMatrix, Pages, Rows};
 use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
@@ -47,42 +47,36 @@ impl Mla {
         };
         let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let absorbed = match &self.absorbed {
-            Absorbed::Cpu(c) => c.kv.resident_bytes(),
+            Absorbed::Cpu(c) => c.decode_bytes(),
             Absorbed::Tensors { w_uk, w_uv_t } => t(w_uk) + t(w_uv_t),
         };
         q + self.kv_a.resident_bytes() + self.o_proj.resident_bytes() + absorbed
     }
 }
 
-/// kv_b as CPU kernel weights, `kv: [H·(P+V), L]` as it is stored: decode's absorption
-/// products read each head's key rows (`q_lat = W_UKᵀ q_nope`) and value rows (`o = W_UV o_lat`)
-/// from it, and one product decompresses a prefill's cache rows into every head's keys and
-/// values. FP8 checkpoints' kv_b as FP8 where the absorption loops decode it (to the bits of
-/// its f32 dequantization: a quarter of the bytes, which for DeepSeek-R1 are 67 MB a layer and
-/// token as f32); bf16 where that is exact (bf16 checkpoints) or where kv_b is already quantized
-/// to a ggml format (bf16's 2⁻⁹ rounding is far below their error); f32 otherwise, so f32
-/// checkpoints keep the reference's numbers.
-#[derive(Debug)]
-struct CpuAbsorbed {
-    kv: PackedMatrix,
-    shape: KvbShape,
-}
-
-impl CpuAbsorbed {
-    /// `kvb: [H, P+V, L]` as f32 values.
-    fn new(kvb: &[f32], heads: usize, nope: usize, v: usize, latent: usize, quantized: bool) -> Result<Self> {
-        let format = if quantized || moeserve_cpu::bf16_exact(kvb) { Format::Bf16 } else { Format::F32 };
-        let kv = PackedMatrix::from_f32(format, heads * (nope + v), latent, kvb)
-            .map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))?;
-        Ok(CpuAbsorbed { kv, shape: KvbShape { heads, nope, v } })
-    }
+/// kv_b as CPU kernel weights ([`Kvb`], `[H·(P+V), L]`): decode's absorption products read each
+/// head's key rows (`q_lat = W_UKᵀ q_nope`) and value rows (`o = W_UV o_lat`) from it, and one
+/// product decompresses a prefill's cache rows into every head's keys and values. FP8
+/// checkpoints' kv_b as FP8 where the absorption loops decode it (to the bits of its f32
+/// dequantization: a quarter of the bytes, which for DeepSeek-R1 are 67 MB a layer and token as
+/// f32); q8_0 where kv_b is already quantized to a ggml format (its error is far below theirs;
+/// half the bytes of bf16: 17 MB a layer and token less for DeepSeek-R1); bf16 where that is
+/// exact (bf16 checkpoints); f32 otherwise, so f32 checkpoints keep the reference's numbers.
+fn cpu_kvb(kvb: &[f32], shape: KvbShape, latent: usize, quantized: bool) -> Result<Kvb> {
+    let packed = if quantized {
+        Kvb::quantized(kvb, shape, latent)
+    } else {
+        let format = if moeserve_cpu::bf16_exact(kvb) { Format::Bf16 } else { Format::F32 };
+        PackedMatrix::from_f32(format, shape.heads * (shape.nope + shape.v), latent, kvb).and_then(|kv| Kvb::as_stored(kv, shape))
+    };
+    packed.map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))
 }
 
 /// kv_b as the attention uses it.
 #[derive(Debug, Clone)]
 enum Absorbed {
     /// On the CPU: as kernel weights (decode's absorption products, prefill's decompression).
-    Cpu(Arc<CpuAbsorbed>),
+    Cpu(Arc<Kvb>),
     /// Elsewhere: `W_UK [H, P, L]` and `W_UV^T [H, L, V]` for the device's products.
     Tensors { w_uk: Tensor, w_uv_t: Tensor },
 }
@@ -132,13 +126,16 @@ impl Mla {
                 && (p.rows(), p.cols()) == (h * (nope + v), latent)
                 && moeserve_cpu::takes_as_stored(p)
         });
+        let shape = KvbShape { heads: h, nope, v };
         let absorbed = match (w.device.is_cpu(), fp8) {
-            (true, Some(kv)) => Absorbed::Cpu(Arc::new(CpuAbsorbed { kv: kv.clone(), shape: KvbShape { heads: h, nope, v } })),
+            (true, Some(kv)) => Absorbed::Cpu(Arc::new(
+                Kvb::as_stored(kv.clone(), shape).map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))?,
+            )),
             (true, None) => {
                 let values =
                     dense()?.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
                 let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
-                Absorbed::Cpu(Arc::new(CpuAbsorbed::new(&values, h, nope, v, latent, quantized)?))
+                Absorbed::Cpu(Arc::new(cpu_kvb(&values, shape, latent, quantized)?))
             }
             (false, _) => {
                 let kvb = dense()?;
@@ -271,7 +268,7 @@ impl Mla {
     #[allow(clippy::too_many_arguments)]
     fn attend_absorbed_cpu(
         &self,
-        cpu: &CpuAbsorbed,
+        cpu: &Kvb,
         q_nope: &Tensor,
         q_pe: &Tensor,
         rows: &Tensor,
@@ -282,7 +279,7 @@ impl Mla {
         let ctx = || "mla absorbed".to_string();
         let (h, s, _) = q_nope.dims3().ctx(ctx)?;
         let p = profile::span("attention block/attention/absorbed products");
-        let q_lat = moeserve_cpu::absorb_queries(&cpu.kv, cpu.shape, &f32_values(q_nope)?, s); // [H, S, L]
+        let q_lat = moeserve_cpu::absorb_queries(cpu, &f32_values(q_nope)?, s); // [H, S, L]
         drop(p);
         let shape = moeserve_cpu::MlaShape { heads: h, queries: s, tokens, latent: self.latent, rope: self.rope, start };
         let q_pe = f32_values(q_pe)?;
@@ -300,7 +297,7 @@ impl Mla {
         };
         drop(p);
         let _p = profile::span("attention block/attention/absorbed products");
-        let o = moeserve_cpu::expand_values(&cpu.kv, cpu.shape, &o_lat, s); // [H, S, V]
+        let o = moeserve_cpu::expand_values(cpu, &o_lat, s); // [H, S, V]
         Tensor::from_vec(o, (h, s, self.v), rows.device()).and_then(|t| t.to_dtype(q_nope.dtype())).ctx(ctx)
     }
 
@@ -374,7 +371,7 @@ impl Mla {
     /// cache rows) in place.
     fn attend_naive_cpu(
         &self,
-        cpu: &CpuAbsorbed,
+        cpu: &Kvb,
         q_nope: &[f32],
         q_pe: &[f32],
         entries: &[f32],
@@ -395,7 +392,7 @@ impl Mla {
             let n = (tokens - t0).min(DECOMPRESS_ROWS);
             c_kv.clear();
             c_kv.extend(entries[t0 * row..(t0 + n) * row].chunks_exact(row).flat_map(|e| &e[..self.latent])); // [n, L]
-            moeserve_cpu::matmul(&cpu.kv, &c_kv, n, &mut kv[..n * width]); // [n, H·(P+V)]
+            moeserve_cpu::matmul(cpu.kv(), &c_kv, n, &mut kv[..n * width]); // [n, H·(P+V)]
             for (h, dst) in by_head.chunks_exact_mut(tokens * head).enumerate() {
                 for (d, src) in dst[t0 * head..(t0 + n) * head].chunks_exact_mut(head).zip(kv.chunks_exact(width)) {
                     d.copy_from_slice(&src[h * head..(h + 1) * head]);

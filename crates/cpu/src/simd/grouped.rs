@@ -20,6 +20,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use crate::act::Activations;
 use crate::format::{Format, PackedMatrix, Q4K_GROUP_HEADER, Q4K_GROUP_RECORD, Q8_0_GROUP, Q8_0_GROUP_QUANTS};
@@ -47,13 +48,23 @@ fn q8_block_ahead(q: *const u8, nb: usize, blk: usize, ahead: usize) -> (*const 
     (base.wrapping_add(at * Q8_0_GROUP_QUANTS), base.wrapping_add(nb * Q8_0_GROUP_QUANTS + at * 32))
 }
 
-/// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and every activation row, through
-/// the groups that hold those rows. `wide`: the AVX-512 VNNI kernels, else AVX2.
+/// `y[b * y_stride + r] = W[r] · x[b]` for the rows `r0..r1` and the activation rows `batch`,
+/// through the groups that hold those rows. `wide`: the AVX-512 VNNI kernels, else AVX2.
 ///
 /// # Safety
 /// The CPU must have the kernel's features (AVX-512 F/BW/VL/VNNI, or AVX2/FMA/F16C), `w` is
 /// q8_0 or q4_K, `a` was prepared for it, and `y` must be valid for the writes.
-pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize, wide: bool) {
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows(
+    w: &PackedMatrix,
+    a: &Activations,
+    batch: Range<usize>,
+    r0: usize,
+    r1: usize,
+    y: *mut f32,
+    y_stride: usize,
+    wide: bool,
+) {
     let (g0, g1) = (r0 / Q8_0_GROUP, r1.div_ceil(Q8_0_GROUP));
     let out = Out { y, y_stride, r0, r1 };
     // four groups at a time from four parts of the range, so that each thread keeps four memory
@@ -63,29 +74,30 @@ pub(crate) unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usiz
     // from L2 per 4 rows (batch 8 of 8192 × 4096: 1.7 → 1.4–1.5× batch 1). q4_K, whose tiles
     // keep a superblock's sums apart from the running ones, takes one group × 8 rows (two groups
     // would not fit the registers: batch 8 1.6–1.8× batch 1 with two groups, 1.45–1.47× with one)
-    if wide && a.batch > 4 && w.format == Format::Q4K {
+    let n = batch.len();
+    if wide && n > 4 && w.format == Format::Q4K {
         for g in g0..g1 {
-            tiles::<1>(w, a, [g], out, wide);
+            tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
-    } else if wide && a.batch > 4 && g1 - g0 >= 2 {
+    } else if wide && n > 4 && g1 - g0 >= 2 {
         let part = (g1 - g0) / 2;
         for i in 0..part {
-            tiles::<2>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
+            tiles::<2>(w, a, std::array::from_fn(|k| g0 + k * part + i), batch.clone(), out, wide);
         }
         for g in g0 + 2 * part..g1 {
-            tiles::<1>(w, a, [g], out, wide);
+            tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
-    } else if (wide || a.batch <= 2) && g1 - g0 >= 4 {
+    } else if (wide || n <= 2) && g1 - g0 >= 4 {
         let part = (g1 - g0) / 4;
         for i in 0..part {
-            tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), out, wide);
+            tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), batch.clone(), out, wide);
         }
         for g in g0 + 4 * part..g1 {
-            tiles::<1>(w, a, [g], out, wide);
+            tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
     } else {
         for g in g0..g1 {
-            tiles::<1>(w, a, [g], out, wide);
+            tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
     }
 }
@@ -98,14 +110,14 @@ struct Out {
     r1: usize,
 }
 
-/// Groups `gs` against every activation row, a tile of rows at a time.
+/// Groups `gs` against the activation rows `batch`, a tile of rows at a time.
 #[inline(always)]
-unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G], out: Out, wide: bool) {
+unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G], batch: Range<usize>, out: Out, wide: bool) {
     // 4 groups × 4 rows of accumulators, or 1–2 groups × 8 rows (AVX-512's 32 registers)
     let cap = if wide && G <= 2 { 8 } else { 4 };
-    let mut b0 = 0;
-    while b0 < a.batch {
-        let bt = (a.batch - b0).min(cap);
+    let mut b0 = batch.start;
+    while b0 < batch.end {
+        let bt = (batch.end - b0).min(cap);
         macro_rules! by_rows {
             ($k:ident) => {
                 match bt {
