@@ -500,7 +500,8 @@ fn attention_on_per_head_rows_matches_the_reference() {
 /// MLA's absorption products against their f64 definition: ragged latent widths and head
 /// shapes, 1-4 query rows, f32, bf16 and FP8 rows (the AVX-512 loops), q8_0 and FP8 with
 /// 8-column blocks (the portable path), and a quantized model's q8_0 kv_b with its transposed
-/// keys (the q8_0 matrix kernels, per head).
+/// keys (the q8_0 matrix kernels, per head); and each query row with the bits it gets alone
+/// (MTP verification stays lossless).
 #[test]
 fn absorption_products_match_the_reference() {
     use moeserve_cpu::{absorb_queries_with, absorption_reference, expand_values_with, Kvb, KvbShape};
@@ -512,7 +513,41 @@ fn absorption_products_match_the_reference() {
         let rows = heads * (nope + v);
         let q_nope = rand_vec(&mut rng, heads * s * nope);
         let o_lat = rand_vec(&mut rng, heads * s * latent);
+        // each query row alone (an MTP verification step's rows get the bits of plain decode steps)
+        let alone = |kvb: &Kvb, backend: Backend| -> (Vec<f32>, Vec<f32>) {
+            let (mut q_lat, mut o) = (vec![0f32; heads * s * latent], vec![0f32; heads * s * v]);
+            for i in 0..s {
+                let pick =
+                    |x: &[f32], w: usize| -> Vec<f32> { (0..heads).flat_map(|h| x[(h * s + i) * w..][..w].to_vec()).collect() };
+                let (ql, oh) = (
+                    absorb_queries_with(backend, kvb, &pick(&q_nope, nope), 1),
+                    expand_values_with(backend, kvb, &pick(&o_lat, latent), 1),
+                );
+                for h in 0..heads {
+                    q_lat[(h * s + i) * latent..][..latent].copy_from_slice(&ql[h * latent..][..latent]);
+                    o[(h * s + i) * v..][..v].copy_from_slice(&oh[h * v..][..v]);
+                }
+            }
+            (q_lat, o)
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let same_alone = |kvb: &Kvb, what: &str| {
+            for backend in [Backend::Avx512, Backend::Avx2, Backend::Portable] {
+                let (q_lat, o) = alone(kvb, backend);
+                assert_eq!(
+                    bits(&absorb_queries_with(backend, kvb, &q_nope, s)),
+                    bits(&q_lat),
+                    "absorb {what} {backend:?} {shape:?} s={s}"
+                );
+                assert_eq!(
+                    bits(&expand_values_with(backend, kvb, &o_lat, s)),
+                    bits(&o),
+                    "expand {what} {backend:?} {shape:?} s={s}"
+                );
+            }
+        };
         let check = |kvb: &Kvb, what: &str| {
+            same_alone(kvb, what);
             let (want_q, want_o) = absorption_reference(kvb, &q_nope, &o_lat, s);
             for backend in [Backend::Amx, Backend::Avx512, Backend::Avx2, Backend::Portable] {
                 for (product, got, want) in [
@@ -543,15 +578,14 @@ fn absorption_products_match_the_reference() {
                 let backends: &[Backend] =
                     if block[1] % 16 == 0 { &[Backend::Avx512, Backend::Portable] } else { &[Backend::Portable] };
                 for &backend in backends {
-                    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
                     assert_eq!(
-                        bits(absorb_queries_with(backend, &kv, &q_nope, s)),
-                        bits(absorb_queries_with(backend, &f32_kv, &q_nope, s)),
+                        bits(&absorb_queries_with(backend, &kv, &q_nope, s)),
+                        bits(&absorb_queries_with(backend, &f32_kv, &q_nope, s)),
                         "absorb {format:?} {backend:?} {shape:?}"
                     );
                     assert_eq!(
-                        bits(expand_values_with(backend, &kv, &o_lat, s)),
-                        bits(expand_values_with(backend, &f32_kv, &o_lat, s)),
+                        bits(&expand_values_with(backend, &kv, &o_lat, s)),
+                        bits(&expand_values_with(backend, &f32_kv, &o_lat, s)),
                         "expand {format:?} {backend:?} {shape:?}"
                     );
                 }
@@ -562,6 +596,7 @@ fn absorption_products_match_the_reference() {
         // the absolute values, whose q8_0 quantization is the absolute of the values')
         let values = rand_vec(&mut rng, rows * latent);
         let quantized = Kvb::quantized(&values, shape, latent).unwrap();
+        same_alone(&quantized, "quantized");
         let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
         let (mag_q, mag_o) =
             absorption_reference(&Kvb::quantized(&abs(&values), shape, latent).unwrap(), &abs(&q_nope), &abs(&o_lat), s);
