@@ -135,20 +135,26 @@ fn bench_kernels(args: &Args) -> Result<()> {
     let backend = moeserve_cpu::backend();
     let report = moeserve_cpu::bench::run(&formats, &args.kernel_batches, rows, cols, 3, 1 << 30, backend);
     println!(
-        "kernels: {backend:?}, {} threads, weight [{rows}, {cols}], read bandwidth {:.1} GB/s (best of 5 over 1 GiB)",
+        "kernels: {backend:?}, {} threads, weight [{rows}, {cols}], read bandwidth {:.1} GB/s (best of 5 over 1 GiB); \
+         each row also against a probe right after it (`bw now`: this machine class switches bandwidth states)",
         rayon::current_num_threads(),
         report.read_bandwidth / 1e9
     );
-    println!("{:<9} {:>5} {:>10} {:>9} {:>12} {:>10}", "format", "batch", "time (us)", "GB/s", "of read bw", "vs batch 1");
+    println!(
+        "{:<9} {:>5} {:>10} {:>9} {:>12} {:>10} {:>8} {:>10}",
+        "format", "batch", "time (us)", "GB/s", "of read bw", "vs batch 1", "bw now", "of bw now"
+    );
     for r in &report.results {
         println!(
-            "{:<9} {:>5} {:>10.1} {:>9.2} {:>12.2} {:>10.2}",
+            "{:<9} {:>5} {:>10.1} {:>9.2} {:>12.2} {:>10.2} {:>8.1} {:>10.2}",
             r.format,
             r.batch,
             r.seconds * 1e6,
             r.bytes_per_s / 1e9,
             r.bytes_per_s / report.read_bandwidth,
-            r.vs_batch1
+            r.vs_batch1,
+            r.read_bandwidth / 1e9,
+            r.bytes_per_s / r.read_bandwidth
         );
     }
     let contexts: Vec<usize> = args.kernel_contexts.iter().copied().filter(|&c| c > 0).collect();
@@ -186,14 +192,16 @@ fn bench_kernels(args: &Args) -> Result<()> {
         println!(
             "MLA absorption products of one decode step and layer ({heads} heads, kv_b {nope} + {v} rows x {latent}), best of 5:"
         );
-        println!("{:<9} {:>10} {:>9} {:>12}", "kv_b", "time (us)", "GB/s", "of read bw");
+        println!("{:<9} {:>10} {:>9} {:>12} {:>8} {:>10}", "kv_b", "time (us)", "GB/s", "of read bw", "bw now", "of bw now");
         for r in &rows {
             println!(
-                "{:<9} {:>10.1} {:>9.2} {:>12.2}",
+                "{:<9} {:>10.1} {:>9.2} {:>12.2} {:>8.1} {:>10.2}",
                 r.format,
                 r.seconds * 1e6,
                 r.bytes_per_s / 1e9,
-                r.bytes_per_s / report.read_bandwidth
+                r.bytes_per_s / report.read_bandwidth,
+                r.read_bandwidth / 1e9,
+                r.bytes_per_s / r.read_bandwidth
             );
         }
     }

@@ -7,8 +7,18 @@ use rayon::prelude::*;
 /// Best of `reps` passes summing a `bytes`-sized buffer on rayon's pool, for 2, 4 and 8
 /// interleaved streams per thread; bytes per second.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
-    let n = bytes / 8;
-    let buf: Vec<u64> = (0..n as u64).collect();
+    read_bandwidth_of(&probe_buffer(bytes), reps)
+}
+
+/// A buffer of `bytes` for [`read_bandwidth_of`] (its pages written once).
+pub fn probe_buffer(bytes: usize) -> Vec<u64> {
+    (0..(bytes / 8) as u64).collect()
+}
+
+/// [`read_bandwidth`] over `buf`: repeated probes without allocating (and faulting in) a
+/// buffer each time.
+pub fn read_bandwidth_of(buf: &[u64], reps: usize) -> f64 {
+    let n = buf.len();
     let threads = rayon::current_num_threads().max(1);
     let chunk = n.div_ceil(threads * 4).max(1);
     let mut best = f64::INFINITY;

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::bandwidth::read_bandwidth;
+use crate::bandwidth::{probe_buffer, read_bandwidth, read_bandwidth_of};
 use crate::format::{Format, PackedMatrix};
 use crate::matmul::{activations, matmul_many_with, Backend, Product};
 
@@ -15,7 +15,15 @@ pub struct KernelRow {
     pub bytes_per_s: f64,
     /// Time relative to batch 1 of the same format.
     pub vs_batch1: f64,
+    /// Read bandwidth probed right after this row (bytes/s): this machine class switches
+    /// between bandwidth states for seconds at a time, so a probe at the start of the run can
+    /// belong to another state than the row.
+    pub read_bandwidth: f64,
 }
+
+/// Bytes of the probe after each row (8× the largest last-level cache here; one pass of each
+/// stream count, twice: ~40 ms).
+const ROW_PROBE_BYTES: usize = 256 << 20;
 
 pub struct KernelReport {
     pub rows: usize,
@@ -49,6 +57,7 @@ pub fn run(
     backend: Backend,
 ) -> KernelReport {
     let read = read_bandwidth(1 << 30, 5);
+    let probe = probe_buffer(ROW_PROBE_BYTES);
     let w32 = weights(rows * cols);
     let mut results = Vec::new();
     for &format in formats {
@@ -99,6 +108,7 @@ pub fn run(
                     seconds: best,
                     bytes_per_s: w.resident_bytes() as f64 / best,
                     vs_batch1: best / b1,
+                    read_bandwidth: crate::on_pool(|| read_bandwidth_of(&probe, 2)),
                 });
             }
         }
@@ -186,6 +196,8 @@ pub struct AbsorptionRow {
     pub seconds: f64,
     /// Weight bytes the two products read, per second.
     pub bytes_per_s: f64,
+    /// Read bandwidth probed right after (as [`KernelRow::read_bandwidth`]).
+    pub read_bandwidth: f64,
 }
 
 /// A decode step's MLA absorption products for one layer (`absorb_queries` then `expand_values`,
@@ -213,6 +225,7 @@ pub fn run_absorption(
         ("fp8", fp8().and_then(|kv| Kvb::as_stored(kv, shape))),
         ("q8_0", Kvb::quantized(&w32, shape, latent)),
     ];
+    let probe = probe_buffer(ROW_PROBE_BYTES);
     let q_nope = weights(heads * nope);
     let o_lat = weights(heads * latent);
     let mut out = Vec::new();
@@ -231,7 +244,8 @@ pub fn run_absorption(
             }
             best
         });
-        out.push(AbsorptionRow { format, seconds: best, bytes_per_s: kvb.decode_bytes() as f64 / best });
+        let read_bandwidth = crate::on_pool(|| read_bandwidth_of(&probe, 2));
+        out.push(AbsorptionRow { format, seconds: best, bytes_per_s: kvb.decode_bytes() as f64 / best, read_bandwidth });
     }
     out
 }
