@@ -590,3 +590,15 @@ fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn absorption_shapes_parse() {
+        assert_eq!(super::parse_absorption_shape("16x64x64x256"), Ok((16, 64, 64, 256)));
+        assert_eq!(super::parse_absorption_shape("0"), Ok((0, 0, 0, 0)));
+        assert!(super::parse_absorption_shape("16x64x256").is_err());
+        assert!(super::parse_absorption_shape("16x0x64x256").is_err());
+        assert!(super::parse_absorption_shape("axbxcxd").is_err());
+    }
+}

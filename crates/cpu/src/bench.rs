@@ -249,3 +249,18 @@ pub fn run_absorption(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    /// The absorption table: one row per kv_b format, each a real measurement.
+    #[test]
+    fn absorption_rows_measure_every_format() {
+        let rows = super::run_absorption((4, 16, 16, 128), 2, 1 << 20, crate::backend());
+        let formats: Vec<&str> = rows.iter().map(|r| r.format).collect();
+        assert_eq!(formats, ["bf16", "fp8", "q8_0"]);
+        for r in &rows {
+            assert!(r.seconds > 0.0 && r.seconds.is_finite(), "{}: {} s", r.format, r.seconds);
+            assert!(r.bytes_per_s > 0.0 && r.read_bandwidth > 0.0, "{}", r.format);
+        }
+    }
+}
