@@ -91,10 +91,6 @@ impl Kvb {
         &self.kv
     }
 
-    pub fn shape(&self) -> KvbShape {
-        self.shape
-    }
-
     /// Bytes held (kv, and the transposed keys of a q8_0 kv_b).
     pub fn resident_bytes(&self) -> usize {
         self.kv.resident_bytes() + self.keys_t.as_ref().map_or(0, PackedMatrix::resident_bytes)
@@ -192,7 +188,8 @@ pub fn absorb_queries_with(backend: Backend, kvb: &Kvb, q_nope: &[f32], s: usize
             let q = &q_nope[h * s * p..(h + 1) * s * p];
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`Kvb::as_stored`
+                // checked its rows against the shape).
                 unsafe { x86::absorb_head(kv, shape.head(h), p, q, y) };
                 return;
             }
@@ -227,7 +224,8 @@ pub fn expand_values_with(backend: Backend, kvb: &Kvb, o_lat: &[f32], s: usize) 
             let first = shape.head(h) + shape.nope;
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`check`).
+                // SAFETY: AVX-512F (`wide`); the head's rows are inside kv (`Kvb::as_stored`
+                // checked its rows against the shape).
                 unsafe { x86::expand_head(kv, first, v, x, y) };
                 return;
             }

@@ -62,14 +62,14 @@ impl Mla {
 /// f32); q8_0 where kv_b is already quantized to a ggml format (its error is far below theirs;
 /// half the bytes of bf16: 17 MB a layer and token less for DeepSeek-R1); bf16 where that is
 /// exact (bf16 checkpoints); f32 otherwise, so f32 checkpoints keep the reference's numbers.
-fn cpu_kvb(kvb: &[f32], shape: KvbShape, latent: usize, quantized: bool) -> Result<Kvb> {
-    let packed = if quantized {
-        Kvb::quantized(kvb, shape, latent)
-    } else {
-        let format = if moeserve_cpu::bf16_exact(kvb) { Format::Bf16 } else { Format::F32 };
-        PackedMatrix::from_f32(format, shape.heads * (shape.nope + shape.v), latent, kvb).and_then(|kv| Kvb::as_stored(kv, shape))
-    };
-    packed.map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))
+/// (An FP8 kv_b is taken as stored by the caller; this packs the others from `values`, the
+/// dequantized `[H, P+V, L]`; `quantized`: kv_b is held in a ggml format.)
+fn cpu_kvb(values: &[f32], shape: KvbShape, latent: usize, quantized: bool) -> std::result::Result<Kvb, moeserve_cpu::Error> {
+    if quantized {
+        return Kvb::quantized(values, shape, latent);
+    }
+    let format = if moeserve_cpu::bf16_exact(values) { Format::Bf16 } else { Format::F32 };
+    PackedMatrix::from_f32(format, shape.heads * (shape.nope + shape.v), latent, values).and_then(|kv| Kvb::as_stored(kv, shape))
 }
 
 /// kv_b as the attention uses it.
@@ -115,7 +115,7 @@ impl Mla {
             },
             None => QProj::Full(w.linear_part("q_proj", d, all_heads * (nope + rope), &per_head(nope + rope))?),
         };
-        // kv_b_proj [H*(P+V), L]: the CPU kernels' copy (FP8 as stored, else dequantized), or
+        // kv_b_proj [H*(P+V), L]: the CPU kernels' copy (`cpu_kvb`), or
         // split into the absorbed factors (the CPU keeps only the kernels' copy: at R1's shape
         // the two f32 factors would be another 67 MB per layer)
         let kv_b = w.linear_part("kv_b_proj", latent, all_heads * (nope + v), &per_head(nope + v))?;
@@ -127,17 +127,24 @@ impl Mla {
                 && moeserve_cpu::takes_as_stored(p)
         });
         let shape = KvbShape { heads: h, nope, v };
-        let absorbed = match (w.device.is_cpu(), fp8) {
-            (true, Some(kv)) => Absorbed::Cpu(Arc::new(
-                Kvb::as_stored(kv.clone(), shape).map_err(|e| Error::Input(format!("absorbed kv_b_proj: {e}")))?,
-            )),
-            (true, None) => {
-                let values =
-                    dense()?.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).ctx(ctx)?;
-                let quantized = kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
-                Absorbed::Cpu(Arc::new(cpu_kvb(&values, shape, latent, quantized)?))
+        let absorbed = match w.device.is_cpu() {
+            true => {
+                let kvb = match fp8 {
+                    Some(kv) => Kvb::as_stored(kv.clone(), shape),
+                    None => {
+                        let values = dense()?
+                            .to_dtype(DType::F32)
+                            .and_then(|t| t.flatten_all())
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .ctx(ctx)?;
+                        let quantized =
+                            kv_b.packed().is_some_and(|p| matches!(p.format(), Format::Q8_0 | Format::Q4K | Format::Q6K));
+                        cpu_kvb(&values, shape, latent, quantized)
+                    }
+                };
+                Absorbed::Cpu(Arc::new(kvb.map_err(|e| Error::Input(format!("{}: {e}", ctx())))?))
             }
-            (false, _) => {
+            false => {
                 let kvb = dense()?;
                 let w_uk = kvb.narrow(1, 0, nope).ctx(ctx)?.contiguous().ctx(ctx)?;
                 let w_uv_t = kvb.narrow(1, nope, v).ctx(ctx)?.transpose(1, 2).ctx(ctx)?.contiguous().ctx(ctx)?;
