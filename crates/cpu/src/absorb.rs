@@ -98,6 +98,16 @@ impl Kvb {
 
     /// Weight bytes a decode step reads for the two products: all of kv as stored; for q8_0 the
     /// transposed keys and the value rows.
+    /// The matrix the absorption reads (for [`crate::prefetch::next`]).
+    pub fn absorption_weights(&self) -> &PackedMatrix {
+        self.keys_t.as_ref().unwrap_or(&self.kv)
+    }
+
+    /// The matrix the expansion reads.
+    pub fn expansion_weights(&self) -> &PackedMatrix {
+        &self.kv
+    }
+
     pub fn decode_bytes(&self) -> usize {
         match &self.keys_t {
             None => self.kv.resident_bytes(),

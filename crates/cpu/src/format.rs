@@ -396,6 +396,11 @@ impl PackedMatrix {
         }
     }
 
+    /// Every stored byte (not FP8 scales). For prefetching.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Row `r` as f32 (the reference every kernel is tested against), `padded_cols` long.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let pc = self.padded_cols;

@@ -17,6 +17,7 @@ pub mod elementwise;
 pub mod format;
 pub mod matmul;
 pub mod pool;
+pub mod prefetch;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 

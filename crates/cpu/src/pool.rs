@@ -52,16 +52,19 @@ fn spin_idle() -> Duration {
 }
 
 /// On a pool thread other than `lead` (which runs the step), run the pool's jobs as they appear
-/// until `done`, or until none came for `idle`. On `lead` itself (which may pick this job up
+/// until `done`, or until none came for `idle`; between jobs, fetch the weights the step named
+/// as its next ([`crate::prefetch`]). On `lead` itself (which may pick this job up
 /// while it waits inside `f`) return at once: it would otherwise spin above `f`'s frame.
 fn keep_awake(done: &AtomicBool, lead: Option<usize>, idle: Duration) {
     if rayon::current_thread_index() == lead {
         return;
     }
     let mut since = Instant::now();
+    let mut fetch = crate::prefetch::Idle::default();
     while !done.load(Ordering::Acquire) {
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => since = Instant::now(),
+            Some(rayon::Yield::Idle) if fetch.work() => {}
             Some(rayon::Yield::Idle) if since.elapsed() < idle => std::hint::spin_loop(),
             _ => return,
         }

@@ -76,6 +76,7 @@ impl DecoderLayer {
         cache_layer: usize,
     ) -> Result<Tensor> {
         let ctx = || format!("layer {cache_layer} residual");
+        self.attn.fetch_first();
         let x = {
             let _p = profile::span("norms and residuals");
             self.input_norm.forward(h)?
@@ -84,6 +85,10 @@ impl DecoderLayer {
             let _p = profile::span("attention block");
             self.reduce_tp(self.attn.forward(&x, batch, rope, kv, cache_layer)?)?
         };
+        match &self.ffn {
+            Ffn::Dense(m) => m.fetch_first(),
+            Ffn::Moe(m) => m.fetch_first(),
+        }
         let _p = profile::span("norms and residuals");
         let h = (h + a).ctx(ctx)?;
         let x = self.post_norm.forward(&h)?;

@@ -167,6 +167,16 @@ impl Mla {
         })
     }
 
+    /// The weights of the first products of [`Mla::forward`] (q_a or q_proj, and kv_a), for the
+    /// waiting threads to fetch ahead (`moeserve_cpu::prefetch`).
+    pub fn fetch_first(&self) {
+        let q = match &self.q {
+            QProj::LowRank { a, .. } => a,
+            QProj::Full(p) => p,
+        };
+        moeserve_cpu::prefetch::next([q, &self.kv_a].into_iter().filter_map(|l| l.packed()));
+    }
+
     /// `x: [n, hidden]` (normed) for all chunks of `batch`; writes this layer's cache rows.
     pub fn forward(
         &self,
@@ -184,10 +194,18 @@ impl Mla {
         let (q, a) = match &self.q {
             QProj::LowRank { a, norm, b } => {
                 let [qa, kva] = forward_same_input([a.as_ref(), self.kv_a.as_ref()], x)?;
-                (b.forward(&norm.forward(&qa)?)?, kva)
+                moeserve_cpu::prefetch::next(b.packed());
+                let q = b.forward(&norm.forward(&qa)?)?;
+                if let Absorbed::Cpu(kvb) = &self.absorbed {
+                    moeserve_cpu::prefetch::next([kvb.absorption_weights()]);
+                }
+                (q, kva)
             }
             QProj::Full(p) => {
                 let [q, kva] = forward_same_input([p.as_ref(), self.kv_a.as_ref()], x)?;
+                if let Absorbed::Cpu(kvb) = &self.absorbed {
+                    moeserve_cpu::prefetch::next([kvb.absorption_weights()]);
+                }
                 (q, kva)
             }
         };
@@ -287,6 +305,8 @@ impl Mla {
         let (h, s, _) = q_nope.dims3().ctx(ctx)?;
         let p = profile::span("attention block/attention/absorbed products");
         let q_lat = moeserve_cpu::absorb_queries(cpu, &f32_values(q_nope)?, s); // [H, S, L]
+                                                                                // fetched while the attention kernel lays out its queries and after it
+        moeserve_cpu::prefetch::next(std::iter::once(cpu.expansion_weights()).chain(self.o_proj.packed()));
         drop(p);
         let shape = moeserve_cpu::MlaShape { heads: h, queries: s, tokens, latent: self.latent, rope: self.rope, start };
         let q_pe = f32_values(q_pe)?;

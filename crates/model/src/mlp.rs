@@ -41,6 +41,11 @@ impl Mlp {
         Some([self.gate.packed()?, self.up.packed()?, self.down.packed()?])
     }
 
+    /// The gate and up weights, for the waiting threads to fetch ahead (`moeserve_cpu::prefetch`).
+    pub fn fetch_first(&self) {
+        moeserve_cpu::prefetch::next([&self.gate, &self.up].into_iter().filter_map(|l| l.packed()));
+    }
+
     /// `x: [n, hidden]` -> `down(silu(gate x) ⊙ up x)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [g, u] = moeserve_quant::packed::forward_same_input([self.gate.as_ref(), self.up.as_ref()], x)?;

@@ -263,6 +263,7 @@ impl DeepSeekModel {
         for (c, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
             cache.set_seq_len(c.start_pos + c.len)?;
         }
+        moeserve_cpu::prefetch::next(self.lm_head.packed());
         self.norm.forward(&h)
     }
 

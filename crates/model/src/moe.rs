@@ -61,6 +61,13 @@ impl Moe {
         self.router.weight_bytes() + per * self.router.top_k() + self.shared.as_ref().map_or(0, Mlp::resident_bytes)
     }
 
+    /// The weights read first whatever the routing (the router's, the shared experts' gate and
+    /// up), for the waiting threads to fetch ahead (`moeserve_cpu::prefetch`).
+    pub fn fetch_first(&self) {
+        let shared = self.shared.as_ref().and_then(Mlp::packed);
+        moeserve_cpu::prefetch::next(self.router.packed().into_iter().chain(shared.into_iter().flat_map(|[g, u, _]| [g, u])));
+    }
+
     pub fn router(&self) -> &Router {
         &self.router
     }
@@ -153,6 +160,7 @@ impl Moe {
         if let Some(s) = shared {
             groups.push((s, (0..n).collect(), vec![1.0; n]));
         }
+        moeserve_cpu::prefetch::next(groups.iter().flat_map(|g| [g.0[0], g.0[1]]));
         let out = run_groups(&groups, &xs, n, hidden)?;
         Ok(Some(Tensor::from_vec(out, (n, hidden), x.device()).ctx(ctx)?))
     }
@@ -202,6 +210,7 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         }
         moeserve_cpu::matmul_many(&mut products);
     }
+    moeserve_cpu::prefetch::next(groups.iter().map(|g| g.0[2]));
     for (g, u) in gate.iter_mut().zip(&up) {
         moeserve_cpu::silu_mul(g, u);
     }

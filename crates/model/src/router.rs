@@ -47,6 +47,14 @@ impl Router {
         }
     }
 
+    /// The CPU kernels' copy of the weight (none for a device tensor).
+    pub fn packed(&self) -> Option<&moeserve_cpu::PackedMatrix> {
+        match &self.weight {
+            RouterWeight::Tensor(_) => None,
+            RouterWeight::Packed(p) => Some(p),
+        }
+    }
+
     pub fn top_k(&self) -> usize {
         self.cfg.top_k
     }
