@@ -581,12 +581,19 @@ impl Engine {
             let i = *i;
             let s = &mut self.sched.running[i];
             let tokens: Vec<(u32, Option<TokenLogprob>)> = if rows.len() == 1 {
-                let mut logits = rows[0].clone();
-                if let Some(Err(e)) = s.constraint.as_mut().map(|c| c.apply(&mut logits)) {
-                    let _ = s.events.try_send(Event::Error(e.to_string()));
-                    done.push((i, FinishReason::Abort, String::new(), None));
-                    continue;
-                }
+                // (a constrained sequence masks a copy: its log-probabilities stay the model's)
+                let logits = match s.constraint.as_mut() {
+                    None => std::borrow::Cow::Borrowed(&rows[0][..]),
+                    Some(c) => {
+                        let mut masked = rows[0].clone();
+                        if let Err(e) = c.apply(&mut masked) {
+                            let _ = s.events.try_send(Event::Error(e.to_string()));
+                            done.push((i, FinishReason::Abort, String::new(), None));
+                            continue;
+                        }
+                        std::borrow::Cow::Owned(masked)
+                    }
+                };
                 let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
                 vec![(token, s.req.logprobs.map(|k| logprobs(&rows[0], token, k)))]
             } else {

@@ -40,10 +40,11 @@ pub struct GenerateStats {
 }
 
 /// f32 logits of the last row of `hidden: [n, hidden]` (lm_head runs on that row only).
-fn last_logits(model: &ModelGroup, hidden: &Tensor) -> Result<Vec<f32>> {
+/// `f` of the f32 logits of `hidden`'s last row (read in place, not copied out).
+fn with_last_logits<R>(model: &ModelGroup, hidden: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let n = hidden.dims()[0];
     let last = hidden.narrow(0, n - 1, 1).ctx(|| "last row".into())?;
-    model.logits(&last)?.squeeze(0).ctx(|| "logits row".into())?.to_vec1().ctx(|| "logits".into())
+    moeserve_model::with_f32(&model.logits(&last)?, f).ctx(|| "logits".into())
 }
 
 /// Generate up to `max_tokens` tokens; `on_token` sees each one as soon as it is sampled.
@@ -63,9 +64,10 @@ pub fn generate(model: &ModelGroup, req: &GenerateRequest, mut on_token: impl Fn
         let step = Instant::now();
         let next = model.step(|| -> Result<u32> {
             let hidden = model.forward(&batch, &mut [&mut cache])?;
-            let logits = last_logits(model, &hidden)?;
-            let _p = moeserve_core::profile::span("sampling");
-            Ok(sampler.sample_with_history(&logits, &req.prompt, &output))
+            with_last_logits(model, &hidden, |logits| {
+                let _p = moeserve_core::profile::span("sampling");
+                sampler.sample_with_history(logits, &req.prompt, &output)
+            })
         })?;
         if stats.generated == 0 {
             stats.prefill = t0.elapsed();
@@ -120,7 +122,7 @@ pub fn generate_speculative(
     let mut spec = SpecStats::default();
     let t0 = Instant::now();
     let mut hidden = model.forward(&ForwardBatch::single(prompt, 0), &mut [&mut cache])?;
-    let mut output = vec![sampler.sample_with_history(&last_logits(model, &hidden)?, prompt, &[])];
+    let mut output = vec![with_last_logits(model, &hidden, |l| sampler.sample_with_history(l, prompt, &[]))?];
     // first row of `hidden` (the last forward's chunk start)
     let mut chunk_start = 0;
     stats.prefill = t0.elapsed();

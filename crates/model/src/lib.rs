@@ -20,6 +20,7 @@ pub mod parallel;
 pub mod rope;
 pub mod router;
 pub mod synth;
+pub mod values;
 
 pub use batch::{AttnMode, ForwardBatch, SeqChunk};
 pub use cache::{ContiguousLatentCache, LatentKv};
@@ -27,3 +28,4 @@ pub use group::ModelGroup;
 pub use model::{DeepSeekModel, LoadOptions};
 pub use mtp::Mtp;
 pub use parallel::Parallel;
+pub use values::with_f32;
