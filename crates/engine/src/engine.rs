@@ -3,6 +3,7 @@
 //! stream aborts it and frees its pages.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -260,8 +261,10 @@ struct StepOut {
     hidden: Tensor,
     /// Per plan entry: (first row of its chunk, the chunk's start position).
     chunks: Vec<(usize, usize)>,
-    /// (running index, f32 logits of the rows to sample: the last token, then each draft).
-    rows: Vec<(usize, Vec<Vec<f32>>)>,
+    /// f32 logits `[rows, vocab]` of the rows to sample (none when no sequence samples).
+    logits: Option<Tensor>,
+    /// (running index, its rows of `logits`: the last token, then each draft).
+    rows: Vec<(usize, Range<usize>)>,
 }
 
 impl Engine {
@@ -477,9 +480,8 @@ impl Engine {
         for &(i, _) in plan {
             unqueue(&self.queued, &mut self.sched.running[i]);
         }
-        match self.forward(plan) {
-            Ok(out) => {
-                let mut done = self.sample_and_emit(&out);
+        match self.forward(plan).and_then(|out| self.sample(&out).map(|done| (out, done))) {
+            Ok((out, mut done)) => {
                 let mut failed = Vec::new();
                 if let Err(e) = self.draft(plan, &out, &done) {
                     // a half-written draft cache is not trusted: fail the sequences still running
@@ -552,40 +554,52 @@ impl Engine {
         let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v as &mut dyn LatentKv).collect();
         let model = &self.model;
         // the forward and the logits in one step on the kernels' pool
-        let (hidden, logits) = model.step(|| -> Result<(Tensor, Vec<Vec<f32>>)> {
+        let (hidden, logits) = model.step(|| -> Result<(Tensor, Option<Tensor>)> {
             let hidden = model.forward(&batch, &mut kv)?;
             if sample_rows.is_empty() {
-                return Ok((hidden, Vec::new()));
+                return Ok((hidden, None));
             }
             let idx: Vec<u32> = sample_rows.iter().flat_map(|r| (r.1..r.1 + r.2).map(|x| x as u32)).collect();
             let idx = Tensor::from_vec(idx.clone(), idx.len(), hidden.device()).ctx(|| "sample rows".into())?;
             let rows = hidden.index_select(&idx, 0).ctx(|| "sample rows".into())?;
-            let logits = model.logits(&rows)?.to_vec2::<f32>().ctx(|| "logits".into())?;
-            Ok((hidden, logits))
+            let logits = model.logits(&rows)?;
+            Ok((hidden, Some(logits)))
         })?;
         drop(kv);
         drop(views);
-        if sample_rows.is_empty() {
-            return Ok(StepOut { hidden, chunks, rows: Vec::new() });
-        }
-        let mut logits = logits.into_iter();
-        let rows = sample_rows.into_iter().map(|(i, _, n)| (i, logits.by_ref().take(n).collect())).collect();
-        Ok(StepOut { hidden, chunks, rows })
+        let mut first = 0;
+        let rows = sample_rows
+            .into_iter()
+            .map(|(i, _, n)| {
+                first += n;
+                (i, first - n..first)
+            })
+            .collect();
+        Ok(StepOut { hidden, chunks, logits, rows })
     }
 
-    /// Sample (or verify drafts) and stream the new tokens; returns the sequences that end.
-    fn sample_and_emit(&mut self, out: &StepOut) -> Vec<Done> {
+    /// [`Engine::sample_and_emit`] over the step's logits, read in place.
+    fn sample(&mut self, out: &StepOut) -> Result<Vec<Done>> {
+        let Some(logits) = &out.logits else { return Ok(Vec::new()) };
+        let (_, vocab) = logits.dims2().ctx(|| "logits".into())?;
+        moeserve_model::with_f32(logits, |all| self.sample_and_emit(&out.rows, all, vocab)).ctx(|| "logits".into())
+    }
+
+    /// Sample (or verify drafts) and stream the new tokens of each sequence's `rows` of the f32
+    /// `logits` (`[.., vocab]`); returns the sequences that end.
+    fn sample_and_emit(&mut self, seq_rows: &[(usize, Range<usize>)], logits: &[f32], vocab: usize) -> Vec<Done> {
         let now = Instant::now();
         let mut done: Vec<Done> = Vec::new();
-        for (i, rows) in &out.rows {
+        for (i, range) in seq_rows {
             let i = *i;
+            let rows: Vec<&[f32]> = range.clone().map(|r| &logits[r * vocab..(r + 1) * vocab]).collect();
             let s = &mut self.sched.running[i];
             let tokens: Vec<(u32, Option<TokenLogprob>)> = if rows.len() == 1 {
                 // (a constrained sequence masks a copy: its log-probabilities stay the model's)
                 let logits = match s.constraint.as_mut() {
-                    None => std::borrow::Cow::Borrowed(&rows[0][..]),
+                    None => std::borrow::Cow::Borrowed(rows[0]),
                     Some(c) => {
-                        let mut masked = rows[0].clone();
+                        let mut masked = rows[0].to_vec();
                         if let Err(e) = c.apply(&mut masked) {
                             let _ = s.events.try_send(Event::Error(e.to_string()));
                             done.push((i, FinishReason::Abort, String::new(), None));
@@ -599,7 +613,7 @@ impl Engine {
             } else {
                 let drafts = std::mem::take(&mut s.spec.drafts);
                 let q = std::mem::take(&mut s.spec.q);
-                let v = spec::verify(&mut s.sampler, rows, &drafts, &q, &s.req.prompt, &s.output);
+                let v = spec::verify(&mut s.sampler, &rows, &drafts, &q, &s.req.prompt, &s.output);
                 // the rejected drafts' rows are rolled back (their pages are freed when drafting)
                 s.table.len -= drafts.len() - v.accepted;
                 s.spec.stats.record(drafts.len(), v.accepted);

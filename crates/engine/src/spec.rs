@@ -301,14 +301,21 @@ pub struct Verified {
 
 /// Verify `drafts` (drawn from `q`) against the target logits `rows` (`drafts.len() + 1` rows:
 /// row j predicts the token after the pending token and drafts 1..j).
-pub fn verify(sampler: &mut Sampler, rows: &[Vec<f32>], drafts: &[u32], q: &[Dist], prompt: &[u32], output: &[u32]) -> Verified {
+pub fn verify(
+    sampler: &mut Sampler,
+    rows: &[impl AsRef<[f32]>],
+    drafts: &[u32],
+    q: &[Dist],
+    prompt: &[u32],
+    output: &[u32],
+) -> Verified {
     debug_assert_eq!(rows.len(), drafts.len() + 1);
     // the history only matters to penalties; skip copying it otherwise
     let penalties = sampler.params().uses_penalties();
     let mut hist: Vec<u32> = if penalties { output.to_vec() } else { Vec::new() };
     let mut tokens = Vec::with_capacity(rows.len());
     for (j, (&x, qj)) in drafts.iter().zip(q).enumerate() {
-        let p = sampler.distribution(&rows[j], prompt, &hist);
+        let p = sampler.distribution(rows[j].as_ref(), prompt, &hist);
         match verify_draft(&p, qj, x, sampler) {
             Verdict::Accept => {
                 tokens.push(x);
@@ -322,7 +329,7 @@ pub fn verify(sampler: &mut Sampler, rows: &[Vec<f32>], drafts: &[u32], q: &[Dis
             }
         }
     }
-    let p = sampler.distribution(&rows[drafts.len()], prompt, &hist);
+    let p = sampler.distribution(rows[drafts.len()].as_ref(), prompt, &hist);
     tokens.push(sampler.draw(&p));
     Verified { accepted: drafts.len(), tokens }
 }
