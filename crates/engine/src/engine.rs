@@ -609,7 +609,7 @@ impl Engine {
                     }
                 };
                 let token = s.sampler.sample_with_history(&logits, &s.req.prompt, &s.output);
-                vec![(token, s.req.logprobs.map(|k| logprobs(&rows[0], token, k)))]
+                vec![(token, s.req.logprobs.map(|k| logprobs(rows[0], token, k)))]
             } else {
                 let drafts = std::mem::take(&mut s.spec.drafts);
                 let q = std::mem::take(&mut s.spec.q);
