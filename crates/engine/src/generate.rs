@@ -39,8 +39,8 @@ pub struct GenerateStats {
     pub speculative: Option<SpecStats>,
 }
 
-/// f32 logits of the last row of `hidden: [n, hidden]` (lm_head runs on that row only).
-/// `f` of the f32 logits of `hidden`'s last row (read in place, not copied out).
+/// `f` of the f32 logits of the last row of `hidden: [n, hidden]` (lm_head runs on that row
+/// only; the logits are read in place, not copied out).
 fn with_last_logits<R>(model: &ModelGroup, hidden: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let n = hidden.dims()[0];
     let last = hidden.narrow(0, n - 1, 1).ctx(|| "last row".into())?;

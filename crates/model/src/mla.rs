@@ -306,7 +306,8 @@ impl Mla {
         let (h, s, _) = q_nope.dims3().ctx(ctx)?;
         let p = profile::span("attention block/attention/absorbed products");
         let q_lat = moeserve_cpu::absorb_queries(cpu, &f32_values(q_nope)?, s); // [H, S, L]
-                                                                                // fetched while the attention kernel lays out its queries and after it
+
+        // fetched while the attention kernel lays out its queries, and after it
         moeserve_cpu::prefetch::next(std::iter::once(cpu.expansion_weights()).chain(self.o_proj.packed()));
         drop(p);
         let shape = moeserve_cpu::MlaShape { heads: h, queries: s, tokens, latent: self.latent, rope: self.rope, start };
