@@ -10,10 +10,11 @@
 //! outlive its weights), never changes a result, and a hint that is wrong costs only bandwidth.
 //! The hint is process-wide: concurrent steps (tensor-parallel ranks) overwrite each other's.
 //!
-//! (bench-small q4_K decode, `bench --ab` with hints only in alternate steps, 2 threads: steps
-//! 1.6 % faster on average over 8 runs of 124 steps (0.972–0.993), about 7 MB a step prefetched;
-//! a 256 KiB limit 0.1 %, 1 MiB 1.4 %. Tried as well: prefetches interleaved into the attention
-//! kernel's loops, which stalled it more than they saved; the claims going round the starts of
+//! (bench-small decode, `bench --ab` with hints only in alternate steps, 2 threads, Zen 4: q4_K
+//! steps 1.5 % faster (B/A 0.975–0.995 over 4 runs of 124 steps; about 7 MB a step prefetched),
+//! q8_0 1.2 %, bf16 and FP8 0.3 %; a 256 KiB limit instead of 2 MiB 0.1 %, 1 MiB about 1.4 %.
+//! Tried as well: prefetches interleaved into the attention kernel's loops, which stalled it
+//! more than they saved (they evict its L1 working set); the claims going round the starts of
 //! the product's first units, and idle threads stopping when the product starts: no difference.)
 
 use std::ops::Range;
