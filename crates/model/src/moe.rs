@@ -234,8 +234,8 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         let _p = profile::span("ffn block/experts/gate and up products");
         let mut products = Vec::with_capacity(2 * groups.len());
         for ((((w, _, _), g), u), &(ag, au)) in groups.iter().zip(gate.iter_mut()).zip(up.iter_mut()).zip(&uses) {
-            products.push(moeserve_cpu::Product { w: w[0], x: &acts[ag], y: &mut **g });
-            products.push(moeserve_cpu::Product { w: w[1], x: &acts[au], y: &mut **u });
+            products.push(moeserve_cpu::Product { w: w[0], x: &acts[ag], y: g });
+            products.push(moeserve_cpu::Product { w: w[1], x: &acts[au], y: u });
         }
         moeserve_cpu::matmul_many(&mut products);
     }
@@ -250,7 +250,7 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         .iter()
         .zip(&down_acts)
         .zip(down.iter_mut())
-        .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y: &mut **y })
+        .map(|(((w, _, _), a), y)| moeserve_cpu::Product { w: w[2], x: a, y })
         .collect();
     let p = profile::span("ffn block/experts/down products");
     moeserve_cpu::matmul_many(&mut products);
