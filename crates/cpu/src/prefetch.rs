@@ -79,8 +79,24 @@ impl Ahead {
 
 /// The latest hint, and how many hints there have been (waiting threads look at the count
 /// before taking the lock).
-static HINT: Mutex<Option<Arc<Ahead>>> = Mutex::new(None);
-static HINTS: AtomicUsize = AtomicUsize::new(0);
+struct Hints {
+    latest: Mutex<Option<Arc<Ahead>>>,
+    count: AtomicUsize,
+}
+
+impl Hints {
+    const fn new() -> Hints {
+        Hints { latest: Mutex::new(None), count: AtomicUsize::new(0) }
+    }
+
+    fn set(&self, ahead: Ahead) {
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ahead));
+        self.count.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// The process's hints.
+static HINTS: Hints = Hints::new();
 
 /// The products a step runs next are over `weights` (in the order they read them): waiting
 /// threads of the pool fetch the first [`AHEAD_BYTES`] of them. Replaces the previous hint.
@@ -88,12 +104,7 @@ pub fn next<'a>(weights: impl IntoIterator<Item = &'a PackedMatrix>) {
     if rayon::current_num_threads() < 2 {
         return;
     }
-    set(Ahead::new(weights.into_iter().map(PackedMatrix::bytes), AHEAD_BYTES));
-}
-
-fn set(ahead: Ahead) {
-    *HINT.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(ahead));
-    HINTS.fetch_add(1, Ordering::Release);
+    HINTS.set(Ahead::new(weights.into_iter().map(PackedMatrix::bytes), AHEAD_BYTES));
 }
 
 /// A waiting thread's view of the hints: the one it works on.
@@ -108,10 +119,14 @@ pub(crate) struct Idle {
 impl Idle {
     /// Prefetch the next few lines of the latest hint; `false` when it has nothing left.
     pub(crate) fn work(&mut self) -> bool {
-        let hints = HINTS.load(Ordering::Acquire);
-        if hints != self.seen {
-            self.seen = hints;
-            self.ahead = HINT.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.work_on(&HINTS)
+    }
+
+    fn work_on(&mut self, hints: &Hints) -> bool {
+        let count = hints.count.load(Ordering::Acquire);
+        if count != self.seen {
+            self.seen = count;
+            self.ahead = hints.latest.lock().unwrap_or_else(|e| e.into_inner()).clone();
             (self.at, self.end) = (0, 0);
         }
         let Some(ahead) = &self.ahead else { return false };
@@ -163,16 +178,19 @@ mod tests {
         assert!(claims(0).is_empty());
     }
 
-    /// A waiting thread takes up the latest hint, and stops when it is fetched.
+    /// A waiting thread takes up the latest hint, and stops when it is fetched. (Its own
+    /// `Hints`: the process's are taken up by the pool's threads of concurrent tests.)
     #[test]
     fn idle_threads_fetch_the_latest_hint() {
         let w = vec![0u8; 3 * CLAIM];
+        let hints = Hints::new();
         let mut idle = Idle::default();
-        set(Ahead::new([&w[..]], 1 << 20));
-        let lines = std::iter::from_fn(|| idle.work().then_some(())).count();
-        assert_eq!(lines, 3 * CLAIM / LINE / LINES_PER_WORK);
-        assert!(!idle.work());
-        set(Ahead::new([&w[..CLAIM]], 1 << 20));
-        assert!(idle.work(), "a new hint");
+        assert!(!idle.work_on(&hints), "no hint yet");
+        hints.set(Ahead::new([&w[..]], 1 << 20));
+        let calls = std::iter::from_fn(|| idle.work_on(&hints).then_some(())).count();
+        assert_eq!(calls, 3 * CLAIM / LINE / LINES_PER_WORK);
+        assert!(!idle.work_on(&hints));
+        hints.set(Ahead::new([&w[..CLAIM]], 1 << 20));
+        assert!(idle.work_on(&hints), "a new hint");
     }
 }
