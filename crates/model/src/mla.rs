@@ -16,7 +16,7 @@ use moeserve_cpu::{Attention, Format, Kvb, KvbShape, PackedMatrix, Pages, Rows};
 use moeserve_quant::packed::forward_same_input;
 use moeserve_quant::{Linear, Slice, Weights};
 
-use crate::batch::ForwardBatch;
+use crate::batch::{ForwardBatch, SeqChunk};
 use crate::cache::LatentKv;
 use crate::device_ops::PagedRows;
 use crate::norm::RmsNorm;
@@ -220,47 +220,104 @@ impl Mla {
         drop(span);
         let span = profile::span("attention block/attention");
 
-        let mut outs = Vec::with_capacity(batch.chunks.len());
+        // every chunk's rows into its cache, then each chunk's attention over its cache
+        let mut queries = Vec::with_capacity(batch.chunks.len());
         let mut offset = 0;
         for (chunk, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
             let s = chunk.len;
             cache.write(layer, chunk.start_pos, &rows.narrow(0, offset, s).ctx(ctx)?)?;
-            let len = chunk.start_pos + s;
             let qn = q_nope.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, P]
             let qp = q_pe.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, R]
-            let paged = match (s, cache.paged(layer)) {
-                (1, Some(pages)) if batch.use_absorbed(chunk) && crate::device_ops::has_paged_mla(&qn) => {
-                    self.attend_paged(&qn, &qp, &pages, len)?
-                }
-                _ => None,
-            };
-            let o = match paged {
-                Some(o) => o,
-                None if batch.use_absorbed(chunk) => match (&self.absorbed, cache.paged(layer)) {
-                    // a paged cache on the CPU: its pool rows in place, not a gathered copy
-                    // (a bf16 pool only where its decode kernel runs: the f32 one would read the
-                    // whole pool as f32)
-                    (Absorbed::Cpu(cpu), Some(p))
-                        if p.pool.device().is_cpu()
-                            && (p.pool.dtype() == DType::F32
-                                || p.pool.dtype() == DType::BF16 && self.bf16_decode_applies(s, Some(p.page_size))) =>
-                    {
-                        let pages = Pages { ids: p.pages, size: p.page_size };
-                        self.attend_absorbed_cpu(cpu, &qn, &qp, p.pool, Some(pages), len, chunk.start_pos)?
-                    }
-                    _ => self.attend_absorbed(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
-                },
-                None => self.attend_naive(&qn, &qp, &cache.read(layer, len)?, chunk.start_pos)?,
-            }; // [H, S, V]
-            outs.push(o.transpose(0, 1).ctx(ctx)?.reshape((s, self.heads * self.v)).ctx(ctx)?);
+            queries.push((qn, qp));
             offset += s;
         }
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
+        // sequences whose rows are all in CPU page pools attend at once: one sequence's call
+        // alone keeps one thread busy where its heads make one lane group over few rows
+        let cpu_paged: Option<Vec<_>> = match &self.absorbed {
+            Absorbed::Cpu(cpu) if batch.chunks.len() > 1 => batch
+                .chunks
+                .iter()
+                .zip(kv.iter())
+                .map(|(chunk, cache)| self.cpu_pages(batch, chunk, &**cache, layer).map(|p| (cpu, p)))
+                .collect(),
+            _ => None,
+        };
+        let outs: Vec<Tensor> = match cpu_paged {
+            Some(paged) => moeserve_cpu::pool::map_indices(paged.len(), |i| {
+                let ((qn, qp), chunk, (cpu, p)) = (&queries[i], &batch.chunks[i], &paged[i]);
+                let pages = Pages { ids: p.pages, size: p.page_size };
+                self.attend_absorbed_cpu(cpu, qn, qp, p.pool, Some(pages), chunk.start_pos + chunk.len, chunk.start_pos)
+            })
+            .into_iter()
+            .collect::<Result<_>>()?,
+            None => batch
+                .chunks
+                .iter()
+                .zip(kv.iter())
+                .zip(&queries)
+                .map(|((chunk, cache), (qn, qp))| self.attend_chunk(batch, chunk, &**cache, layer, qn, qp))
+                .collect::<Result<_>>()?,
+        };
+        let outs = outs
+            .iter()
+            .zip(&batch.chunks)
+            .map(|(o, chunk)| o.transpose(0, 1).and_then(|o| o.reshape((chunk.len, self.heads * self.v))).ctx(ctx))
+            .collect::<Result<Vec<_>>>()?;
         drop(span);
         let _span = profile::span("attention block/o_proj");
         self.o_proj.forward(&Tensor::cat(&outs, 0).ctx(ctx)?)
+    }
+
+    /// `chunk`'s cache rows as a CPU page pool that the absorbed CPU kernels read in place, if
+    /// they are (a bf16 pool only where its decode kernel runs: the f32 one would read the whole
+    /// pool as f32).
+    fn cpu_pages<'a>(
+        &self,
+        batch: &ForwardBatch,
+        chunk: &SeqChunk,
+        cache: &'a dyn LatentKv,
+        layer: usize,
+    ) -> Option<PagedRows<'a>> {
+        let p = cache.paged(layer)?;
+        let takes = batch.use_absorbed(chunk)
+            && p.pool.device().is_cpu()
+            && (p.pool.dtype() == DType::F32
+                || p.pool.dtype() == DType::BF16 && self.bf16_decode_applies(chunk.len, Some(p.page_size)));
+        takes.then_some(p)
+    }
+
+    /// One chunk's attention over its cache rows (written): `[H, S, V]`.
+    fn attend_chunk(
+        &self,
+        batch: &ForwardBatch,
+        chunk: &SeqChunk,
+        cache: &dyn LatentKv,
+        layer: usize,
+        qn: &Tensor,
+        qp: &Tensor,
+    ) -> Result<Tensor> {
+        let (s, len) = (chunk.len, chunk.start_pos + chunk.len);
+        if let (1, Some(pages)) = (s, cache.paged(layer)) {
+            if batch.use_absorbed(chunk) && crate::device_ops::has_paged_mla(qn) {
+                if let Some(o) = self.attend_paged(qn, qp, &pages, len)? {
+                    return Ok(o);
+                }
+            }
+        }
+        if !batch.use_absorbed(chunk) {
+            return self.attend_naive(qn, qp, &cache.read(layer, len)?, chunk.start_pos);
+        }
+        match (&self.absorbed, self.cpu_pages(batch, chunk, cache, layer)) {
+            // a paged cache on the CPU: its pool rows in place, not a gathered copy
+            (Absorbed::Cpu(cpu), Some(p)) => {
+                let pages = Pages { ids: p.pages, size: p.page_size };
+                self.attend_absorbed_cpu(cpu, qn, qp, p.pool, Some(pages), len, chunk.start_pos)
+            }
+            _ => self.attend_absorbed(qn, qp, &cache.read(layer, len)?, chunk.start_pos),
+        }
     }
 
     fn split_entries(&self, entries: &Tensor) -> Result<(Tensor, Tensor)> {
