@@ -96,18 +96,24 @@ impl Kvb {
         self.kv.resident_bytes() + self.keys_t.as_ref().map_or(0, PackedMatrix::resident_bytes)
     }
 
-    /// Weight bytes a decode step reads for the two products: all of kv as stored; for q8_0 the
-    /// transposed keys and the value rows.
     /// The matrix the absorption reads (for [`crate::prefetch::next`]).
     pub fn absorption_weights(&self) -> &PackedMatrix {
         self.keys_t.as_ref().unwrap_or(&self.kv)
     }
 
-    /// The matrix the expansion reads.
-    pub fn expansion_weights(&self) -> &PackedMatrix {
-        &self.kv
+    /// The bytes the expansion reads: each head's value rows (for [`crate::prefetch::next_bytes`];
+    /// all of kv where a head's rows are not whole groups of the stored layout).
+    pub fn expansion_bytes(&self) -> Vec<&[u8]> {
+        let KvbShape { heads, nope, v } = self.shape;
+        let first = |h: usize| self.shape.head(h) + nope;
+        (0..heads)
+            .map(|h| self.kv.bytes_of_rows(first(h)..first(h) + v))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_else(|| vec![self.kv.bytes()])
     }
 
+    /// Weight bytes a decode step reads for the two products: all of kv as stored; for q8_0 the
+    /// transposed keys and the value rows.
     pub fn decode_bytes(&self) -> usize {
         match &self.keys_t {
             None => self.kv.resident_bytes(),

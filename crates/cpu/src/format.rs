@@ -401,6 +401,17 @@ impl PackedMatrix {
         &self.data
     }
 
+    /// The stored bytes of `rows` (not FP8 scales) where they are contiguous: a grouped format's
+    /// only in whole groups of [`Q8_0_GROUP`] rows. For prefetching.
+    pub fn bytes_of_rows(&self, rows: std::ops::Range<usize>) -> Option<&[u8]> {
+        let whole = |r: usize| !self.format.grouped() || r.is_multiple_of(Q8_0_GROUP) || r == self.rows;
+        if rows.start > rows.end || rows.end > self.rows || !whole(rows.start) || !whole(rows.end) {
+            return None;
+        }
+        let stored = |r: usize| if self.format.grouped() { r.next_multiple_of(Q8_0_GROUP) } else { r };
+        self.data.get(stored(rows.start) * self.row_bytes..stored(rows.end) * self.row_bytes)
+    }
+
     /// Row `r` as f32 (the reference every kernel is tested against), `padded_cols` long.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let pc = self.padded_cols;
@@ -482,6 +493,25 @@ pub(crate) fn q4k_scales(q: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A row range's bytes: its rows' where rows are stored one after another, whole groups of
+    /// 16 for q8_0 (refused for part of a group), nothing past the matrix.
+    #[test]
+    fn bytes_of_rows_are_the_stored_rows() {
+        let w: Vec<f32> = (0..40 * 64).map(|i| (i % 13) as f32 - 6.0).collect();
+        let f = PackedMatrix::from_f32(Format::F32, 40, 64, &w).unwrap();
+        let rows = f.bytes_of_rows(3..5).unwrap();
+        assert_eq!(rows.len(), 2 * 64 * 4);
+        assert_eq!(rows[..4], w[3 * 64].to_le_bytes());
+        assert!(f.bytes_of_rows(39..41).is_none());
+        let q = PackedMatrix::from_f32(Format::Q8_0, 40, 64, &w).unwrap();
+        assert_eq!(q.bytes_of_rows(16..32).map(<[u8]>::len), Some(16 * q.row_bytes));
+        assert_eq!(q.bytes_of_rows(32..40).map(<[u8]>::len), Some(16 * q.row_bytes), "the last group whole");
+        assert!(q.bytes_of_rows(8..16).is_none());
+        assert_eq!(q.bytes_of_rows(0..40).map(<[u8]>::len), Some(q.bytes().len()));
+    }
+
     #[test]
     fn q4k_scale_unpacking_matches_the_bytewise_definition() {
         for seed in 0..2000u32 {

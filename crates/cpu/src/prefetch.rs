@@ -101,10 +101,15 @@ static HINTS: Hints = Hints::new();
 /// The products a step runs next are over `weights` (in the order they read them): waiting
 /// threads of the pool fetch the first [`AHEAD_BYTES`] of them. Replaces the previous hint.
 pub fn next<'a>(weights: impl IntoIterator<Item = &'a PackedMatrix>) {
+    next_bytes(weights.into_iter().map(PackedMatrix::bytes));
+}
+
+/// [`next`] over byte ranges of weights (a product that reads only some rows of its matrix).
+pub fn next_bytes<'a>(spans: impl IntoIterator<Item = &'a [u8]>) {
     if rayon::current_num_threads() < 2 {
         return;
     }
-    HINTS.set(Ahead::new(weights.into_iter().map(PackedMatrix::bytes), AHEAD_BYTES));
+    HINTS.set(Ahead::new(spans, AHEAD_BYTES));
 }
 
 /// A waiting thread's view of the hints: the one it works on.

@@ -569,6 +569,11 @@ fn absorption_products_match_the_reference() {
         ] {
             let kv = Kvb::as_stored(pack(format, &mut rng, rows, latent), shape).unwrap();
             check(&kv, &format!("{format:?}"));
+            // what the expansion reads, for prefetching: the value rows (q8_0's groups of 16 rows
+            // only where the heads' rows are whole groups, else all of kv)
+            let (fetched, all) = (kv.expansion_bytes().iter().map(|b| b.len()).sum::<usize>(), kv.kv().bytes().len());
+            let whole_groups = format != Format::Q8_0 || (nope % 16 == 0 && v % 16 == 0);
+            assert_eq!(fetched, if whole_groups { all / (nope + v) * v } else { all }, "{format:?} {shape:?}");
             // FP8 rows as stored give the bits of their f32 dequantization (a model keeps kv_b
             // as FP8 for these products instead of dequantizing it)
             // (where both take the same loops: the AVX-512 ones need 16-column blocks)

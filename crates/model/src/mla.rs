@@ -234,33 +234,17 @@ impl Mla {
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
-        // sequences whose rows are all in CPU page pools attend at once: one sequence's call
-        // alone keeps one thread busy where its heads make one lane group over few rows
-        let cpu_paged: Option<Vec<_>> = match &self.absorbed {
-            Absorbed::Cpu(cpu) if batch.chunks.len() > 1 => batch
-                .chunks
-                .iter()
-                .zip(kv.iter())
-                .map(|(chunk, cache)| self.cpu_pages(batch, chunk, &**cache, layer).map(|p| (cpu, p)))
-                .collect(),
-            _ => None,
-        };
-        let outs: Vec<Tensor> = match cpu_paged {
-            Some(paged) => moeserve_cpu::pool::map_indices(paged.len(), |i| {
-                let ((qn, qp), chunk, (cpu, p)) = (&queries[i], &batch.chunks[i], &paged[i]);
-                let pages = Pages { ids: p.pages, size: p.page_size };
-                self.attend_absorbed_cpu(cpu, qn, qp, p.pool, Some(pages), chunk.start_pos + chunk.len, chunk.start_pos)
-            })
-            .into_iter()
-            .collect::<Result<_>>()?,
-            None => batch
-                .chunks
-                .iter()
-                .zip(kv.iter())
-                .zip(&queries)
-                .map(|((chunk, cache), (qn, qp))| self.attend_chunk(batch, chunk, &**cache, layer, qn, qp))
-                .collect::<Result<_>>()?,
-        };
+        // (not in one parallel loop over the chunks: each call holds a read lock on the page
+        // pool while its kernels' loops run, and a parallel loop of such calls deadlocked against
+        // another rank's pending write to a shared pool: the writer blocks the other calls' read
+        // locks, and the holder waits on the loops they keep from running)
+        let outs: Vec<Tensor> = batch
+            .chunks
+            .iter()
+            .zip(kv.iter())
+            .zip(&queries)
+            .map(|((chunk, cache), (qn, qp))| self.attend_chunk(batch, chunk, &**cache, layer, qn, qp))
+            .collect::<Result<_>>()?;
         let outs = outs
             .iter()
             .zip(&batch.chunks)
@@ -365,7 +349,9 @@ impl Mla {
         let q_lat = moeserve_cpu::absorb_queries(cpu, &f32_values(q_nope)?, s); // [H, S, L]
 
         // fetched while the attention kernel lays out its queries, and after it
-        moeserve_cpu::prefetch::next(std::iter::once(cpu.expansion_weights()).chain(self.o_proj.packed()));
+        moeserve_cpu::prefetch::next_bytes(
+            cpu.expansion_bytes().into_iter().chain(self.o_proj.packed().map(PackedMatrix::bytes)),
+        );
         drop(p);
         let shape = moeserve_cpu::MlaShape { heads: h, queries: s, tokens, latent: self.latent, rope: self.rope, start };
         let q_pe = f32_values(q_pe)?;
