@@ -87,6 +87,28 @@ fn concurrent_requests_match_running_alone() {
     assert_all_pages_free(&e);
 }
 
+/// The same in bf16 on pages of 16, where a batched step's sequences attend over the bf16 pool
+/// in one parallel loop (the CPU's bf16 decode kernel, where it runs; the f32 reading elsewhere).
+#[test]
+fn concurrent_requests_match_running_alone_in_bf16() {
+    let dir = root().join("tests/fixtures/tiny-v3");
+    let model = DeepSeekModel::load(&dir, &LoadOptions { dtype: candle_core::DType::BF16, ..Default::default() }).unwrap();
+    let e = Engine::start(model, None, EngineConfig { prefix_caching: false, page_size: 16, ..Default::default() }).unwrap();
+    let reqs: Vec<Request> = (0..4).map(|i| greedy_req(prompt(i), 5 + i)).collect();
+    let solo: Vec<Choice> = reqs.iter().map(|r| alone(&e, r.clone())).collect();
+    let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        let got = collect(s, 1).remove(0);
+        assert_eq!(got.tokens, solo[i].tokens, "request {i}: tokens");
+        for (x, y) in got.logprobs.iter().zip(&solo[i].logprobs) {
+            for ((ti, lx), (tj, ly)) in x.iter().zip(y) {
+                assert!((lx - ly).abs() < 0.05, "request {i}: logprob {ti}/{tj} {lx} vs {ly}");
+            }
+        }
+    }
+    assert_all_pages_free(&e);
+}
+
 #[test]
 fn chunked_prefill_equals_unchunked() {
     let big = engine(EngineConfig::default());

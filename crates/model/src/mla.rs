@@ -24,6 +24,8 @@ use crate::parallel::Parallel;
 use crate::rope::RopeTables;
 use crate::values::{with_bf16_bits, with_f32};
 
+mod pooled;
+
 /// Query rows per step of the naive (prefill) attention.
 const QUERY_CHUNK: usize = 64;
 
@@ -220,39 +222,35 @@ impl Mla {
         drop(span);
         let span = profile::span("attention block/attention");
 
-        // every chunk's rows into its cache, then each chunk's attention over its cache
-        let mut queries = Vec::with_capacity(batch.chunks.len());
+        // every chunk's rows into its cache, then the chunks' attention over their caches
         let mut offset = 0;
         for (chunk, cache) in batch.chunks.iter().zip(kv.iter_mut()) {
-            let s = chunk.len;
-            cache.write(layer, chunk.start_pos, &rows.narrow(0, offset, s).ctx(ctx)?)?;
-            let qn = q_nope.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, P]
-            let qp = q_pe.narrow(0, offset, s).ctx(ctx)?.transpose(0, 1).ctx(ctx)?.contiguous().ctx(ctx)?; // [H, S, R]
-            queries.push((qn, qp));
-            offset += s;
+            cache.write(layer, chunk.start_pos, &rows.narrow(0, offset, chunk.len).ctx(ctx)?)?;
+            offset += chunk.len;
         }
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
-        // (not in one parallel loop over the chunks: each call holds a read lock on the page
-        // pool while its kernels' loops run, and a parallel loop of such calls deadlocked against
-        // another rank's pending write to a shared pool: the writer blocks the other calls' read
-        // locks, and the holder waits on the loops they keep from running)
-        let outs: Vec<Tensor> = batch
-            .chunks
-            .iter()
-            .zip(kv.iter())
-            .zip(&queries)
-            .map(|((chunk, cache), (qn, qp))| self.attend_chunk(batch, chunk, &**cache, layer, qn, qp))
-            .collect::<Result<_>>()?;
-        let outs = outs
-            .iter()
-            .zip(&batch.chunks)
-            .map(|(o, chunk)| o.transpose(0, 1).and_then(|o| o.reshape((chunk.len, self.heads * self.v))).ctx(ctx))
-            .collect::<Result<Vec<_>>>()?;
+        let o = match self.attend_pooled(batch, kv, layer, &q_nope, &q_pe)? {
+            Some(o) => o,
+            None => {
+                let mut outs = Vec::with_capacity(batch.chunks.len());
+                let mut offset = 0;
+                for (chunk, cache) in batch.chunks.iter().zip(kv.iter()) {
+                    let s = chunk.len;
+                    let head_major = |t: &Tensor| t.narrow(0, offset, s)?.transpose(0, 1)?.contiguous();
+                    let qn = head_major(&q_nope).ctx(ctx)?; // [H, S, P]
+                    let qp = head_major(&q_pe).ctx(ctx)?; // [H, S, R]
+                    let o = self.attend_chunk(batch, chunk, &**cache, layer, &qn, &qp)?; // [H, S, V]
+                    outs.push(o.transpose(0, 1).and_then(|o| o.reshape((s, self.heads * self.v))).ctx(ctx)?);
+                    offset += s;
+                }
+                Tensor::cat(&outs, 0).ctx(ctx)?
+            }
+        };
         drop(span);
         let _span = profile::span("attention block/o_proj");
-        self.o_proj.forward(&Tensor::cat(&outs, 0).ctx(ctx)?)
+        self.o_proj.forward(&o)
     }
 
     /// `chunk`'s cache rows as a CPU page pool that the absorbed CPU kernels read in place, if
