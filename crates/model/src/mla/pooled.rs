@@ -100,5 +100,9 @@ impl Mla {
 
 /// `[H, s, w]`: rows `first..first + s` of each head of `x: [H, n, w]`.
 fn head_rows(x: &[f32], heads: usize, n: usize, w: usize, first: usize, s: usize) -> Vec<f32> {
-    (0..heads).flat_map(|head| &x[(head * n + first) * w..][..s * w]).copied().collect()
+    let mut out = Vec::with_capacity(heads * s * w);
+    for head in 0..heads {
+        out.extend_from_slice(&x[(head * n + first) * w..][..s * w]);
+    }
+    out
 }
