@@ -87,6 +87,36 @@ fn concurrent_requests_match_running_alone() {
     assert_all_pages_free(&e);
 }
 
+/// The batched paged engine (its sequences' attention in one pass over the page pool, a
+/// prefill chunk beside decodes on its own) gives `generate`'s greedy tokens on a contiguous
+/// cache (each sequence's attention a call of its own).
+#[test]
+fn batched_paged_attention_matches_the_contiguous_cache() {
+    let dir = root().join("tests/fixtures/tiny-v3");
+    let model =
+        std::sync::Arc::new(moeserve_model::ModelGroup::from(DeepSeekModel::load(&dir, &LoadOptions::default()).unwrap()));
+    let e = engine(EngineConfig { prefix_caching: false, max_batch_tokens: 24, ..Default::default() });
+    let reqs: Vec<Request> = (0..6).map(|i| greedy_req(prompt(i), 7)).collect();
+    let streams: Vec<RequestStream> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    for (i, (s, r)) in streams.into_iter().zip(&reqs).enumerate() {
+        let req = moeserve_engine::GenerateRequest {
+            prompt: r.prompt.clone(),
+            max_tokens: 7,
+            sampling: SamplingParams::greedy(),
+            stop_tokens: vec![],
+            num_draft_tokens: 0,
+        };
+        let mut want = Vec::new();
+        moeserve_engine::generate(&model, &req, |t| {
+            want.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(collect(s, 1).remove(0).tokens, want, "request {i}");
+    }
+    assert_all_pages_free(&e);
+}
+
 /// The same in bf16 on pages of 16, where a batched step's sequences attend over the bf16 pool
 /// in one parallel loop (the CPU's bf16 decode kernel, where it runs; the f32 reading elsewhere).
 #[test]

@@ -231,18 +231,29 @@ impl Mla {
         if offset != n {
             return Err(Error::Input(format!("batch chunks cover {offset} tokens, batch has {n}")));
         }
-        let o = match self.attend_pooled(batch, kv, layer, &q_nope, &q_pe)? {
-            Some(o) => o,
-            None => {
+        // the chunks whose rows lie in one CPU page pool attend together, the others one at a time
+        let (pooled, pooled_out) = self.attend_pooled(batch, kv, layer, &q_nope, &q_pe)?.unzip();
+        let o = match (pooled.as_deref(), pooled_out) {
+            (Some(all), Some(o)) if all.len() == batch.chunks.len() => o,
+            (pooled, pooled_out) => {
+                let pooled = pooled.unwrap_or_default();
                 let mut outs = Vec::with_capacity(batch.chunks.len());
-                let mut offset = 0;
-                for (chunk, cache) in batch.chunks.iter().zip(kv.iter()) {
+                let (mut offset, mut at) = (0, 0);
+                for (i, (chunk, cache)) in batch.chunks.iter().zip(kv.iter()).enumerate() {
                     let s = chunk.len;
-                    let head_major = |t: &Tensor| t.narrow(0, offset, s)?.transpose(0, 1)?.contiguous();
-                    let qn = head_major(&q_nope).ctx(ctx)?; // [H, S, P]
-                    let qp = head_major(&q_pe).ctx(ctx)?; // [H, S, R]
-                    let o = self.attend_chunk(batch, chunk, &**cache, layer, &qn, &qp)?; // [H, S, V]
-                    outs.push(o.transpose(0, 1).and_then(|o| o.reshape((s, self.heads * self.v))).ctx(ctx)?);
+                    match &pooled_out {
+                        Some(o) if pooled.contains(&i) => {
+                            outs.push(o.narrow(0, at, s).ctx(ctx)?);
+                            at += s;
+                        }
+                        _ => {
+                            let head_major = |t: &Tensor| t.narrow(0, offset, s)?.transpose(0, 1)?.contiguous();
+                            let qn = head_major(&q_nope).ctx(ctx)?; // [H, S, P]
+                            let qp = head_major(&q_pe).ctx(ctx)?; // [H, S, R]
+                            let o = self.attend_chunk(batch, chunk, &**cache, layer, &qn, &qp)?; // [H, S, V]
+                            outs.push(o.transpose(0, 1).and_then(|o| o.reshape((s, self.heads * self.v))).ctx(ctx)?);
+                        }
+                    }
                     offset += s;
                 }
                 Tensor::cat(&outs, 0).ctx(ctx)?
