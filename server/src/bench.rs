@@ -40,9 +40,10 @@ pub struct Args {
     /// for each stage of the prefill and per decoded token, and its share of the step.
     #[arg(long)]
     pub profile: bool,
-    /// Alternate the decode steps of the timed runs between two versions of the code under
-    /// evaluation (it branches on `moeserve_core::ab::variant()`), and print the ratio of their
-    /// mean step times: resolves a 1 % change on a machine whose bandwidth drifts more.
+    /// Alternate the decode steps of the timed runs (and the engine's decode-only steps at each
+    /// `--concurrency` level) between two versions of the code under evaluation (it branches on
+    /// `moeserve_core::ab::variant()`), and print the ratio of their mean step times: resolves a
+    /// 1 % change on a machine whose bandwidth drifts more.
     #[arg(long)]
     pub ab: bool,
     /// Formats of the kernel benchmark (default: all of f32,bf16,fp8,q8_0,q4k,q6k).
@@ -291,14 +292,7 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     if let Some(r) = moeserve_core::ab::report() {
-        println!(
-            "A/B (alternate decode steps): variant A {:.1} us/step ({} steps), variant B {:.1} us/step ({} steps), B/A {:.4}",
-            r.a.as_secs_f64() * 1e6,
-            r.a_steps,
-            r.b.as_secs_f64() * 1e6,
-            r.b_steps,
-            r.ratio()
-        );
+        println!("{}", ab_line("A/B (alternate decode steps)", &r));
     }
     if args.profile {
         profile_decode(model, &req(args.gen_len.max(2)))?;
@@ -502,6 +496,18 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Concurrency levels through the batching engine; `single` is the single-stream decode tok/s.
+/// `bench --ab`'s line: each variant's mean step time and their ratio.
+fn ab_line(what: &str, r: &moeserve_core::ab::Report) -> String {
+    format!(
+        "{what}: variant A {:.1} us/step ({} steps), variant B {:.1} us/step ({} steps), B/A {:.4}",
+        r.a.as_secs_f64() * 1e6,
+        r.a_steps,
+        r.b.as_secs_f64() * 1e6,
+        r.b_steps,
+        r.ratio()
+    )
+}
+
 fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> {
     let max_c = args.concurrency.iter().copied().max().unwrap_or(1).max(1);
     // the MTP layer (when loaded) has its rows in the same pages; drafts need K slots more
@@ -524,6 +530,7 @@ fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> 
     let engine = Engine::start(model, None, engine_cfg)?;
     for (level, &c) in args.concurrency.iter().enumerate() {
         let c = c.max(1);
+        moeserve_core::ab::enable(args.ab);
         let start = Instant::now();
         let handles: Vec<_> = (0..c)
             .map(|i| {
@@ -570,6 +577,10 @@ fn bench_concurrency(model: ModelGroup, args: &Args, single: f64) -> Result<()> 
             percentile(&ttft, 0.5),
             percentile(&ttft, 0.99)
         );
+        moeserve_core::ab::enable(false);
+        if let Some(r) = moeserve_core::ab::report().filter(|_| args.ab) {
+            println!("{}", ab_line(&format!("concurrency {c:>3}: A/B (alternate decode-only engine steps)"), &r));
+        }
     }
     let m = engine.metrics();
     println!(

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 static ON: AtomicBool = AtomicBool::new(false);
+/// Steps begun through [`begin_next_step`] since [`enable`].
+static STEPS: AtomicU64 = AtomicU64::new(0);
 static B: AtomicBool = AtomicBool::new(false);
 /// Nanoseconds and steps of variant A, then of variant B.
 static TIMES: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
@@ -17,6 +19,7 @@ static TIMES: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 pub fn enable(on: bool) {
     if on {
         TIMES.iter().for_each(|t| t.store(0, Relaxed));
+        STEPS.store(0, Relaxed);
     }
     B.store(false, Relaxed);
     ON.store(on, Relaxed);
@@ -36,6 +39,15 @@ pub fn begin_step(step: usize) -> Option<bool> {
     let b = step % 2 == 1;
     B.store(b, Relaxed);
     Some(b)
+}
+
+/// [`begin_step`] for a loop that does not count its steps (the engine's decode steps): each
+/// call the next step.
+pub fn begin_next_step() -> Option<bool> {
+    if !ON.load(Relaxed) {
+        return None;
+    }
+    begin_step(STEPS.fetch_add(1, Relaxed) as usize)
 }
 
 /// After a step that [`begin_step`] gave variant `b`.
@@ -90,6 +102,13 @@ mod tests {
         assert_eq!(report(), Some(r));
         enable(true);
         assert_eq!(report(), None);
+        // a loop that does not count its steps alternates from the first after `enable`
+        let order: Vec<Option<bool>> = (0..4).map(|_| begin_next_step()).collect();
+        assert_eq!(order, [Some(false), Some(true), Some(false), Some(true)]);
+        enable(false);
+        assert_eq!(begin_next_step(), None);
+        enable(true);
+        assert_eq!(begin_next_step(), Some(false));
         enable(false);
     }
 }

@@ -555,6 +555,9 @@ impl Engine {
         }
         let mut kv: Vec<&mut dyn LatentKv> = views.iter_mut().map(|v| v as &mut dyn LatentKv).collect();
         let model = &self.model;
+        // `bench --ab`: the steps that only decode alternate between the versions under evaluation
+        let variant = if batch.chunks.iter().all(|c| c.len == 1) { moeserve_core::ab::begin_next_step() } else { None };
+        let started = Instant::now();
         // the forward and the logits in one step on the kernels' pool
         let (hidden, logits) = model.step(|| -> Result<(Tensor, Option<Tensor>)> {
             let hidden = model.forward(&batch, &mut kv)?;
@@ -567,6 +570,9 @@ impl Engine {
             let logits = model.logits(&rows)?;
             Ok((hidden, Some(logits)))
         })?;
+        if let Some(b) = variant {
+            moeserve_core::ab::end_step(b, started.elapsed());
+        }
         drop(kv);
         drop(views);
         let mut first = 0;
