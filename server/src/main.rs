@@ -61,9 +61,20 @@ fn main() {
 /// counts the physical cores by reading /proc/cpuinfo each time (tens of microseconds, dozens
 /// of times per decode step). Set it once, before any thread starts, to the size rayon's pool
 /// takes anyway.
+///
+/// candle 0.11 also runs its large elementwise ops on a pool of its own (`candle-bp-N` threads,
+/// `CANDLE_NUM_THREADS - 1` of them) beside rayon's, which the kernels use: while a step's glue
+/// ran such an op, its worker competed for the cores with the kernels' threads, and between ops
+/// it spun (perf, bench-small q4_K prefill: 1.6 % of all samples on that thread, most of them its
+/// spin). With `CANDLE_NUM_THREADS=1` that pool has no workers and its ops run on the calling
+/// thread, so the process keeps one thread per core (prefill and decode the same within this
+/// machine's noise, 3 interleaved rounds). Either variable set by the user is kept.
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

@@ -1,5 +1,6 @@
-//! The kernels' threads: rayon's pool, one for the whole process and shared with candle's own
-//! kernels, so threads are never oversubscribed. A model step runs on it ([`on_pool`]), and its
+//! The kernels' threads: rayon's pool, one for the whole process (the `moeserve` binary sets
+//! `CANDLE_NUM_THREADS=1`, so candle's elementwise ops run on the calling thread rather than
+//! on a pool of candle's own), so threads are never oversubscribed. A model step runs on it ([`on_pool`]), and its
 //! parallel loops ([`parallel`], [`for_each_index`], [`map_indices`]) count as parallel time in
 //! `--profile`'s stages.
 
