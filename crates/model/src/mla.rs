@@ -238,13 +238,14 @@ impl Mla {
             (pooled, pooled_out) => {
                 let pooled = pooled.unwrap_or_default();
                 let mut outs = Vec::with_capacity(batch.chunks.len());
-                let (mut offset, mut at) = (0, 0);
+                // (`pooled` is in chunk order: the next pooled chunk is `pooled[k]`)
+                let (mut offset, mut at, mut k) = (0, 0, 0);
                 for (i, (chunk, cache)) in batch.chunks.iter().zip(kv.iter()).enumerate() {
                     let s = chunk.len;
                     match &pooled_out {
-                        Some(o) if pooled.contains(&i) => {
+                        Some(o) if pooled.get(k) == Some(&i) => {
                             outs.push(o.narrow(0, at, s).ctx(ctx)?);
-                            at += s;
+                            (at, k) = (at + s, k + 1);
                         }
                         _ => {
                             let head_major = |t: &Tensor| t.narrow(0, offset, s)?.transpose(0, 1)?.contiguous();

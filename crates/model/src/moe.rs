@@ -197,16 +197,21 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
     // decode step's experts all take its one token), the groups in parallel; gate and up share
     // theirs when they share a format
     let mut bases: Vec<(Format, usize, Activations)> = Vec::new(); // format, columns, x's activations
-    let base_of = |bases: &[(Format, usize, Activations)], m: &PackedMatrix| {
-        bases.iter().position(|b| b.0 == m.format() && b.1 == m.cols())
-    };
-    for m in groups.iter().flat_map(|(w, _, _)| [w[0], w[1]]) {
-        if base_of(&bases, m).is_none() {
-            bases.push((m.format(), m.cols(), moeserve_cpu::activations(m, xs, n)));
-        }
-    }
-    // up takes gate's activations where their formats agree
-    let shared = |w: &[&PackedMatrix; 3]| w[1].format() == w[0].format() && w[1].cols() == w[0].cols();
+                                                                   // each group's gate and up: the index of x's activations in their format
+    let base_of: Vec<[usize; 2]> = groups
+        .iter()
+        .map(|(w, _, _)| {
+            [w[0], w[1]].map(|m| match bases.iter().position(|b| b.0 == m.format() && b.1 == m.cols()) {
+                Some(b) => b,
+                None => {
+                    bases.push((m.format(), m.cols(), moeserve_cpu::activations(m, xs, n)));
+                    bases.len() - 1
+                }
+            })
+        })
+        .collect();
+    // up takes gate's activations where they are the same ones
+    let shared = |i: usize| base_of[i][0] == base_of[i][1];
     // each group's gate and up activations gathered from x's, `None` where they are x's as they
     // are (every row) or up takes gate's
     let every = |rows: &[usize]| rows.len() == n && rows.iter().enumerate().all(|(i, &r)| i == r);
@@ -214,18 +219,14 @@ fn run_groups(groups: &[Group], xs: &[f32], n: usize, hidden: usize) -> Result<V
         groups.iter().map(|_| [None, None]).collect()
     } else {
         moeserve_cpu::pool::map_indices(groups.len(), |i| {
-            let (w, rows, _) = &groups[i];
-            let gathered = |m: &PackedMatrix| base_of(&bases, m).filter(|_| !every(rows)).map(|b| bases[b].2.gather(rows));
-            [gathered(w[0]), if shared(w) { None } else { gathered(w[1]) }]
+            let rows = &groups[i].1;
+            let gathered = |k: usize| (!every(rows)).then(|| bases[base_of[i][k]].2.gather(rows));
+            [gathered(0), if shared(i) { None } else { gathered(1) }]
         })
     };
     let acts_of = |i: usize, k: usize| -> &Activations {
-        let k = if k == 1 && shared(&groups[i].0) { 0 } else { k };
-        match &picked[i][k] {
-            Some(a) => a,
-            // (every matrix's format has its base, made above)
-            None => &bases[base_of(&bases, groups[i].0[k]).unwrap_or(0)].2,
-        }
+        let k = if k == 1 && shared(i) { 0 } else { k };
+        picked[i][k].as_ref().unwrap_or(&bases[base_of[i][k]].2)
     };
     // the products' outputs in one reused buffer (they write every value)
     let lens = |k: usize| groups.iter().map(move |(w, rows, _)| rows.len() * w[k].rows());
