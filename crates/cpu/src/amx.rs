@@ -238,7 +238,7 @@ struct Sums([[f32; 256]; 4]);
 /// Row `r` of `w` (`pc` = its padded columns) as bf16, nearest even, at `o`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c")]
 unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
-    if w.format.grouped() {
+    if w.grouped && w.format != Format::Q6K {
         // (q8_0 and q4_K take the int8 tiles; this keeps the panel path complete)
         let mut f = vec![0f32; pc];
         w.decode_grouped_row(r, &mut f);
@@ -247,7 +247,8 @@ unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
         }
         return;
     }
-    let row = w.row(r).as_ptr();
+    // (q6_K's superblocks are gathered from its group below)
+    let row = if w.grouped { std::ptr::null() } else { w.row(r).as_ptr() };
     match w.format {
         Format::F32 => {
             for c in 0..pc / 16 {
@@ -278,7 +279,9 @@ unsafe fn decode_bf16(w: &PackedMatrix, r: usize, pc: usize, o: *mut u16) {
         Format::Q6K => {
             let (low4, low2, m32) = (_mm_set1_epi8(0x0f), _mm_set1_epi8(0x03), _mm_set1_epi8(32));
             for sb in 0..pc / Q6K_BLOCK.1 {
-                let bp = row.add(sb * Q6K_BLOCK.0);
+                // (grouped: the superblock's bytes gathered from its record, in ggml's order)
+                let block = if w.grouped { w.q6k_block(r, sb) } else { [0u8; Q6K_BLOCK.0] };
+                let bp = if w.grouped { block.as_ptr() } else { row.add(sb * Q6K_BLOCK.0) };
                 let sc = bp.add(192) as *const i8;
                 let d = f16_at(bp.add(208));
                 let ob = o.add(sb * 256);

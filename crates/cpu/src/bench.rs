@@ -74,17 +74,25 @@ pub fn run(
         let copies = (min_bytes / w.resident_bytes().max(1)).max(1);
         let ws: Vec<PackedMatrix> = (0..copies).map(|_| w.clone()).collect();
         // bf16 and FP8 weights twice: with f32 activations, and with activations that are bf16
-        // values (a `--dtype bf16` model's), which take the `vdpbf16ps` kernels where the CPU has them
+        // values (a `--dtype bf16` model's), which take the `vdpbf16ps` kernels where the CPU has
+        // them; q6_K twice too: in this CPU's layout and in the other (`with_q6k_layout`)
         let bf16_values: Vec<f32>;
-        let passes: Vec<(&'static str, &[f32])> = match format {
+        let other: Vec<PackedMatrix>;
+        let passes: Vec<(&'static str, &[f32], &[PackedMatrix])> = match format {
             Format::Bf16 | Format::Fp8 { .. } => {
                 bf16_values = w32.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
                 let exact = if format == Format::Bf16 { "bf16·bf16" } else { "fp8·bf16" };
-                vec![(format.name(), &w32), (exact, &bf16_values)]
+                vec![(format.name(), &w32, &ws), (exact, &bf16_values, &ws)]
             }
-            _ => vec![(format.name(), &w32)],
+            Format::Q6K => {
+                let grouped = w.is_grouped();
+                other = ws.iter().map(|w| w.with_q6k_layout(!grouped)).collect();
+                let name = if grouped { "q6k·rows" } else { "q6k·groups" };
+                vec![(format.name(), &w32, &ws), (name, &w32, &other)]
+            }
+            _ => vec![(format.name(), &w32, &ws)],
         };
-        for &(name, values) in &passes {
+        for &(name, values, ws) in &passes {
             let mut base = None;
             for &batch in batches {
                 let x = &values[..batch * cols];

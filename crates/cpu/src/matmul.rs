@@ -117,7 +117,7 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
         let rows_per = (unit_bytes / p.w.row_bytes.max(1)).clamp(1, p.w.rows.max(1));
         let rows_per = if rows_per > 32 { rows_per.next_multiple_of(32) } else { rows_per };
         // q8_0 and q4_K are stored in groups of 16 rows: whole groups a unit
-        let rows_per = if p.w.format.grouped() { rows_per.max(4 * Q8_0_GROUP).next_multiple_of(Q8_0_GROUP) } else { rows_per };
+        let rows_per = if p.w.grouped { rows_per.max(4 * Q8_0_GROUP).next_multiple_of(Q8_0_GROUP) } else { rows_per };
         let mut r = 0;
         while r < p.w.rows {
             units.push((i, r, (r + rows_per).min(p.w.rows)));
@@ -177,7 +177,7 @@ pub(crate) unsafe fn rows(
 /// `b < a.batch`, rows `r0..r1` inside `w`, and `y` valid for those writes.
 pub(crate) unsafe fn rows_of(backend: Backend, w: &PackedMatrix, a: &Activations, b: usize, r0: usize, r1: usize, y: *mut f32) {
     #[cfg(target_arch = "x86_64")]
-    if w.format.grouped() {
+    if w.grouped {
         match backend {
             Backend::Avx2 => return crate::simd::avx2::grouped_rows_of(w, a, b, r0, r1, y),
             Backend::Avx512 | Backend::Amx => return crate::simd::avx512::grouped_rows_of(w, a, b, r0, r1, y),

@@ -50,7 +50,7 @@ pub unsafe fn grouped_rows_of(w: &PackedMatrix, a: &Activations, b: usize, r0: u
 /// # Safety
 /// `available()` must be true, and `y` must be valid for those writes.
 pub unsafe fn rows(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: *mut f32, y_stride: usize) {
-    if w.format.grouped() {
+    if w.grouped {
         // groups of 16 rows, at every batch size (integer tiles beat the f32 panels)
         return crate::simd::grouped::rows(w, a, 0..a.batch, r0, r1, y, y_stride, $vnni);
     }
@@ -196,7 +196,7 @@ unsafe fn rows_gemm(w: &PackedMatrix, a: &Activations, r0: usize, r1: usize, y: 
 /// Row `r` as f32 (`padded_cols` values).
 #[target_feature(enable = $features)]
 unsafe fn decode_row(w: &PackedMatrix, r: usize, out: &mut [f32]) {
-    if w.format.grouped() {
+    if w.grouped {
         return w.decode_grouped_row(r, out);
     }
     let row = w.row(r).as_ptr();
@@ -236,8 +236,8 @@ unsafe fn tile<const R: usize, const BT: usize>(
     b0: usize,
     out: &mut [[f32; 8]; R],
 ) {
-    if w.format.grouped() {
-        debug_assert!(false, "q8_0 and q4_K products go to simd::grouped");
+    if w.grouped {
+        debug_assert!(false, "grouped products go to simd::grouped");
         return;
     }
     let rows = rr.map(|r| w.row(r).as_ptr());

@@ -35,6 +35,16 @@ fn pack(format: Format, rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) 
     }
 }
 
+/// `w` in each of its layouts: q6_K's groups of 16 rows and ggml's rows (the CPU's default is
+/// one of them, see `PackedMatrix::with_q6k_layout`), any other format as it is.
+fn layouts(w: PackedMatrix) -> Vec<PackedMatrix> {
+    if w.format() == Format::Q6K {
+        vec![w.with_q6k_layout(true), w.with_q6k_layout(false)]
+    } else {
+        vec![w]
+    }
+}
+
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -93,12 +103,14 @@ fn kernels_match_the_reference_on_ragged_shapes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (format, tol) in FORMATS {
         for (rows, cols) in [(1, 32), (7, 100), (33, 273), (130, 1000), (64, 2048)] {
-            let w = pack(format, &mut rng, rows, cols);
-            // (q6_K: 130 rows take the f32 panels of AVX2, the tiles of AVX-512)
+            // (q6_K's rows take the f32 panels of AVX2 from 128 activation rows, the tiles of
+            // AVX-512; its groups and the other grouped formats their tiles at every batch size)
             let big: &[usize] = if format == Format::Q6K { &[70, 130] } else { &[70] };
-            for &batch in [1, 2, 3, 4, 5, 8, 13, 16, 32].iter().chain(big) {
-                let x = rand_vec(&mut rng, batch * cols);
-                check_backends(&w, &x, batch, tol, &format!("{format:?}"));
+            for w in layouts(pack(format, &mut rng, rows, cols)) {
+                for &batch in [1, 2, 3, 4, 5, 8, 13, 16, 32].iter().chain(big) {
+                    let x = rand_vec(&mut rng, batch * cols);
+                    check_backends(&w, &x, batch, tol, &format!("{format:?} grouped {}", w.is_grouped()));
+                }
             }
         }
     }
@@ -132,28 +144,30 @@ fn a_row_has_the_same_bits_in_a_small_batch_as_alone() {
     let batches = [2, 3, 4, 5, 8, 13];
     for (format, _) in FORMATS {
         for (rows, cols) in [(33, 273), (130, 1024)] {
-            let w = pack(format, &mut rng, rows, cols);
-            for bf16 in [false, true] {
-                let mut x = rand_vec(&mut rng, 13 * cols);
-                if bf16 {
-                    x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
-                }
-                for backend in [Backend::Avx512, Backend::Avx2, Backend::Portable] {
-                    let run = |x: &[f32], batch: usize| {
-                        let a = activations(&w, x, batch);
-                        let mut y = vec![f32::NAN; batch * rows];
-                        matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut y }]);
-                        y
-                    };
-                    let alone: Vec<Vec<f32>> = (0..13).map(|b| run(&x[b * cols..(b + 1) * cols], 1)).collect();
-                    for batch in batches {
-                        let y = run(&x[..batch * cols], batch);
-                        for (b, want) in alone.iter().take(batch).enumerate() {
-                            let got = &y[b * rows..(b + 1) * rows];
-                            assert!(
+            for w in layouts(pack(format, &mut rng, rows, cols)) {
+                for bf16 in [false, true] {
+                    let mut x = rand_vec(&mut rng, 13 * cols);
+                    if bf16 {
+                        x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+                    }
+                    for backend in [Backend::Avx512, Backend::Avx2, Backend::Portable] {
+                        let run = |x: &[f32], batch: usize| {
+                            let a = activations(&w, x, batch);
+                            let mut y = vec![f32::NAN; batch * rows];
+                            matmul_many_with(backend, &mut [Product { w: &w, x: &a, y: &mut y }]);
+                            y
+                        };
+                        let alone: Vec<Vec<f32>> = (0..13).map(|b| run(&x[b * cols..(b + 1) * cols], 1)).collect();
+                        for batch in batches {
+                            let y = run(&x[..batch * cols], batch);
+                            for (b, want) in alone.iter().take(batch).enumerate() {
+                                let got = &y[b * rows..(b + 1) * rows];
+                                assert!(
                                 got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits()),
-                                "{format:?} bf16 activations {bf16} {backend:?} [{rows}, {cols}]: row {b} of {batch}"
+                                "{format:?} (grouped {}) bf16 activations {bf16} {backend:?} [{rows}, {cols}]: row {b} of {batch}",
+                                w.is_grouped()
                             );
+                            }
                         }
                     }
                 }
@@ -164,13 +178,14 @@ fn a_row_has_the_same_bits_in_a_small_batch_as_alone() {
 
 #[test]
 fn grouped_formats_in_several_streams_match_the_reference() {
-    // q8_0 and q4_K are stored in groups of 16 rows: enough rows that a thread's unit of work
-    // holds four or more groups (the kernels then read four groups side by side), the last group
-    // ragged; batches on both sides of the AMX thresholds (q4_K 32, q8_0 48 rows)
+    // q8_0, q4_K and (on AVX-512) q6_K are stored in groups of 16 rows: enough rows that a
+    // thread's unit of work holds four or more groups (the kernels then read four groups side by
+    // side), the last group ragged; batches on both sides of the AMX thresholds (q6_K 12, q4_K 32,
+    // q8_0 48 rows)
     let mut rng = rand::rngs::StdRng::seed_from_u64(10);
     let (rows, cols) = (1000, 2048);
-    for format in [Format::Q8_0, Format::Q4K] {
-        let w = pack(format, &mut rng, rows, cols);
+    for format in [Format::Q8_0, Format::Q4K, Format::Q6K] {
+        let w = pack(format, &mut rng, rows, cols).with_q6k_layout(true);
         for batch in [1, 2, 3, 5, 8, 12, 31, 49] {
             let x = rand_vec(&mut rng, batch * cols);
             let mut want = vec![0f32; batch * rows];
@@ -207,7 +222,7 @@ fn grouped_products_match_separate_ones() {
 #[test]
 fn block_layouts_dequantize_like_ggml() {
     // our reading of the q8_0 / q4_K / q6_K bytes against candle's (ggml's) dequantization
-    // (37 rows: q8_0 regroups them into two whole groups of 16 and a padded one)
+    // (37 rows: they are regrouped into two whole groups of 16 and a padded one)
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let (rows, cols) = (37, 512);
     let w = rand_vec(&mut rng, rows * cols);
@@ -218,6 +233,12 @@ fn block_layouts_dequantize_like_ggml() {
         let m = PackedMatrix::from_blocks(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
         let got: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
         assert_eq!(got, want, "{format:?}");
+        // q6_K in both layouts (the regrouping is lossless both ways)
+        for m in layouts(m) {
+            let again: Vec<f32> = (0..rows).flat_map(|r| m.dequantize_row(r)).collect();
+            assert_eq!(again, want, "{format:?} grouped {}", m.is_grouped());
+            assert_eq!(m.with_q6k_layout(!m.is_grouped()).with_q6k_layout(m.is_grouped()).bytes(), m.bytes());
+        }
         // and the quantization error is what the format promises
         let e = rel_err(&got, &w);
         let bound = match format {

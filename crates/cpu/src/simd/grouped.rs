@@ -1,5 +1,5 @@
-//! q8_0 and q4_K products on their grouped layouts ([`Q8_0_GROUP`], [`Q4K_GROUP_RECORD`]): 16
-//! weight rows at a time.
+//! q8_0, q4_K and q6_K products on their grouped layouts ([`Q8_0_GROUP`], [`Q4K_GROUP_RECORD`],
+//! [`Q6K_GROUP_RECORD`]): 16 weight rows at a time.
 //!
 //! A 64-byte vector of a group holds 4 consecutive columns of its 16 rows (q4_K: after masking
 //! its low or high nibbles). `vpdpbusd` against the same 4 columns of one activation row (4
@@ -9,7 +9,10 @@
 //! by the 16 rows' block scales times the activation block's scale (q4_K: `d · sc`, then the
 //! mins `dmin · m` times the activations' scaled block sums). A group gives 16 consecutive
 //! outputs per activation row: no horizontal sums, and each weight vector is loaded once for all
-//! the activation rows of a tile. Measured on 8192 × 4096 q8_0 (AMD Zen 4, with the streams
+//! the activation rows of a tile. q6_K: each 16-column block's sums (4 `vpdpbusd`, from the
+//! stored values' offset of 32 times the activations' block sum) times the rows' block scales,
+//! summed over the superblock as exact integers, then one `fma` by `d` times the activations'
+//! scale. Measured on 8192 × 4096 q8_0 (AMD Zen 4, with the streams
 //! prefetched into L2, see [`Q8_AHEAD_L2`]): 2 and 4 activation rows cost what one does (0.96–1.08×),
 //! 8 rows 1.1–1.4×. q4_K's packed 6-bit scales decode 16 rows at a time, as vectors.
 //!
@@ -23,13 +26,18 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::act::Activations;
-use crate::format::{Format, PackedMatrix, Q4K_GROUP_HEADER, Q4K_GROUP_RECORD, Q8_0_GROUP, Q8_0_GROUP_QUANTS};
+use crate::format::{
+    Format, PackedMatrix, Q4K_GROUP_HEADER, Q4K_GROUP_RECORD, Q6K_GROUP_HALF, Q6K_GROUP_HEADER, Q6K_GROUP_RECORD, Q8_0_GROUP,
+    Q8_0_GROUP_QUANTS,
+};
 
 /// How far ahead of its loads a q4_K kernel asks for its stream's bytes, into L2: the hardware
 /// prefetchers take a while to pick up each new stream, and a unit of work reads only a few
 /// kilobytes per stream. Measured on AMD Zen 4 (8192 × 4096, batch 1): into L2 two records ahead
 /// 0.95–1.0 of the read bandwidth, against 0.80–0.90 with the same distance into L1.
 const Q4K_PREFETCH: usize = 2 * Q4K_GROUP_RECORD;
+/// The same for q6_K streams.
+const Q6K_PREFETCH: usize = 2 * Q6K_GROUP_RECORD;
 /// The same for q8_0 streams, in 32-column blocks of a group: into L2 eight blocks (4 KiB) ahead,
 /// and, where the kernel is memory-bound (1–2 activation rows), into L1 one block ahead as well.
 /// Zen 4, interleaved runs against two blocks ahead into L1: batch 1 of 8192 × 4096 1300–1420 →
@@ -53,7 +61,7 @@ fn q8_block_ahead(q: *const u8, nb: usize, blk: usize, ahead: usize) -> (*const 
 ///
 /// # Safety
 /// The CPU must have the kernel's features (AVX-512 F/BW/VL/VNNI, or AVX2/FMA/F16C), `w` is
-/// q8_0 or q4_K, `a` was prepared for it, and `y` must be valid for the writes.
+/// q8_0, q4_K or q6_K, `a` was prepared for it, and `y` must be valid for the writes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn rows(
     w: &PackedMatrix,
@@ -73,9 +81,10 @@ pub(crate) unsafe fn rows(
     // tile, of two groups for q8_0: one pass over the weights instead of re-reading 4 groups
     // from L2 per 4 rows (batch 8 of 8192 × 4096: 1.7 → 1.4–1.5× batch 1). q4_K, whose tiles
     // keep a superblock's sums apart from the running ones, takes one group × 8 rows (two groups
-    // would not fit the registers: batch 8 1.6–1.8× batch 1 with two groups, 1.45–1.47× with one)
+    // would not fit the registers: batch 8 1.6–1.8× batch 1 with two groups, 1.45–1.47× with one),
+    // and so does q6_K
     let n = batch.len();
-    if wide && n > 4 && w.format == Format::Q4K {
+    if wide && n > 4 && matches!(w.format, Format::Q4K | Format::Q6K) {
         for g in g0..g1 {
             tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
@@ -87,7 +96,7 @@ pub(crate) unsafe fn rows(
         for g in g0 + 2 * part..g1 {
             tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
-    } else if (wide || n <= 2) && g1 - g0 >= 4 {
+    } else if (wide || n <= 2) && g1 - g0 >= 4 && !(std::env::var_os("G1").is_some() && w.format == Format::Q6K) {
         let part = (g1 - g0) / 4;
         for i in 0..part {
             tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), batch.clone(), out, wide);
@@ -136,9 +145,10 @@ unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G
             // the AVX-512 kernels store their outputs themselves
             macro_rules! go {
                 ($bt:literal) => {
-                    match w.format == Format::Q4K {
-                        false => q8_0_512::<G, $bt>(w, gs, a, b0, out),
-                        true => q4k_512::<G, $bt>(w, gs, a, b0, out),
+                    match w.format {
+                        Format::Q4K => q4k_512::<G, $bt>(w, gs, a, b0, out),
+                        Format::Q6K => q6k_512::<G, $bt>(w, gs, a, b0, out),
+                        _ => q8_0_512::<G, $bt>(w, gs, a, b0, out),
                     }
                 };
             }
@@ -149,9 +159,10 @@ unsafe fn tiles<const G: usize>(w: &PackedMatrix, a: &Activations, gs: [usize; G
         let mut sums = [[[0f32; Q8_0_GROUP]; 8]; G];
         macro_rules! go {
             ($bt:literal) => {
-                match w.format == Format::Q4K {
-                    false => q8_0_256::<G, $bt>(w, gs, a, b0, &mut sums),
-                    true => q4k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                match w.format {
+                    Format::Q4K => q4k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                    Format::Q6K => q6k_256::<G, $bt>(w, gs, a, b0, &mut sums),
+                    _ => q8_0_256::<G, $bt>(w, gs, a, b0, &mut sums),
                 }
             };
         }
@@ -568,6 +579,207 @@ unsafe fn q4k_256<const G: usize, const BT: usize>(
                         let acc_b = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[b]), sc, acc[j][b][h]);
                         acc[j][b][h] = _mm256_fnmadd_ps(min, _mm256_set1_ps(*xs.add(b * nb + sb * 8 + gi)), acc_b);
                     }
+                }
+            }
+        }
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            for h in 0..2 {
+                _mm256_storeu_ps(sums[j][b].as_mut_ptr().add(8 * h), acc[j][b][h]);
+            }
+        }
+    }
+}
+
+/// The 4 weight vectors of block `8h + 2M + kk` of a q6_K record (columns `16k..16k + 16`), 4
+/// columns each, unsigned 6-bit values: `runs` is the record's half `h` (plus the lane offset of
+/// an AVX2 half group), `$m` the literal `M` (which nibbles and bit pairs: a constant, so that
+/// each quarter's shifts are immediates; a `match` on a variable compiled to per-lane variable
+/// shifts, which AVX2 emulates by unpacking). ggml's order: in each half of 128 columns, `ql[l]`
+/// holds columns `l` (low nibble) and `64 + l` (high), `ql[32 + l]` columns `32 + l` and
+/// `96 + l`, and `qh[l]` the top 2 bits of columns `l`, `32 + l`, `64 + l`, `96 + l`.
+macro_rules! q6k_vectors {
+    ($load:ident, $and:ident, $or:ident, $srli:ident, $slli:ident, $runs:expr, $m:expr, $kk:expr, $low4:expr, $bits45:expr) => {
+        std::array::from_fn(|i| {
+            let q = 4 * $kk + i;
+            let ql = $load($runs.add(64 * (q + 8 * ($m % 2))) as *const _);
+            let qh = $load($runs.add(64 * (16 + q)) as *const _);
+            // (bits shifted in from the neighbouring byte are masked off)
+            let low = if $m < 2 { $and(ql, $low4) } else { $and($srli::<4>(ql), $low4) };
+            let top = match $m {
+                0 => $slli::<4>(qh),
+                1 => $slli::<2>(qh),
+                2 => qh,
+                _ => $srli::<2>(qh),
+            };
+            $or(low, $and(top, $bits45))
+        })
+    };
+}
+
+/// Runs `$body` for each block of a q6_K superblock, with `$h`, `$kk` and `$k = 8h + 2M + kk` as
+/// variables and `$m` (`M`) as a literal: quarter by quarter, each its own code (see
+/// [`q6k_vectors`]). The blocks' order does not matter: their sums are exact integers.
+macro_rules! q6k_blocks {
+    (|$h:ident, $m:ident, $kk:ident, $k:ident| $body:block) => {{
+        macro_rules! quarter {
+            ($mm:literal) => {
+                for $h in 0..2 {
+                    for $kk in 0..2 {
+                        let $k = 8 * $h + 2 * $mm + $kk;
+                        macro_rules! $m {
+                            () => {
+                                $mm
+                            };
+                        }
+                        $body
+                    }
+                }
+            };
+        }
+        quarter!(0);
+        quarter!(1);
+        quarter!(2);
+        quarter!(3);
+    }};
+}
+
+/// q6_K, AVX-512 VNNI: `W[group gs[j]] · x[b0 + b]` for `BT` activation rows, stored.
+///
+/// Per 16-column block and activation row: 4 `vpdpbusd` from `-32 · Σ x` (the stored values'
+/// offset), one `vpmulld` by the 16 rows' block scales and one add into the superblock's exact
+/// integer total; per superblock one conversion and `fma` by `d` times the activations' scale.
+/// Each output takes the same operations in the same order at any tile shape, so a row's bits do
+/// not depend on its batch (nor on the backend: the AVX2 kernel's are the same).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+unsafe fn q6k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize; G], a: &Activations, b0: usize, out: Out) {
+    let (pc, nsb) = (w.padded_cols, w.padded_cols / 256);
+    let gp = gs.map(|g| w.group(g).as_ptr());
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let sums16 = a.sums16.as_ptr().add(b0 * pc / 16);
+    let dx = a.d.as_ptr().add(b0 * nsb);
+    let (low4, bits45) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+    // the running sums in memory (read and written once a superblock; the registers hold the
+    // superblock's integer totals)
+    let mut acc = [[_mm512_setzero_ps(); BT]; G];
+    let acc_p: *mut __m512 = std::hint::black_box(acc.as_mut_ptr().cast());
+    for sb in 0..nsb {
+        let mut total = [[_mm512_setzero_si512(); BT]; G];
+        q6k_blocks!(|h, m, kk, k| {
+            unrolled!(G, |j| {
+                let rec = gp[j].add(sb * Q6K_GROUP_RECORD);
+                // (past the matrix's end for its last records: a prefetch does not fault)
+                let pf = rec.wrapping_add(Q6K_PREFETCH + k * (Q6K_GROUP_RECORD / 16));
+                for l in 0..Q6K_GROUP_RECORD / 16 / 64 + 1 {
+                    _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64 * l) as *const i8);
+                }
+                let runs = rec.add(Q6K_GROUP_HEADER + h * Q6K_GROUP_HALF);
+                let wv: [__m512i; 4] = q6k_vectors!(
+                    _mm512_loadu_si512,
+                    _mm512_and_si512,
+                    _mm512_or_si512,
+                    _mm512_srli_epi16,
+                    _mm512_slli_epi16,
+                    runs,
+                    m!(),
+                    kk,
+                    low4,
+                    bits45
+                );
+                let scale = _mm512_cvtepi8_epi32(_mm_loadu_si128(rec.add(32 + 16 * k) as *const __m128i));
+                for b in 0..BT {
+                    let x = xq.add(b * pc + sb * 256 + 16 * k) as *const i32;
+                    let mut s = _mm512_set1_epi32(-32 * *sums16.add(b * pc / 16 + sb * 16 + k) as i32);
+                    for i in 0..4 {
+                        s = _mm512_dpbusd_epi32(s, wv[i], _mm512_set1_epi32(x.add(i).read_unaligned()));
+                    }
+                    total[j][b] = _mm512_add_epi32(total[j][b], _mm512_mullo_epi32(s, scale));
+                }
+            });
+        });
+        unrolled!(G, |j| {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(gp[j].add(sb * Q6K_GROUP_RECORD) as *const __m256i));
+            for b in 0..BT {
+                let at = acc_p.add(j * BT + b);
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*dx.add(b * nsb + sb)));
+                at.write(_mm512_fmadd_ps(_mm512_cvtepi32_ps(total[j][b]), scale, at.read()));
+            }
+        });
+    }
+    for j in 0..G {
+        for b in 0..BT {
+            store_group(out, gs[j], b0 + b, acc_p.add(j * BT + b).read());
+        }
+    }
+}
+
+/// q6_K, AVX2: as [`q6k_512`], each half group (8 rows) in 256-bit vectors, the products with
+/// `vpmaddubsw` (pairs at most 2 · 63 · 127 in magnitude: two vectors' pairs summed stay within
+/// 16 bits) and `vpmaddwd` by the rows' block scales (each twice: the pairs of a row come out
+/// scaled and summed, no 32-bit multiply), the stored offset likewise (`sc · -16 Σ x`, twice).
+/// The same integer totals and float operations as [`q6k_512`]: the same bits. (Without AVX-512
+/// q6_K stays in ggml's rows, where the row kernel is faster for 1–2 rows: this kernel takes
+/// grouped matrices asked for by `PackedMatrix::with_q6k_layout`, or the AVX2 backend chosen
+/// explicitly.)
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_256<const G: usize, const BT: usize>(
+    w: &PackedMatrix,
+    gs: [usize; G],
+    a: &Activations,
+    b0: usize,
+    sums: &mut [[[f32; Q8_0_GROUP]; 8]; G],
+) {
+    let (pc, nsb) = (w.padded_cols, w.padded_cols / 256);
+    let gp = gs.map(|g| w.group(g).as_ptr());
+    let xq = a.qs.as_ptr().add(b0 * pc) as *const u8;
+    let sums16 = a.sums16.as_ptr().add(b0 * pc / 16);
+    let dx = a.d.as_ptr().add(b0 * nsb);
+    let (low4, bits45) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let mut acc = [[[_mm256_setzero_ps(); 2]; BT]; G];
+    for sb in 0..nsb {
+        for j in 0..G {
+            let rec = gp[j].add(sb * Q6K_GROUP_RECORD);
+            let pf = rec.wrapping_add(Q6K_PREFETCH);
+            for l in 0..Q6K_GROUP_RECORD / 64 + 2 {
+                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64 * l) as *const i8);
+            }
+            for half in 0..2 {
+                let mut total = [_mm256_setzero_si256(); BT];
+                q6k_blocks!(|h, m, kk, k| {
+                    let runs = rec.add(Q6K_GROUP_HEADER + h * Q6K_GROUP_HALF + 32 * half);
+                    let wv: [__m256i; 4] = q6k_vectors!(
+                        _mm256_loadu_si256,
+                        _mm256_and_si256,
+                        _mm256_or_si256,
+                        _mm256_srli_epi16,
+                        _mm256_slli_epi16,
+                        runs,
+                        m!(),
+                        kk,
+                        low4,
+                        bits45
+                    );
+                    // the 8 rows' block scales as 16-bit pairs of the same value
+                    let sc = _mm_loadl_epi64(rec.add(32 + 16 * k + 8 * half) as *const __m128i);
+                    let scale = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(sc, sc));
+                    for b in 0..BT {
+                        let x = xq.add(b * pc + sb * 256 + 16 * k) as *const i32;
+                        let p = |i: usize| _mm256_maddubs_epi16(wv[i], _mm256_set1_epi32(x.add(i).read_unaligned()));
+                        // (16 · Σ x: at most 16 · 16 · 127 in magnitude)
+                        let off = (-16 * *sums16.add(b * pc / 16 + sb * 16 + k) as i32) as u16 as u32 * 0x1_0001;
+                        let s = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_add_epi16(p(0), p(1)), scale),
+                            _mm256_madd_epi16(_mm256_add_epi16(p(2), p(3)), scale),
+                        );
+                        let s = _mm256_add_epi32(s, _mm256_madd_epi16(scale, _mm256_set1_epi32(off as i32)));
+                        total[b] = _mm256_add_epi32(total[b], s);
+                    }
+                });
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(rec.add(16 * half) as *const __m128i));
+                for b in 0..BT {
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*dx.add(b * nsb + sb)));
+                    acc[j][b][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total[b]), scale, acc[j][b][half]);
                 }
             }
         }
