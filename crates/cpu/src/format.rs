@@ -134,15 +134,22 @@ impl Format {
 }
 
 /// Whether q6_K matrices are kept in groups ([`Q6K_GROUP_RECORD`]) rather than in ggml's rows:
-/// where the products run on the AVX-512 kernels ([`crate::backend`]). Their grouped kernel
-/// takes 4–16 activation rows at a fraction of the row kernel's cost and one or two rows about
-/// as fast (Zen 4, 8192 × 4096, 2 threads, both layouts in one run: batch 1 0.78–0.81 → 0.84–0.88
-/// ms, 2 0.78 → 0.85–0.91, 4 1.16–1.20 → 0.85–0.89, 8 2.1–2.3 → 0.96–0.97, 16 3.8–3.9 → 1.8).
-/// AVX2's grouped kernel, with 8 rows a vector, is slower than its row kernel for 1–2 rows
-/// (0.79–0.82 → 1.07–1.12 ms, 1.0 → 1.5), so there the rows stay as stored.
-/// [`PackedMatrix::with_q6k_layout`] packs either layout anywhere (tests, benchmarks).
+/// where the products run on the AVX-512 kernels ([`crate::backend`]), unless
+/// `MOESERVE_Q6K_LAYOUT=rows` (or `groups`) says otherwise. The grouped kernel takes 4–16
+/// activation rows at a fraction of the row kernel's cost, one or two rows about 5 % slower (Zen
+/// 4, 8192 × 4096, 2 threads, both layouts in one run, `bench --kernels`: batch 1 0.78–0.84 →
+/// 0.82–0.92 ms, 2 0.77–0.90 → 0.81–0.96, 4 1.07–1.20 → 0.82–0.89, 8 1.9–2.3 → 0.88–1.02, 16
+/// 3.8–3.9 → 1.8; bench-small `--quant q6k` prefill of 128 tokens 525–583 → 966–1022 tok/s,
+/// decode 112–118 → 102–107 tok/s). AVX2's grouped kernel, with 8 rows a vector, is slower than
+/// its row kernel for 1–2 rows (0.79–0.82 → 1.07–1.12 ms, 1.0 → 1.5), so there the rows stay as
+/// stored. [`PackedMatrix::with_q6k_layout`] packs either layout anywhere (tests, benchmarks).
 pub(crate) fn q6k_grouped() -> bool {
-    matches!(crate::backend(), crate::Backend::Avx512 | crate::Backend::Amx)
+    static GROUPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *GROUPED.get_or_init(|| match std::env::var("MOESERVE_Q6K_LAYOUT").as_deref() {
+        Ok("rows") => false,
+        Ok("groups") => true,
+        _ => matches!(crate::backend(), crate::Backend::Avx512 | crate::Backend::Amx),
+    })
 }
 
 /// A weight matrix in one resident format.
