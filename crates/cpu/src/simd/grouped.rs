@@ -198,6 +198,17 @@ unsafe fn store_group(out: Out, g: usize, b: usize, v: __m512) {
     }
 }
 
+/// A tile's outputs, `acc: [G][BT]` (group `gs[j]`, activation row `b0 + b`), stored.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile<const G: usize, const BT: usize>(out: Out, gs: [usize; G], b0: usize, acc: *const __m512) {
+    for j in 0..G {
+        for b in 0..BT {
+            store_group(out, gs[j], b0 + b, acc.add(j * BT + b).read());
+        }
+    }
+}
+
 /// Pointers to the quantized blocks and the scales of each q8_0 group.
 #[inline(always)]
 unsafe fn group_ptrs<const G: usize>(w: &PackedMatrix, gs: [usize; G], nb: usize) -> ([*const u8; G], [*const u8; G]) {
@@ -505,11 +516,7 @@ unsafe fn q4k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize;
             }
         });
     }
-    for j in 0..G {
-        for b in 0..BT {
-            store_group(out, gs[j], b0 + b, acc_p.add(j * BT + b).read());
-        }
-    }
+    store_tile::<G, BT>(out, gs, b0, acc_p);
 }
 
 /// q4_K, AVX2: as [`q4k_512`], each half group (8 rows) in 256-bit vectors with `vpmaddubsw`
@@ -707,11 +714,7 @@ unsafe fn q6k_512<const G: usize, const BT: usize>(w: &PackedMatrix, gs: [usize;
             }
         });
     }
-    for j in 0..G {
-        for b in 0..BT {
-            store_group(out, gs[j], b0 + b, acc_p.add(j * BT + b).read());
-        }
-    }
+    store_tile::<G, BT>(out, gs, b0, acc_p);
 }
 
 /// q6_K, AVX2: as [`q6k_512`], each half group (8 rows) in 256-bit vectors, the products with
