@@ -529,13 +529,19 @@ impl PackedMatrix {
         let pc = self.padded_cols;
         // (the grouped formats have no rows as stored)
         let row = if self.grouped { &[][..] } else { self.row(r) };
-        let mut out = vec![0f32; pc];
         match self.format {
-            _ if self.grouped => {
+            Format::Q8_0 | Format::Q4K => {
+                let mut out = vec![0f32; pc];
+                self.decode_grouped_row(r, &mut out);
+                out
+            }
+            Format::Q6K if self.grouped => {
+                let mut out = vec![0f32; pc];
                 self.decode_grouped_row(r, &mut out);
                 out
             }
             Format::Q6K => {
+                let mut out = vec![0f32; pc];
                 for (b, o) in row.chunks_exact(Q6K_BLOCK.0).zip(out.chunks_exact_mut(Q6K_BLOCK.1)) {
                     let mut block = [0u8; Q6K_BLOCK.0];
                     block.copy_from_slice(b);
@@ -543,8 +549,6 @@ impl PackedMatrix {
                 }
                 out
             }
-            // (always grouped)
-            Format::Q8_0 | Format::Q4K => out,
             Format::F32 => row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Format::Bf16 => row.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
             Format::Fp8 { block } => {

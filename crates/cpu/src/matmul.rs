@@ -116,7 +116,7 @@ pub fn matmul_many_with(backend: Backend, products: &mut [Product<'_>]) {
         // whole AMX tiles of 32 rows where a unit has more than one
         let rows_per = (unit_bytes / p.w.row_bytes.max(1)).clamp(1, p.w.rows.max(1));
         let rows_per = if rows_per > 32 { rows_per.next_multiple_of(32) } else { rows_per };
-        // q8_0 and q4_K are stored in groups of 16 rows: whole groups a unit
+        // grouped matrices (q8_0, q4_K, q6_K on AVX-512) in groups of 16 rows: whole groups a unit
         let rows_per = if p.w.grouped { rows_per.max(4 * Q8_0_GROUP).next_multiple_of(Q8_0_GROUP) } else { rows_per };
         let mut r = 0;
         while r < p.w.rows {
