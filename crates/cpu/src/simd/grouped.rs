@@ -96,7 +96,7 @@ pub(crate) unsafe fn rows(
         for g in g0 + 2 * part..g1 {
             tiles::<1>(w, a, [g], batch.clone(), out, wide);
         }
-    } else if (wide || n <= 2) && g1 - g0 >= 4 && !(std::env::var_os("G1").is_some() && w.format == Format::Q6K) {
+    } else if (wide || n <= 2) && g1 - g0 >= 4 {
         let part = (g1 - g0) / 4;
         for i in 0..part {
             tiles::<4>(w, a, std::array::from_fn(|k| g0 + k * part + i), batch.clone(), out, wide);
